@@ -1,1 +1,1 @@
-"""Benchmarks run on the accelerator: each prints ours beside the baselines measured in the same run."""
+"""Benchmarks for the accelerator: each prints ours beside baselines measured in the same run."""

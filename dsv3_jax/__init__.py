@@ -1,0 +1,34 @@
+"""dsv3-jax: DeepSeek-V3 (MLA, DeepSeekMoE, MTP) in JAX/Flax."""
+
+from dsv3_jax.api import (
+    Cache,
+    ModelOutput,
+    abstract_variables,
+    decode,
+    forward,
+    init,
+    init_cache,
+    logical_axes,
+    param_counts,
+    prefill,
+)
+from dsv3_jax.config import PRESETS, ModelConfig, preset
+from dsv3_jax.hf_weights import from_hf_state_dict, to_hf_state_dict
+
+__all__ = [
+    "PRESETS",
+    "Cache",
+    "ModelConfig",
+    "ModelOutput",
+    "abstract_variables",
+    "decode",
+    "forward",
+    "from_hf_state_dict",
+    "init",
+    "init_cache",
+    "logical_axes",
+    "param_counts",
+    "prefill",
+    "preset",
+    "to_hf_state_dict",
+]

@@ -1,0 +1,202 @@
+"""The public functions: init, forward, the latent cache (prefill/decode) and parameter counts.
+
+Variables are a dict of two collections: "params" (float32, trained) and "router_bias" (the
+per-expert selection bias of every MoE layer: no gradient, no optimizer state, no weight decay).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dsv3_jax.config import ModelConfig
+from dsv3_jax.layers import positions_from_segments
+from dsv3_jax.model import Transformer, head_logits
+from dsv3_jax.moe import ROUTER_STATS
+
+Variables = dict[str, Any]
+
+
+@flax.struct.dataclass
+class ModelOutput:
+    """logits [B,T,V] fp32 (or None with return_hidden); mtp_logits: one [B,T,V] per MTP depth k,
+    where position i predicts token i+k+1 (positions i >= T-k are not meaningful); hidden /
+    mtp_hidden: the states the head reads; router_stats: per MoE layer `expert_counts` and
+    `mean_affinity` [.., B, E], at the same tree paths as the biases in variables["router_bias"].
+    """
+
+    logits: jax.Array | None
+    mtp_logits: tuple[jax.Array, ...] | None
+    hidden: jax.Array
+    mtp_hidden: tuple[jax.Array, ...]
+    router_stats: dict
+
+
+@flax.struct.dataclass
+class Cache:
+    """Latent KV cache: per stack [layers, B, L, R+Hr] and the filled length of each sequence."""
+
+    kv: dict[str, jax.Array]
+    lengths: jax.Array  # [B] int32
+
+
+def check_tokens(tokens, cfg: ModelConfig) -> None:
+    """Refuse token ids outside [0, vocab_size) when the values are known (not under jit)."""
+    if isinstance(tokens, jax.core.Tracer):
+        return
+    arr = np.asarray(tokens)
+    if arr.ndim != 2:
+        raise ValueError(f"tokens must be [batch, seq], got shape {arr.shape}")
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"tokens must be integers, got dtype {arr.dtype}")
+    if arr.size and (arr.min() < 0 or arr.max() >= cfg.vocab_size):
+        bad = arr.min() if arr.min() < 0 else arr.max()
+        raise ValueError(
+            f"token id {int(bad)} is outside the vocabulary [0, {cfg.vocab_size}) of this model")
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def init(config: ModelConfig, rng: jax.Array) -> Variables:
+    """Random initial variables (params: N(0, init_std^2) matrices, unit norms; zero bias)."""
+    tokens = jnp.zeros((1, 8), jnp.int32)
+    boxed = _model(config).init(rng, tokens, jnp.zeros_like(tokens), None,
+                                jnp.ones(tokens.shape, bool))
+    boxed.pop(ROUTER_STATS, None)
+    return nn.meta.unbox(boxed)
+
+
+def abstract_variables(config: ModelConfig) -> Variables:
+    """Shapes and dtypes of every variable, with their logical-axis metadata; allocates nothing."""
+    def boxed_init(rng, tokens, valid):
+        out = _model(config).init(rng, tokens, tokens, None, valid)
+        out.pop(ROUTER_STATS, None)
+        return out
+
+    return jax.eval_shape(boxed_init, jax.random.key(0),
+                          jax.ShapeDtypeStruct((1, 8), jnp.int32),
+                          jax.ShapeDtypeStruct((1, 8), jnp.bool_))
+
+
+def logical_axes(config: ModelConfig) -> Variables:
+    """The logical axis names of every variable (a PartitionSpec of names per leaf)."""
+    return nn.get_partition_spec(abstract_variables(config))
+
+
+def forward(config: ModelConfig, variables: Variables, tokens, segment_ids=None, *,
+            return_hidden: bool = False) -> ModelOutput:
+    """Training-form forward pass over whole sequences.
+
+    tokens: [B, T] int32. segment_ids: optional [B, T] int32 for packed documents (no attention
+    across segments; positions restart at each segment; 0 marks padding, excluded from the router
+    statistics). With return_hidden the head is not applied (for chunked losses).
+    """
+    check_tokens(tokens, config)
+    if segment_ids is not None and np.shape(segment_ids) != np.shape(tokens):
+        raise ValueError(
+            f"segment_ids shape {np.shape(segment_ids)} differs from tokens {np.shape(tokens)}")
+    return _forward(config, variables, tokens, segment_ids, return_hidden)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _forward(config, variables, tokens, segment_ids, return_hidden):
+    tokens = jnp.asarray(tokens, jnp.int32)
+    if segment_ids is None:
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+        valid = jnp.ones(tokens.shape, bool)
+    else:
+        segment_ids = jnp.asarray(segment_ids, jnp.int32)
+        positions = positions_from_segments(segment_ids)
+        valid = segment_ids != 0
+    (h, mtp_h, _), state = _model(config).apply(
+        variables, tokens, positions, segment_ids, valid, mutable=[ROUTER_STATS])
+    stats = state.get(ROUTER_STATS, {})
+    if return_hidden:
+        return ModelOutput(None, None, h, mtp_h, stats)
+    params = variables["params"]
+    return ModelOutput(head_logits(params, h), tuple(head_logits(params, m) for m in mtp_h),
+                       h, mtp_h, stats)
+
+
+def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=None) -> Cache:
+    """An empty latent cache for `batch` sequences of up to `max_len` tokens."""
+    if max_len > config.max_seq_len:
+        raise ValueError(
+            f"cache length {max_len} exceeds the model's max_seq_len {config.max_seq_len}")
+    width = config.kv_lora_rank + config.qk_rope_head_dim
+    dtype = dtype or jnp.dtype(config.dtype)
+    kv = {}
+    for name, n in (("dense_layers", config.n_dense_layers), ("moe_layers", config.n_moe_layers)):
+        if n:
+            kv[name] = jnp.zeros((n, batch, max_len, width), dtype)
+    return Cache(kv, jnp.zeros((batch,), jnp.int32))
+
+
+def prefill(config: ModelConfig, variables: Variables, tokens, lengths, cache: Cache):
+    """Run right-padded prompts [B, T] (true lengths [B]) through the expanded form into an EMPTY
+    cache. Returns (logits [B, T, V] fp32, cache with lengths = lengths)."""
+    check_tokens(tokens, config)
+    return _prefill(config, variables, tokens, jnp.asarray(lengths, jnp.int32), cache)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _prefill(config, variables, tokens, lengths, cache):
+    tokens = jnp.asarray(tokens, jnp.int32)
+    B, T = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    valid = positions < jnp.asarray(lengths)[:, None]
+    (h, _, kv), _ = _model(config).apply(
+        variables, tokens, positions, None, valid, cache.kv, jnp.zeros((B,), jnp.int32),
+        mutable=[ROUTER_STATS])
+    return head_logits(variables["params"], h), Cache(kv, lengths)
+
+
+def decode(config: ModelConfig, variables: Variables, tokens, cache: Cache):
+    """Append tokens [B, Tq] after each sequence's cached ones and attend with the absorbed form
+    over the latent cache. Returns (logits [B, Tq, V] fp32, updated cache)."""
+    check_tokens(tokens, config)
+    return _decode(config, variables, tokens, cache)
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=3)
+def _decode(config, variables, tokens, cache):
+    tokens = jnp.asarray(tokens, jnp.int32)
+    Tq = tokens.shape[1]
+    positions = cache.lengths[:, None] + jnp.arange(Tq, dtype=jnp.int32)[None, :]
+    valid = jnp.ones(tokens.shape, bool)
+    (h, _, kv), _ = _model(config, decode=True).apply(
+        variables, tokens, positions, None, valid, cache.kv, cache.lengths,
+        mutable=[ROUTER_STATS])
+    return head_logits(variables["params"], h), Cache(kv, cache.lengths + Tq)
+
+
+def param_counts(config: ModelConfig) -> dict[str, int]:
+    """Parameter counts from shapes alone (no allocation).
+
+    main: everything but MTP; mtp: the MTP modules as the released files store them (each with
+    its own copy of the embedding and head, as layer `n_layers`); active: parameters a token
+    uses in the main model (top-k routed experts + shared experts + everything dense).
+    """
+    abstract = nn.meta.unbox(abstract_variables(config))["params"]
+    sizes = {k: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(v))
+             for k, v in abstract.items()}
+    mtp = sum(v for k, v in sizes.items() if k.startswith("mtp_"))
+    main = sum(sizes.values()) - mtp
+    embed_and_head = 2 * config.vocab_size * config.dim
+    per_expert = 3 * config.dim * config.moe_inter_dim
+    inactive = config.n_moe_layers * (config.n_routed_experts - config.n_activated_experts)
+    return {
+        "main": main,
+        "mtp": mtp + config.mtp_depth * embed_and_head,
+        "total_released": main + mtp + config.mtp_depth * embed_and_head,
+        "active": main - inactive * per_expert,
+    }
+
+
+def _model(config: ModelConfig, decode: bool = False) -> Transformer:
+    return Transformer(config, decode=decode)

@@ -1,0 +1,142 @@
+"""The DeepSeek-V3 transformer: embedding, scanned dense and MoE stacks, final norm, head, MTP.
+
+Legend: B batch, T tokens, D model dim, V vocab, L cache rows, C latent width (R + Hr).
+Layers are stacked per kind (dense, MoE) and run with `nn.scan` under the config's remat policy.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from dsv3_jax.attention import MLA
+from dsv3_jax.config import ModelConfig
+from dsv3_jax.layers import MLP, RMSNorm, normal, weight
+from dsv3_jax.moe import ROUTER_BIAS, ROUTER_STATS, MoE
+
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "save_dots": jax.checkpoint_policies.dots_saveable,
+    "save_dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "save_attention_out": jax.checkpoint_policies.save_only_these_names("attention_out"),
+}
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: MLA then a dense SwiGLU or DeepSeekMoE feed-forward."""
+
+    cfg: ModelConfig
+    moe: bool
+    decode: bool = False
+
+    @nn.compact
+    def __call__(self, h_btd, kv_cache_blc, starts_b, positions_bt, segment_ids_bt, valid_bt):
+        c = self.cfg
+        cache = None if kv_cache_blc is None else (kv_cache_blc, starts_b)
+        attn_btd, new_kv_blc = MLA(c, self.decode, name="attn")(
+            RMSNorm(c.norm_eps, name="attn_norm")(h_btd), positions_bt, segment_ids_bt, cache)
+        attn_btd = checkpoint_name(attn_btd, "attention_out")
+        h_btd = h_btd + attn_btd
+        x_btd = RMSNorm(c.norm_eps, name="mlp_norm")(h_btd)
+        if self.moe:
+            h_btd = h_btd + MoE(c, name="moe")(x_btd, valid_bt)
+        else:
+            h_btd = h_btd + MLP(c, c.inter_dim, name="mlp")(x_btd)
+        return h_btd, new_kv_blc
+
+
+def block_stack(cfg: ModelConfig, length: int, moe: bool, decode: bool, name: str) -> nn.Module:
+    """`length` blocks with stacked weights (leading logical axis "layers"), run by `nn.scan`."""
+    block = Block
+    if cfg.remat != "none":
+        block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
+    return nn.scan(
+        block,
+        variable_axes={"params": 0, ROUTER_BIAS: 0, ROUTER_STATS: 0},
+        split_rngs={"params": True},
+        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+        length=length,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )(cfg, moe=moe, decode=decode, name=name)
+
+
+class MTPModule(nn.Module):
+    """One Multi-Token Prediction depth (paper 2.2; SPEC.md section 6).
+
+    h' = eh_proj [RMSNorm(Emb(t_{i+k})) ; RMSNorm(h^{k-1}_i)] (embedding FIRST, as the released
+    weights), then one MLA + MoE block; returns (h^k for the next depth, head_norm(h^k) for the
+    shared output head).
+    """
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, h_prev_btd, emb_next_btd, positions_bt, segment_ids_bt, valid_bt):
+        c = self.cfg
+        e_btd = RMSNorm(c.norm_eps, name="enorm")(emb_next_btd)
+        h_btd = RMSNorm(c.norm_eps, name="hnorm")(h_prev_btd)
+        eh_proj = weight(self, "eh_proj", (2 * c.dim, c.dim), ("mtp_concat", "embed"), normal(c))
+        x_btc = jnp.concatenate([e_btd, h_btd], axis=-1)
+        x_btd = jnp.einsum("BTC,CD->BTD", x_btc, eh_proj.astype(x_btc.dtype))
+        h_btd, _ = Block(c, moe=True, name="block")(
+            x_btd, None, None, positions_bt, segment_ids_bt, valid_bt)
+        return h_btd, RMSNorm(c.norm_eps, name="head_norm")(h_btd)
+
+
+def shift_left(x_bt_, k: int):
+    """x[:, i] <- x[:, i + k], zeros past the end."""
+    return jnp.pad(x_bt_[:, k:], [(0, 0), (0, k)] + [(0, 0)] * (x_bt_.ndim - 2))
+
+
+class Transformer(nn.Module):
+    """tokens [B, T] -> final-normed hidden states [B, T, D] and MTP hidden states.
+
+    Returns (h_final, mtp_hidden, new_cache): mtp_hidden is a tuple with one [B, T, D] per depth
+    (already through that depth's head_norm); the head is applied by `head_logits`.
+    The MTP input h^0 is the main model's FINAL-NORMED state, as vLLM and SGLang feed the
+    released MTP weights (the paper leaves it open; DeepSeek-V3 issue #839).
+    """
+
+    cfg: ModelConfig
+    decode: bool = False
+
+    @nn.compact
+    def __call__(self, tokens_bt, positions_bt, segment_ids_bt, valid_bt, cache=None,
+                 starts_b=None):
+        c = self.cfg
+        dt = jnp.dtype(c.dtype)
+        embed_vd = weight(self, "embed", (c.vocab_size, c.dim), ("vocab", "embed"), normal(c))
+        # The head is used by `head_logits`; declared here so `init` creates it.
+        weight(self, "head", (c.dim, c.vocab_size), ("embed", "vocab"), normal(c))
+        emb_btd = jnp.take(embed_vd, tokens_bt, axis=0).astype(dt)
+
+        h_btd, new_cache = emb_btd, {}
+        for name, length, moe in (("dense_layers", c.n_dense_layers, False),
+                                  ("moe_layers", c.n_moe_layers, True)):
+            if length == 0:
+                continue
+            kv_cache = None if cache is None else cache[name]
+            h_btd, new_cache[name] = block_stack(c, length, moe, self.decode, name)(
+                h_btd, kv_cache, starts_b, positions_bt, segment_ids_bt, valid_bt)
+        h_final_btd = RMSNorm(c.norm_eps, name="final_norm")(h_btd)
+
+        mtp_hidden = []
+        if not self.decode and c.mtp_depth:
+            h_prev_btd = h_final_btd
+            T = tokens_bt.shape[1]
+            for k in range(1, c.mtp_depth + 1):
+                # Position i reads t_{i+k}; positions i >= T-k have no such token (masked).
+                mtp_valid_bt = valid_bt & (jnp.arange(T) < T - k)[None, :]
+                h_prev_btd, normed_btd = MTPModule(c, name=f"mtp_{k - 1}")(
+                    h_prev_btd, shift_left(emb_btd, k), positions_bt, segment_ids_bt,
+                    mtp_valid_bt)
+                mtp_hidden.append(normed_btd)
+        return h_final_btd, tuple(mtp_hidden), (new_cache if cache is not None else None)
+
+
+def head_logits(params, h_btd: jax.Array) -> jax.Array:
+    """Output head (shared by the main model and every MTP depth): [B,T,D] -> fp32 [B,T,V]."""
+    head_dv = params["head"].astype(h_btd.dtype)
+    return jnp.einsum("BTD,DV->BTV", h_btd, head_dv, preferred_element_type=jnp.float32)
