@@ -1,0 +1,63 @@
+"""The one base config every training config starts from (ml_collections, overridable from the
+command line as --config.FIELD=VALUE, e.g. --config.steps=100 --config.model.dim=128)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from ml_collections import config_dict
+
+from dsv3_jax.config import ModelConfig
+
+
+def model_fields() -> config_dict.ConfigDict:
+    """`preset` plus one typed placeholder per ModelConfig field: unset fields keep the preset's
+    value, set ones override it (--config.model.dim=128)."""
+    types = {"int": int, "float": float, "str": str}
+    fields = config_dict.ConfigDict()
+    fields.preset = "tiny"
+    for field in dataclasses.fields(ModelConfig):
+        fields[field.name] = config_dict.placeholder(types[str(field.type)])
+    return fields
+
+
+def get_config() -> config_dict.ConfigDict:
+    c = config_dict.ConfigDict()
+    c.model = model_fields()
+    c.steps = 1000
+    c.batch_size = 8  # sequences per optimizer step, global (all processes)
+    c.microbatches = 1  # gradient accumulation: the batch is split into this many pieces
+    c.seq_len = 128
+    c.seed = 0
+    c.init_from = ""  # an orbax checkpoint (trainer or launch.convert) to fine-tune from
+
+    c.data = config_dict.ConfigDict()
+    c.data.source = "text"  # text | tokens | synthetic
+    c.data.path = ""  # '' = the embedded corpus (the Python standard library's source)
+    c.data.text_field = "text"  # .jsonl / .parquet field holding the document
+    c.data.tokenizer = "bytes"  # 'bytes' or a path to a Hugging Face tokenizer.json
+    c.data.eval_period = 50  # every eval_period-th window is held out for eval
+
+    c.optimizer = config_dict.ConfigDict()
+    c.optimizer.b1 = 0.9
+    c.optimizer.b2 = 0.95
+    c.optimizer.eps = 1e-8
+    c.optimizer.weight_decay = 0.1
+    c.optimizer.clip_norm = 1.0
+    c.optimizer.start_lr = 0.0
+    # (kind, steps, end_value) phases; kind in linear | constant | cosine (dsv3_jax.optim).
+    c.optimizer.schedule = (("linear", 100, 3e-3), ("cosine", 900, 3e-4))
+
+    c.objective = config_dict.ConfigDict()
+    # Token-count schedules, ((from_tokens, value), ...): MTP weight lambda and bias rate gamma.
+    c.objective.mtp_weight = ((0, 0.3), (10e12, 0.1))
+    c.objective.bias_rate = ((0, 1e-3), (14.3e12, 0.0))
+    c.objective.balance_alpha = 1e-4
+    c.objective.max_nonfinite_steps = 3  # consecutive non-finite steps before the run stops
+
+    c.checkpoint_every = 200
+    c.keep_checkpoints = 3
+    c.eval_every = 200
+    c.eval_batches = 4
+    c.log_every = 10
+    return c

@@ -1,0 +1,133 @@
+"""Orbax checkpoints of a training run: asynchronous saves, keep-last-K, verified restores.
+
+A step directory holds three items: `state` (the train state pytree), `data` (the data
+iterator's state, JSON) and `meta` (JSON: the model config, the run config, the tokenizer, and a
+fingerprint of the state). Orbax writes into a temporary directory and renames it when complete,
+so a half-written save is never listed. A listed checkpoint that fails to restore, or whose
+restored values do not match the fingerprint saved beside them, is moved aside (renamed, never
+deleted) and the previous one is used.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+
+
+def fingerprint(tree: Any) -> list[float]:
+    """Sum of each leaf (as float32): a cheap check that restored values are the saved ones."""
+    return [float(jnp.sum(jnp.asarray(x).astype(jnp.float32))) for x in jax.tree.leaves(tree)]
+
+
+def fingerprints_match(a: list[float], b: list[float]) -> bool:
+    if len(a) != len(b):
+        return False
+    # Sums may be reduced in another order on another device layout: relative 1e-5.
+    return all(np.isclose(x, y, rtol=1e-5, atol=1e-6) or (np.isnan(x) and np.isnan(y))
+               for x, y in zip(a, b, strict=True))
+
+
+def restore_args_for(abstract: Any) -> Any:
+    """Restore arguments placing every array with the sharding of its abstract leaf."""
+    return ocp.checkpoint_utils.construct_restore_args(abstract)
+
+
+class Checkpointer:
+    """Keeps the last `keep` checkpoints of a run in `directory` (WORKDIR/checkpoints)."""
+
+    def __init__(self, directory: str, keep: int, asynchronous: bool = True):
+        self.directory = os.path.abspath(directory)
+        self.keep = keep
+        self.asynchronous = asynchronous
+        self._open()
+
+    def _open(self) -> None:
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=self.keep, create=True,
+            enable_async_checkpointing=self.asynchronous)
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=options, item_names=("state", "data", "meta"))
+
+    def steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def save(self, step: int, state: Any, data_state: dict, meta: dict) -> None:
+        """Start saving (returns once the arrays are copied off the device)."""
+        meta = dict(meta, step=int(step), fingerprint=fingerprint(state))
+        self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.PyTreeSave(state), data=ocp.args.JsonSave(data_state),
+            meta=ocp.args.JsonSave(meta)), force=True)
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+    def restore_latest(self, abstract_state: Any):
+        """(step, state, data_state, meta) of the newest checkpoint that restores and verifies,
+        or None. Bad ones are renamed `<step>.corrupt-<time>` with a logged reason."""
+        for step in reversed(self.steps()):
+            try:
+                restored = self.manager.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.PyTreeRestore(
+                        item=abstract_state, restore_args=restore_args_for(abstract_state)),
+                    data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
+                state, meta = restored["state"], restored["meta"]
+                if not fingerprints_match(fingerprint(state), meta.get("fingerprint", [])):
+                    raise ValueError("restored values do not match the fingerprint saved with "
+                                     "them")
+                return step, state, restored["data"], meta
+            except Exception as e:
+                self._set_aside(step, e)
+        return None
+
+    def _set_aside(self, step: int, error: Exception) -> None:
+        src = os.path.join(self.directory, str(step))
+        dst = f"{src}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}"
+        log.error("checkpoint %s cannot be used (%s: %s); moved to %s, falling back to the "
+                  "previous checkpoint", src, type(error).__name__, str(error)[:300], dst)
+        if jax.process_index() == 0:
+            os.rename(src, dst)
+        self.manager.close()
+        self._open()
+
+
+def load_variables(path: str, abstract_variables: Any) -> tuple[Any, dict]:
+    """Params and router bias from a checkpoint written by the trainer or launch.convert.
+
+    `path` is a run's workdir, its `checkpoints` directory, or one step's directory.
+    Returns (variables {"params", "router_bias"}, meta).
+    """
+    path = os.path.abspath(path)
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        path = os.path.join(path, "checkpoints")
+    if not os.path.isdir(path):
+        raise ValueError(f"init_from/checkpoint {path!r} is not a directory")
+    if not os.path.isdir(os.path.join(path, "state")):
+        steps = sorted(int(d) for d in os.listdir(path) if d.isdigit())
+        if not steps:
+            raise ValueError(f"{path!r} holds no checkpoint (no step directories, no 'state')")
+        path = os.path.join(path, str(steps[-1]))
+    handler = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+    target = {"params": abstract_variables["params"],
+              "router_bias": abstract_variables["router_bias"]}
+    try:
+        restored = handler.restore(path, args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(item=target, restore_args=restore_args_for(target),
+                                         partial_restore=True),
+            meta=ocp.args.JsonRestore()))
+    except Exception as e:
+        raise ValueError(f"cannot restore params/router_bias from {path!r} for this model "
+                         f"config: {type(e).__name__}: {str(e)[:500]}") from e
+    return restored["state"], restored["meta"]

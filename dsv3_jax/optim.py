@@ -1,0 +1,77 @@
+"""Optimizer and schedules: AdamW with masked weight decay, global-norm clipping, and piecewise
+schedules (the paper's warmup / constant / cosine / constants learning rate, and token-count
+schedules for the MTP weight and the bias update rate)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+
+PHASE_KINDS = ("linear", "constant", "cosine")
+
+
+def piecewise_schedule(start: float, phases: Sequence[Sequence]) -> optax.Schedule:
+    """A learning rate made of phases (kind, steps, end_value), starting from `start`.
+
+    kind "linear" ramps linearly to end_value over `steps`; "cosine" follows half a cosine to
+    end_value; "constant" holds end_value. The last value holds after the final phase.
+    Example (paper 4.2, in steps): [("linear", 2000, 2.2e-4), ("constant", n1, 2.2e-4),
+    ("cosine", n2, 2.2e-5), ("constant", n3, 2.2e-5), ("constant", n4, 7.3e-6)].
+    """
+    schedules, boundaries, value, step = [], [], float(start), 0
+    for i, phase in enumerate(phases):
+        if len(phase) != 3 or phase[0] not in PHASE_KINDS:
+            raise ValueError(
+                f"schedule phase {i} is {tuple(phase)!r}; each phase is (kind, steps, end_value) "
+                f"with kind one of {PHASE_KINDS}")
+        kind, steps, end = phase[0], int(phase[1]), float(phase[2])
+        if steps < 0:
+            raise ValueError(f"schedule phase {i} has {steps} steps; steps must be >= 0")
+        if kind == "linear":
+            schedules.append(optax.linear_schedule(value, end, max(steps, 1)))
+        elif kind == "cosine":
+            alpha = end / value if value else 0.0
+            schedules.append(optax.cosine_decay_schedule(value, max(steps, 1), alpha))
+        else:
+            schedules.append(optax.constant_schedule(end))
+        value = end
+        step += steps
+        boundaries.append(step)
+    schedules.append(optax.constant_schedule(value))
+    return optax.join_schedules(schedules, boundaries)
+
+
+def token_schedule(points: Sequence[Sequence[float]]):
+    """Piecewise-constant value of the tokens seen: points ((from_tokens, value), ...)."""
+    starts = jnp.asarray([float(p[0]) for p in points], jnp.float32)
+    values = jnp.asarray([float(p[1]) for p in points], jnp.float32)
+    if len(points) == 0 or float(points[0][0]) != 0.0:
+        raise ValueError(f"token schedule {points!r} must start with a point at 0 tokens")
+
+    def value_at(tokens_seen):
+        index = jnp.searchsorted(starts, jnp.asarray(tokens_seen, jnp.float32), side="right") - 1
+        return values[index]
+
+    return value_at
+
+
+def decay_mask(params) -> dict:
+    """True for weights that take weight decay: every matrix, not the norm scales (the router
+    bias is not in params at all)."""
+    def keep(path, _):
+        return not any(getattr(k, "key", None) == "scale" for k in path)
+
+    return jax.tree_util.tree_map_with_path(keep, params)
+
+
+def adamw(learning_rate: optax.Schedule, *, b1: float, b2: float, eps: float,
+          weight_decay: float, clip_norm: float) -> optax.GradientTransformation:
+    """Global-norm clipping, then AdamW with decay masked off the norms."""
+    return optax.chain(
+        optax.clip_by_global_norm(clip_norm),
+        optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
+                    mask=decay_mask),
+    )

@@ -1,0 +1,254 @@
+"""The training run: validate, build data and state (fresh, resumed or fine-tuned), train with
+progress, metrics, evals and checkpoints; stop cleanly on SIGTERM or repeated non-finite steps.
+
+`run(config, workdir)` is what `python -m launch.train` calls; the notebook calls it too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+import jax
+import numpy as np
+from ml_collections import config_dict
+
+import dsv3_jax
+from dsv3_jax import flops
+from dsv3_jax.checkpoint import Checkpointer, load_variables
+from dsv3_jax.config import ModelConfig
+from dsv3_jax.data import DataSpec, TokenData
+from dsv3_jax.trainer import Hyper, Trainer
+
+log = logging.getLogger("dsv3_jax.train")
+
+
+class NonFiniteError(RuntimeError):
+    """Raised when too many consecutive steps had a non-finite loss or gradient."""
+
+
+def model_config(cfg: config_dict.ConfigDict) -> ModelConfig:
+    """The preset named by cfg.model.preset with every set field of cfg.model over it."""
+    overrides = {k: v for k, v in cfg.model.items() if k != "preset" and v is not None}
+    return dsv3_jax.preset(cfg.model.preset, **overrides)
+
+
+def validate(cfg: config_dict.ConfigDict, model: ModelConfig) -> None:
+    """Refuse impossible run settings before anything is compiled."""
+
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise ValueError(f"config: {msg}")
+
+    for name in ("steps", "batch_size", "microbatches", "seq_len", "checkpoint_every",
+                 "keep_checkpoints", "eval_every", "eval_batches", "log_every"):
+        need(isinstance(cfg[name], int) and cfg[name] > 0,
+             f"{name}={cfg[name]!r} must be a positive integer")
+    unit = cfg.microbatches * jax.process_count()
+    need(cfg.batch_size % unit == 0,
+         f"batch_size={cfg.batch_size} must be divisible by microbatches={cfg.microbatches} x "
+         f"processes={jax.process_count()}; e.g. batch_size="
+         f"{unit * max(1, cfg.batch_size // unit)}")
+    need(cfg.seq_len <= model.max_seq_len,
+         f"seq_len={cfg.seq_len} exceeds the model's max_seq_len={model.max_seq_len}")
+    need(cfg.data.source in ("text", "tokens", "synthetic"),
+         f"data.source={cfg.data.source!r} is not one of text, tokens, synthetic")
+    need(cfg.data.eval_period >= 2, f"data.eval_period={cfg.data.eval_period} must be >= 2")
+    need(cfg.optimizer.clip_norm > 0, f"optimizer.clip_norm={cfg.optimizer.clip_norm} must be > 0")
+    need(0 <= cfg.optimizer.b1 < 1 and 0 <= cfg.optimizer.b2 < 1,
+         f"optimizer betas ({cfg.optimizer.b1}, {cfg.optimizer.b2}) must lie in [0, 1)")
+    need(cfg.objective.max_nonfinite_steps > 0,
+         f"objective.max_nonfinite_steps={cfg.objective.max_nonfinite_steps} must be > 0")
+    if cfg.init_from:
+        need(os.path.isdir(cfg.init_from), f"init_from={cfg.init_from!r} is not a directory")
+
+
+def hyper(cfg: config_dict.ConfigDict) -> Hyper:
+    o = cfg.optimizer
+    return Hyper(
+        batch_size=cfg.batch_size, microbatches=cfg.microbatches, seq_len=cfg.seq_len,
+        schedule=tuple(tuple(p) for p in o.schedule), start_lr=o.start_lr, b1=o.b1, b2=o.b2,
+        eps=o.eps, weight_decay=o.weight_decay, clip_norm=o.clip_norm,
+        mtp_weight=tuple(tuple(p) for p in cfg.objective.mtp_weight),
+        bias_rate=tuple(tuple(p) for p in cfg.objective.bias_rate),
+        balance_alpha=cfg.objective.balance_alpha,
+        inject_nonfinite_steps=tuple(cfg.get("inject_nonfinite_steps", ())))
+
+
+class MetricsWriter:
+    """metrics.jsonl (one JSON object per logged step, appended) and TensorBoard events."""
+
+    def __init__(self, workdir: str):
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.tb = None
+        if jax.process_index() == 0:
+            try:
+                from tensorboardX import SummaryWriter
+
+                self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            except ImportError:  # pragma: no cover - tensorboardX is a dependency
+                self.tb = None
+
+    def write(self, record: dict[str, Any]) -> None:
+        if jax.process_index() != 0:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self.tb.add_scalar(key, value, record["step"])
+            self.tb.flush()
+
+
+def to_host(tree):
+    return jax.tree.map(lambda x: np.asarray(x).tolist(), jax.device_get(tree))
+
+
+def run(cfg: config_dict.ConfigDict, workdir: str, *, progress: bool = True) -> dict[str, Any]:
+    """Train until cfg.steps; resume from the latest good checkpoint in workdir. Returns the
+    last logged metrics."""
+    model = model_config(cfg)
+    validate(cfg, model)
+    os.makedirs(workdir, exist_ok=True)
+    processes, process = jax.process_count(), jax.process_index()
+    data = TokenData(DataSpec(cfg.data.source, cfg.data.path, cfg.data.text_field,
+                              cfg.data.tokenizer, cfg.seq_len, cfg.data.eval_period),
+                     model.vocab_size)
+    trainer = Trainer(model, hyper(cfg))
+    checkpoints = Checkpointer(os.path.join(workdir, "checkpoints"), cfg.keep_checkpoints)
+    meta = {"model": dataclasses.asdict(model), "config": json.loads(cfg.to_json()),
+            "tokenizer": data.tokenizer.to_json() if data.tokenizer else None}
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+
+    per_process = cfg.batch_size // processes
+    train_iter = iter(data.dataset("train", per_process, cfg.seed, process, processes))
+    restored = checkpoints.restore_latest(trainer.abstract_state())
+    if restored is not None:
+        start, state, data_state, _ = restored
+        train_iter.set_state(data_state)
+        log.info("resumed from %s/%d", checkpoints.directory, start)
+    else:
+        start = 0
+        state = trainer.init_state(jax.random.key(cfg.seed))
+        if cfg.init_from:
+            variables, _ = load_variables(cfg.init_from, dsv3_jax.abstract_variables(model))
+            state = trainer.state_from_variables(variables)
+            log.info("initialized params and router bias from %s", cfg.init_from)
+
+    counts = dsv3_jax.param_counts(model)
+    flops_per_token = flops.train_flops_per_token(model, cfg.seq_len)
+    peak = flops.device_peak_flops()
+    devices = jax.device_count()
+    print(f"dsv3-jax: {counts['main'] / 1e6:.1f}M parameters ({counts['active'] / 1e6:.1f}M "
+          f"active per token), MTP {counts['mtp'] / 1e6:.1f}M as released; "
+          f"{flops_per_token / 1e6:.1f} MFLOPs per trained token; {devices} x "
+          f"{jax.devices()[0].device_kind}; steps {start} -> {cfg.steps}", flush=True)
+
+    writer = MetricsWriter(workdir)
+    if start > 0:
+        writer.write({"step": start, "event": "resumed"})
+    stop = {"signal": None}
+
+    def on_sigterm(signum, _frame):
+        stop["signal"] = signum
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    bar = None
+    if progress and process == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=start, unit="step", dynamic_ncols=True,
+                   file=sys.stderr, mininterval=1.0)
+
+    last: dict[str, Any] = {}
+    window_start, window_steps = time.perf_counter(), 0
+    pending = None  # the previous step's metrics: checked one step late to keep dispatch async
+
+    def save(step):
+        checkpoints.save(step, state, train_iter.get_state(), meta)
+
+    try:
+        for step in range(start + 1, cfg.steps + 1):
+            batch = next(train_iter)
+            state, metrics = trainer.train_step(state, batch)
+            window_steps += 1
+            if pending is not None:
+                check_finite(*pending, cfg.objective.max_nonfinite_steps, checkpoints)
+            pending = (step, metrics)
+
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                check_finite(*pending, cfg.objective.max_nonfinite_steps, checkpoints)
+                pending = None
+                host = to_host(metrics)
+                elapsed = time.perf_counter() - window_start
+                tokens_per_sec = window_steps * cfg.batch_size * cfg.seq_len / elapsed
+                last = {"step": step, **{k: v for k, v in host.items() if k != "expert_load"},
+                        "expert_load_max_over_mean": host["expert_load"]["max_over_mean"],
+                        "bias_spread": host["expert_load"]["bias_spread"],
+                        "tokens_seen": step * cfg.batch_size * cfg.seq_len,
+                        "tokens_per_sec": tokens_per_sec,
+                        "step_time": elapsed / window_steps}
+                if peak:
+                    last["mfu"] = tokens_per_sec * flops_per_token / (peak * devices)
+                writer.write(last)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{host['loss']:.3f}", tok_s=f"{tokens_per_sec:,.0f}")
+                window_start, window_steps = time.perf_counter(), 0
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                writer.write({"step": step, **evaluate(trainer, state, data, cfg)})
+                window_start, window_steps = time.perf_counter(), 0
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                save(step)
+            if bar is not None:
+                bar.update(1)
+            if stop["signal"] is not None:
+                if pending is not None:
+                    check_finite(*pending, cfg.objective.max_nonfinite_steps, checkpoints)
+                if step % cfg.checkpoint_every and step != cfg.steps:
+                    save(step)
+                log.warning("SIGTERM: saved a checkpoint at step %d; exiting", step)
+                print(f"stopped by SIGTERM: checkpoint saved at step {step}", flush=True)
+                break
+    finally:
+        if bar is not None:
+            bar.close()
+        checkpoints.close()
+        signal.signal(signal.SIGTERM, previous)
+    return last
+
+
+def check_finite(step: int, metrics: dict, max_in_a_row: int, checkpoints) -> None:
+    finite = bool(jax.device_get(metrics["finite"]))
+    if finite:
+        return
+    in_a_row = int(jax.device_get(metrics["nonfinite_in_a_row"]))
+    loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+    print(f"step {step}: non-finite loss {loss} / gradient norm {grad_norm}; update skipped "
+          f"({in_a_row} in a row)", flush=True)
+    if in_a_row >= max_in_a_row:
+        checkpoints.wait()
+        good = checkpoints.steps()
+        raise NonFiniteError(
+            f"stopping at step {step}: {in_a_row} consecutive non-finite steps "
+            f"(objective.max_nonfinite_steps={max_in_a_row}); the last good checkpoint is "
+            f"{good[-1] if good else 'none'} in {checkpoints.directory}")
+
+
+def evaluate(trainer: Trainer, state, data: TokenData, cfg) -> dict[str, float]:
+    processes, process = jax.process_count(), jax.process_index()
+    it = iter(data.dataset("eval", cfg.batch_size // processes, 0, process, processes,
+                           shuffle=False))
+    totals = {"eval_loss": 0.0, "eval_mtp_loss": 0.0}
+    for _ in range(cfg.eval_batches):
+        out = jax.device_get(trainer.eval_step(state, next(it)))
+        for key in totals:
+            totals[key] += float(out[key]) / cfg.eval_batches
+    return totals

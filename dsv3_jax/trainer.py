@@ -1,0 +1,177 @@
+"""The train step: microbatched loss and gradients, AdamW, the bias update, non-finite skipping.
+
+Legend: B sequences per step, M microbatches, T = seq_len, S = T + 1 window tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+import dsv3_jax
+from dsv3_jax import objective, optim
+from dsv3_jax.config import ModelConfig
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32: optimizer steps taken (skipped non-finite steps included)
+    params: Any
+    router_bias: Any  # not trained: updated by the balance rule, no optimizer state
+    opt_state: Any
+    nonfinite: jax.Array  # int32: consecutive non-finite steps
+
+
+@dataclasses.dataclass(frozen=True)
+class Hyper:
+    """The static training settings the step needs (taken from the run config)."""
+
+    batch_size: int
+    microbatches: int
+    seq_len: int
+    schedule: tuple
+    start_lr: float
+    b1: float
+    b2: float
+    eps: float
+    weight_decay: float
+    clip_norm: float
+    mtp_weight: tuple
+    bias_rate: tuple
+    balance_alpha: float
+    inject_nonfinite_steps: tuple = ()  # testing only: these steps' loss is made NaN
+
+
+class Trainer:
+    def __init__(self, model: ModelConfig, hyper: Hyper):
+        self.model, self.hyper = model, hyper
+        self.lr = optim.piecewise_schedule(hyper.start_lr, hyper.schedule)
+        self.tx = optim.adamw(self.lr, b1=hyper.b1, b2=hyper.b2, eps=hyper.eps,
+                              weight_decay=hyper.weight_decay, clip_norm=hyper.clip_norm)
+        self.mtp_weight = optim.token_schedule(hyper.mtp_weight)
+        self.bias_rate = optim.token_schedule(hyper.bias_rate)
+        self.tokens_per_step = hyper.batch_size * hyper.seq_len
+        self.init_state = jax.jit(self._init_state)
+        self.train_step = jax.jit(self._train_step, donate_argnums=0)
+        self.eval_step = jax.jit(self._eval_step)
+
+    # State -------------------------------------------------------------------------------------
+    def _init_state(self, rng) -> TrainState:
+        variables = dsv3_jax.init(self.model, rng)
+        return self.state_from_variables(variables)
+
+    def state_from_variables(self, variables) -> TrainState:
+        params = variables["params"]
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                          router_bias=variables["router_bias"], opt_state=self.tx.init(params),
+                          nonfinite=jnp.zeros((), jnp.int32))
+
+    def abstract_state(self) -> TrainState:
+        return jax.eval_shape(self._init_state, jax.random.key(0))
+
+    # Loss --------------------------------------------------------------------------------------
+    def _loss_terms(self, params, router_bias, tokens_bs, segment_ids_bs, counts):
+        """Sums over this (micro)batch divided by the WHOLE batch's counts."""
+        cfg = self.model
+        inputs_bt, seg_bt, targets, masks = objective.targets_and_masks(
+            tokens_bs, segment_ids_bs, cfg.mtp_depth)
+        out = dsv3_jax.forward(cfg, {"params": params, "router_bias": router_bias}, inputs_bt,
+                               seg_bt, return_hidden=True)
+        ce = objective.cross_entropy_sum(params, out.hidden, targets[0], masks[0]) / counts[0]
+        mtp = jnp.zeros((), jnp.float32)
+        for k, h_k in enumerate(out.mtp_hidden, start=1):
+            mtp += objective.cross_entropy_sum(params, h_k, targets[k], masks[k]) / (
+                counts[k] * cfg.mtp_depth)
+        balance = objective.balance_loss_sum(cfg, out.router_stats) / self.hyper.batch_size
+        return ce, mtp, balance, objective.expert_loads(out.router_stats)
+
+    def _target_counts(self, tokens_bs, segment_ids_bs):
+        _, _, _, masks = objective.targets_and_masks(tokens_bs, segment_ids_bs,
+                                                     self.model.mtp_depth)
+        return [jnp.maximum(m.sum().astype(jnp.float32), 1.0) for m in masks]
+
+    # Step --------------------------------------------------------------------------------------
+    def _train_step(self, state: TrainState, batch: dict[str, jax.Array]):
+        h = self.hyper
+        tokens_bs, seg_bs = batch["tokens"], batch["segment_ids"]
+        counts = self._target_counts(tokens_bs, seg_bs)
+        tokens_seen = state.step.astype(jnp.float32) * self.tokens_per_step
+        lam, gamma = self.mtp_weight(tokens_seen), self.bias_rate(tokens_seen)
+
+        def loss_fn(params, tok, seg):
+            ce, mtp, bal, loads = self._loss_terms(params, state.router_bias, tok, seg, counts)
+            loss = ce + lam * mtp + h.balance_alpha * bal
+            return loss, (ce, mtp, bal, loads)
+
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        M = h.microbatches
+
+        def split(x):
+            return x.reshape(M, x.shape[0] // M, *x.shape[1:])
+
+        def accumulate(acc, mb):
+            (loss, aux), grads = grad_fn(state.params, *mb)
+            return jax.tree.map(jnp.add, acc, (loss, aux, grads)), None
+
+        zeros = jax.tree.map(jnp.zeros_like,
+                             jax.eval_shape(grad_fn, state.params, split(tokens_bs)[0],
+                                            split(seg_bs)[0]))
+        zeros = (zeros[0][0], zeros[0][1], zeros[1])
+        (loss, (ce, mtp, bal, loads), grads), _ = jax.lax.scan(
+            accumulate, zeros, (split(tokens_bs), split(seg_bs)))
+
+        if h.inject_nonfinite_steps:
+            poison = jnp.isin(state.step, jnp.asarray(h.inject_nonfinite_steps))
+            loss = jnp.where(poison, jnp.nan, loss)
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        router_bias = objective.update_bias(state.router_bias, loads, gamma)
+
+        def keep_if_finite(new, old):
+            return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+        new_state = TrainState(
+            step=state.step + 1,
+            params=keep_if_finite(params, state.params),
+            router_bias=keep_if_finite(router_bias, state.router_bias),
+            opt_state=keep_if_finite(opt_state, state.opt_state),
+            nonfinite=jnp.where(finite, 0, state.nonfinite + 1))
+        metrics = {
+            "loss": loss, "ce_loss": ce, "mtp_loss": mtp, "balance_loss": bal,
+            "grad_norm": grad_norm, "lr": self.lr(state.step), "mtp_weight": lam,
+            "bias_rate": gamma, "finite": finite, "nonfinite_in_a_row": new_state.nonfinite,
+            "expert_load": load_summary(loads, state.router_bias),
+        }
+        return new_state, metrics
+
+    def _eval_step(self, state: TrainState, batch):
+        tokens_bs, seg_bs = batch["tokens"], batch["segment_ids"]
+        counts = self._target_counts(tokens_bs, seg_bs)
+        ce, mtp, _, _ = self._loss_terms(state.params, state.router_bias, tokens_bs, seg_bs,
+                                         counts)
+        return {"eval_loss": ce, "eval_mtp_loss": mtp}
+
+
+def load_summary(loads: dict[str, Any], router_bias: dict[str, Any]) -> dict[str, jax.Array]:
+    """Per MoE layer (main stack in order, then MTP depths): max/mean expert load and the bias
+    spread (max - min)."""
+    max_over_mean, spread = [], []
+    for load, bias in zip(jax.tree.leaves(loads), jax.tree.leaves(router_bias), strict=True):
+        load2 = load.reshape(-1, load.shape[-1])
+        bias2 = bias.reshape(-1, bias.shape[-1])
+        max_over_mean.append(load2.max(-1) / jnp.maximum(load2.mean(-1), 1e-9))
+        spread.append(bias2.max(-1) - bias2.min(-1))
+    return {"max_over_mean": _ordered(max_over_mean), "bias_spread": _ordered(spread)}
+
+
+def _ordered(per_leaf: Sequence[jax.Array]) -> jax.Array:
+    # tree leaves come sorted by key: "moe_layers" before "mtp_0", ... which is layer order.
+    return jnp.concatenate(per_leaf)

@@ -1,0 +1,1 @@
+"""Command-line entry points: train, plot (and, as they land, convert, generate, plan)."""

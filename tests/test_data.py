@@ -1,0 +1,107 @@
+"""Data: sources, packing with segment ids, splits, determinism, resumable iteration, errors."""
+
+import json
+
+import numpy as np
+import pytest
+
+from dsv3_jax.data import ByteTokenizer, DataSpec, TokenData, text_files
+from launch.prepare_data import prepare
+
+VOCAB = 320
+
+
+def spec(**kw):
+    base = dict(source="text", path="", text_field="text", tokenizer="bytes", seq_len=64,
+                eval_period=10)
+    base.update(kw)
+    return DataSpec(**base)
+
+
+def test_embedded_corpus_is_real_text():
+    data = TokenData(spec(), VOCAB)
+    assert len(text_files("")) > 50 and len(data.stream) > 1_000_000
+    text = ByteTokenizer().decode(data.stream[:5000])
+    assert "import" in text and "def " in text
+
+
+def test_windows_pack_documents_with_segment_ids(tmp_path):
+    docs = ["alpha beta", "gamma", "delta epsilon zeta " * 3]
+    (tmp_path / "docs.jsonl").write_text("\n".join(json.dumps({"body": d}) for d in docs * 5))
+    data = TokenData(spec(path=str(tmp_path / "docs.jsonl"), text_field="body", seq_len=16,
+                          eval_period=2), VOCAB)
+    tok = ByteTokenizer()
+    assert data.stream[0] == tok.bos_id and data.stream[11] == tok.eos_id
+    w = data.window(0)
+    assert w["tokens"].shape == (17,)
+    # the segment changes right after each EOS and only there
+    for i in range(1, 17):
+        changed = w["segment_ids"][i] != w["segment_ids"][i - 1]
+        assert changed == (w["tokens"][i - 1] == tok.eos_id)
+
+
+def test_splits_are_disjoint_and_order_follows_the_seed():
+    data = TokenData(spec(), VOCAB)
+    train, held = set(data.split_indices("train")), set(data.split_indices("eval"))
+    assert train.isdisjoint(held) and len(held) == data.n_windows // 10
+    a = next(iter(data.dataset("train", 4, seed=1)))["tokens"]
+    b = next(iter(data.dataset("train", 4, seed=1)))["tokens"]
+    c = next(iter(data.dataset("train", 4, seed=2)))["tokens"]
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_processes_read_disjoint_windows():
+    data = TokenData(spec(), VOCAB)
+    firsts = [next(iter(data.dataset("train", 8, 0, p, 2, shuffle=False)))["tokens"]
+              for p in range(2)]
+    assert not any(np.array_equal(x, y) for x in firsts[0] for y in firsts[1])
+
+
+def test_iterator_state_resumes_exactly():
+    data = TokenData(spec(), VOCAB)
+    it = iter(data.dataset("train", 4, seed=0))
+    for _ in range(3):
+        next(it)
+    state = it.get_state()
+    expected = [next(it)["tokens"] for _ in range(3)]
+    again = iter(data.dataset("train", 4, seed=0))
+    again.set_state(state)
+    for want in expected:
+        np.testing.assert_array_equal(next(again)["tokens"], want)
+
+
+def test_txt_parquet_and_token_files(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "a.txt").write_text("hello world " * 200)
+    pq.write_table(pa.table({"text": ["parquet row " * 50] * 20}), tmp_path / "b.parquet")
+    data = TokenData(spec(path=str(tmp_path), seq_len=32, eval_period=2), VOCAB)
+    assert ByteTokenizer().decode(data.stream).count("parquet row") == 1000
+    meta = prepare(str(tmp_path), str(tmp_path / "tok" / "t.npy"), "bytes", "text")
+    tokens = TokenData(spec(source="tokens", path=str(tmp_path / "tok" / "t.npy"), seq_len=32,
+                            eval_period=2), VOCAB)
+    assert meta["tokens"] == len(data.stream)
+    np.testing.assert_array_equal(np.asarray(tokens.stream), data.stream)
+    np.testing.assert_array_equal(tokens.window(3)["segment_ids"], data.window(3)["segment_ids"])
+
+
+def test_bad_data_is_refused_with_the_value_named(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        TokenData(spec(path=str(tmp_path / "nope")), VOCAB)
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\nnot json\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: not valid JSON"):
+        TokenData(spec(path=str(tmp_path / "bad.jsonl")), VOCAB)
+    (tmp_path / "f.jsonl").write_text('{"body": "ok"}\n')
+    with pytest.raises(ValueError, match="no 'text' field"):
+        TokenData(spec(path=str(tmp_path / "f.jsonl")), VOCAB)
+    with pytest.raises(ValueError, match="model's vocab_size is 100"):
+        TokenData(spec(), 100)
+    np.save(tmp_path / "t.npy", np.array([1, 2, 999] * 1000, np.int32))
+    (tmp_path / "t.npy.json").write_text('{"eos_id": 1}')
+    with pytest.raises(ValueError, match="token id 999 outside the model's vocabulary"):
+        TokenData(spec(source="tokens", path=str(tmp_path / "t.npy")), VOCAB)
+    (tmp_path / "tiny.txt").write_text("x")
+    with pytest.raises(ValueError, match="only 0 windows"):
+        TokenData(spec(path=str(tmp_path / "tiny.txt")), VOCAB)
