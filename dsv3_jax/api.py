@@ -17,7 +17,7 @@ import numpy as np
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.layers import positions_from_segments
-from dsv3_jax.model import Transformer, head_logits
+from dsv3_jax.model import MTPModule, Transformer, head_logits
 from dsv3_jax.moe import ROUTER_STATS
 
 Variables = dict[str, Any]
@@ -137,11 +137,15 @@ def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=None) -> Cac
     return Cache(kv, jnp.zeros((batch,), jnp.int32))
 
 
-def prefill(config: ModelConfig, variables: Variables, tokens, lengths, cache: Cache):
+def prefill(config: ModelConfig, variables: Variables, tokens, lengths, cache: Cache, *,
+            return_hidden: bool = False):
     """Run right-padded prompts [B, T] (true lengths [B]) through the expanded form into an EMPTY
-    cache. Returns (logits [B, T, V] fp32, cache with lengths = lengths)."""
+    cache. Returns (logits [B, T, V] fp32, cache with lengths = lengths), and the final-normed
+    hidden states [B, T, D] with return_hidden."""
     check_tokens(tokens, config)
-    return _prefill(config, variables, tokens, jnp.asarray(lengths, jnp.int32), cache)
+    logits, cache, hidden = _prefill(config, variables, tokens,
+                                     jnp.asarray(lengths, jnp.int32), cache)
+    return (logits, cache, hidden) if return_hidden else (logits, cache)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -153,14 +157,18 @@ def _prefill(config, variables, tokens, lengths, cache):
     (h, _, kv), _ = _model(config).apply(
         variables, tokens, positions, None, valid, cache.kv, jnp.zeros((B,), jnp.int32),
         mutable=[ROUTER_STATS])
-    return head_logits(variables["params"], h), Cache(kv, lengths)
+    return head_logits(variables["params"], h), Cache(kv, lengths), h
 
 
-def decode(config: ModelConfig, variables: Variables, tokens, cache: Cache):
+def decode(config: ModelConfig, variables: Variables, tokens, cache: Cache, *,
+           return_hidden: bool = False):
     """Append tokens [B, Tq] after each sequence's cached ones and attend with the absorbed form
-    over the latent cache. Returns (logits [B, Tq, V] fp32, updated cache)."""
+    over the latent cache. Returns (logits [B, Tq, V] fp32, updated cache), and the final-normed
+    hidden states [B, Tq, D] with return_hidden. To roll back (rejected speculative tokens),
+    lower `cache.lengths`: rows past it are ignored and later overwritten."""
     check_tokens(tokens, config)
-    return _decode(config, variables, tokens, cache)
+    logits, cache, hidden = _decode(config, variables, tokens, cache)
+    return (logits, cache, hidden) if return_hidden else (logits, cache)
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=3)
@@ -172,7 +180,52 @@ def _decode(config, variables, tokens, cache):
     (h, _, kv), _ = _model(config, decode=True).apply(
         variables, tokens, positions, None, valid, cache.kv, cache.lengths,
         mutable=[ROUTER_STATS])
-    return head_logits(variables["params"], h), Cache(kv, cache.lengths + Tq)
+    return head_logits(variables["params"], h), Cache(kv, cache.lengths + Tq), h
+
+
+def init_mtp_cache(config: ModelConfig, batch: int, max_len: int, dtype=None) -> Cache:
+    """An empty latent cache for the MTP blocks (one per depth), for speculative decoding."""
+    if not config.mtp_depth:
+        raise ValueError("this model has no MTP module (mtp_depth=0)")
+    if max_len > config.max_seq_len:
+        raise ValueError(
+            f"cache length {max_len} exceeds the model's max_seq_len {config.max_seq_len}")
+    width = config.kv_lora_rank + config.qk_rope_head_dim
+    dtype = dtype or jnp.dtype(config.dtype)
+    kv = {f"mtp_{k}": jnp.zeros((batch, max_len, width), dtype)
+          for k in range(config.mtp_depth)}
+    return Cache(kv, jnp.zeros((batch,), jnp.int32))
+
+
+def mtp_step(config: ModelConfig, variables: Variables, h_prev, next_tokens, cache: Cache, *,
+             prefill: bool, depth: int = 0):
+    """One MTP depth over new positions with its latent cache (speculative decoding).
+
+    h_prev: [B, T, D] the previous depth's states at these positions (depth 0: the main
+    model's final-normed states); next_tokens: [B, T] the token one ahead of each position
+    (t_{i+depth+1}). prefill=True runs the expanded form into an EMPTY cache (positions 0..T-1);
+    otherwise the absorbed form appends after cache.lengths. Returns (logits [B, T, V] fp32
+    predicting t_{i+depth+2}, h [B, T, D] for the next depth, updated cache).
+    """
+    check_tokens(next_tokens, config)
+    return _mtp_step(config, variables, h_prev, jnp.asarray(next_tokens, jnp.int32), cache,
+                     prefill, depth)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5, 6))
+def _mtp_step(config, variables, h_prev, next_tokens, cache, prefill, depth):
+    name = f"mtp_{depth}"
+    params = variables["params"]
+    B, T = next_tokens.shape
+    starts = jnp.zeros((B,), jnp.int32) if prefill else cache.lengths
+    positions = starts[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
+    emb = jnp.take(params["embed"], next_tokens, axis=0).astype(jnp.dtype(config.dtype))
+    sub = {"params": params[name], "router_bias": variables["router_bias"][name]}
+    (h, normed, kv), _ = MTPModule(config, decode=not prefill).apply(
+        sub, h_prev, emb, positions, None, jnp.ones((B, T), bool), cache.kv[name], starts,
+        mutable=[ROUTER_STATS])
+    lengths = jnp.full((B,), T, jnp.int32) if prefill else cache.lengths + T
+    return head_logits(params, normed), h, Cache({**cache.kv, name: kv}, lengths)
 
 
 def param_counts(config: ModelConfig) -> dict[str, int]:

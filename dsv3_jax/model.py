@@ -71,18 +71,22 @@ class MTPModule(nn.Module):
     """
 
     cfg: ModelConfig
+    decode: bool = False
 
     @nn.compact
-    def __call__(self, h_prev_btd, emb_next_btd, positions_bt, segment_ids_bt, valid_bt):
+    def __call__(self, h_prev_btd, emb_next_btd, positions_bt, segment_ids_bt, valid_bt,
+                 kv_cache_blc=None, starts_b=None):
+        """-> (h^k [B,T,D], head_norm(h^k) [B,T,D], updated latent cache or None); the cache
+        works as in `Block` (generation keeps one per depth)."""
         c = self.cfg
         e_btd = RMSNorm(c.norm_eps, name="enorm")(emb_next_btd)
         h_btd = RMSNorm(c.norm_eps, name="hnorm")(h_prev_btd)
         eh_proj = weight(self, "eh_proj", (2 * c.dim, c.dim), ("mtp_concat", "embed"), normal(c))
         x_btc = jnp.concatenate([e_btd, h_btd], axis=-1)
         x_btd = jnp.einsum("BTC,CD->BTD", x_btc, eh_proj.astype(x_btc.dtype))
-        h_btd, _ = Block(c, moe=True, name="block")(
-            x_btd, None, None, positions_bt, segment_ids_bt, valid_bt)
-        return h_btd, RMSNorm(c.norm_eps, name="head_norm")(h_btd)
+        h_btd, new_kv_blc = Block(c, moe=True, decode=self.decode, name="block")(
+            x_btd, kv_cache_blc, starts_b, positions_bt, segment_ids_bt, valid_bt)
+        return h_btd, RMSNorm(c.norm_eps, name="head_norm")(h_btd), new_kv_blc
 
 
 def shift_left(x_bt_, k: int):
@@ -129,7 +133,7 @@ class Transformer(nn.Module):
             for k in range(1, c.mtp_depth + 1):
                 # Position i reads t_{i+k}; positions i >= T-k have no such token (masked).
                 mtp_valid_bt = valid_bt & (jnp.arange(T) < T - k)[None, :]
-                h_prev_btd, normed_btd = MTPModule(c, name=f"mtp_{k - 1}")(
+                h_prev_btd, normed_btd, _ = MTPModule(c, name=f"mtp_{k - 1}")(
                     h_prev_btd, shift_left(emb_btd, k), positions_bt, segment_ids_bt,
                     mtp_valid_bt)
                 mtp_hidden.append(normed_btd)
