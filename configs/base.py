@@ -55,6 +55,13 @@ def get_config() -> config_dict.ConfigDict:
     c.objective.balance_alpha = 1e-4
     c.objective.max_nonfinite_steps = 3  # consecutive non-finite steps before the run stops
 
+    c.mesh = config_dict.ConfigDict()
+    c.mesh.pipeline = 1  # layer stages
+    c.mesh.data = -1  # -1: the devices left
+    c.mesh.expert = 1  # routed experts split over this many devices
+    c.mesh.fsdp = False  # also shard parameters over `data` (optimizer state always is)
+    c.mesh.capacity_factor = 1.25  # expert all-to-all rows per round / balanced load
+
     c.checkpoint_every = 200
     c.keep_checkpoints = 3
     c.eval_every = 200

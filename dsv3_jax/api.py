@@ -19,6 +19,7 @@ from dsv3_jax.config import ModelConfig
 from dsv3_jax.layers import positions_from_segments
 from dsv3_jax.model import MTPModule, Transformer, head_logits
 from dsv3_jax.moe import ROUTER_STATS
+from dsv3_jax.sharding import Parallel
 
 Variables = dict[str, Any]
 
@@ -89,22 +90,23 @@ def logical_axes(config: ModelConfig) -> Variables:
 
 
 def forward(config: ModelConfig, variables: Variables, tokens, segment_ids=None, *,
-            return_hidden: bool = False) -> ModelOutput:
+            return_hidden: bool = False, parallel: Parallel | None = None) -> ModelOutput:
     """Training-form forward pass over whole sequences.
 
     tokens: [B, T] int32. segment_ids: optional [B, T] int32 for packed documents (no attention
     across segments; positions restart at each segment; 0 marks padding, excluded from the router
-    statistics). With return_hidden the head is not applied (for chunked losses).
+    statistics). With return_hidden the head is not applied (for chunked losses). With a
+    `parallel` layout the routed experts run expert-parallel over its mesh.
     """
     check_tokens(tokens, config)
     if segment_ids is not None and np.shape(segment_ids) != np.shape(tokens):
         raise ValueError(
             f"segment_ids shape {np.shape(segment_ids)} differs from tokens {np.shape(tokens)}")
-    return _forward(config, variables, tokens, segment_ids, return_hidden)
+    return _forward(config, variables, tokens, segment_ids, return_hidden, parallel)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4))
-def _forward(config, variables, tokens, segment_ids, return_hidden):
+@functools.partial(jax.jit, static_argnums=(0, 4, 5))
+def _forward(config, variables, tokens, segment_ids, return_hidden, parallel):
     tokens = jnp.asarray(tokens, jnp.int32)
     if segment_ids is None:
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
@@ -113,7 +115,7 @@ def _forward(config, variables, tokens, segment_ids, return_hidden):
         segment_ids = jnp.asarray(segment_ids, jnp.int32)
         positions = positions_from_segments(segment_ids)
         valid = segment_ids != 0
-    (h, mtp_h, _), state = _model(config).apply(
+    (h, mtp_h, _), state = Transformer(config, parallel=parallel).apply(
         variables, tokens, positions, segment_ids, valid, mutable=[ROUTER_STATS])
     stats = state.get(ROUTER_STATS, {})
     if return_hidden:

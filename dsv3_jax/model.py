@@ -15,6 +15,7 @@ from dsv3_jax.attention import MLA
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.layers import MLP, RMSNorm, normal, weight
 from dsv3_jax.moe import ROUTER_BIAS, ROUTER_STATS, MoE
+from dsv3_jax.sharding import Parallel
 
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -30,6 +31,7 @@ class Block(nn.Module):
     cfg: ModelConfig
     moe: bool
     decode: bool = False
+    parallel: Parallel | None = None
 
     @nn.compact
     def __call__(self, h_btd, kv_cache_blc, starts_b, positions_bt, segment_ids_bt, valid_bt):
@@ -41,14 +43,16 @@ class Block(nn.Module):
         h_btd = h_btd + attn_btd
         x_btd = RMSNorm(c.norm_eps, name="mlp_norm")(h_btd)
         if self.moe:
-            h_btd = h_btd + MoE(c, name="moe")(x_btd, valid_bt)
+            h_btd = h_btd + MoE(c, self.parallel, name="moe")(x_btd, valid_bt)
         else:
             h_btd = h_btd + MLP(c, c.inter_dim, name="mlp")(x_btd)
         return h_btd, new_kv_blc
 
 
-def block_stack(cfg: ModelConfig, length: int, moe: bool, decode: bool, name: str) -> nn.Module:
-    """`length` blocks with stacked weights (leading logical axis "layers"), run by `nn.scan`."""
+def block_stack(cfg: ModelConfig, length: int, moe: bool, decode: bool, name: str,
+                parallel: Parallel | None = None) -> nn.Module:
+    """`length` blocks with stacked weights (leading logical axis named after the stack, e.g.
+    "moe_layers", which the pipeline splits into stages), run by `nn.scan`."""
     block = Block
     if cfg.remat != "none":
         block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
@@ -58,8 +62,8 @@ def block_stack(cfg: ModelConfig, length: int, moe: bool, decode: bool, name: st
         split_rngs={"params": True},
         in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
         length=length,
-        metadata_params={nn.PARTITION_NAME: "layers"},
-    )(cfg, moe=moe, decode=decode, name=name)
+        metadata_params={nn.PARTITION_NAME: name},
+    )(cfg, moe=moe, decode=decode, parallel=parallel, name=name)
 
 
 class MTPModule(nn.Module):
@@ -72,6 +76,7 @@ class MTPModule(nn.Module):
 
     cfg: ModelConfig
     decode: bool = False
+    parallel: Parallel | None = None
 
     @nn.compact
     def __call__(self, h_prev_btd, emb_next_btd, positions_bt, segment_ids_bt, valid_bt,
@@ -84,7 +89,8 @@ class MTPModule(nn.Module):
         eh_proj = weight(self, "eh_proj", (2 * c.dim, c.dim), ("mtp_concat", "embed"), normal(c))
         x_btc = jnp.concatenate([e_btd, h_btd], axis=-1)
         x_btd = jnp.einsum("BTC,CD->BTD", x_btc, eh_proj.astype(x_btc.dtype))
-        h_btd, new_kv_blc = Block(c, moe=True, decode=self.decode, name="block")(
+        h_btd, new_kv_blc = Block(c, moe=True, decode=self.decode, parallel=self.parallel,
+                                  name="block")(
             x_btd, kv_cache_blc, starts_b, positions_bt, segment_ids_bt, valid_bt)
         return h_btd, RMSNorm(c.norm_eps, name="head_norm")(h_btd), new_kv_blc
 
@@ -105,6 +111,7 @@ class Transformer(nn.Module):
 
     cfg: ModelConfig
     decode: bool = False
+    parallel: Parallel | None = None
 
     @nn.compact
     def __call__(self, tokens_bt, positions_bt, segment_ids_bt, valid_bt, cache=None,
@@ -122,7 +129,8 @@ class Transformer(nn.Module):
             if length == 0:
                 continue
             kv_cache = None if cache is None else cache[name]
-            h_btd, new_cache[name] = block_stack(c, length, moe, self.decode, name)(
+            stack = block_stack(c, length, moe, self.decode, name, self.parallel)
+            h_btd, new_cache[name] = stack(
                 h_btd, kv_cache, starts_b, positions_bt, segment_ids_bt, valid_bt)
         h_final_btd = RMSNorm(c.norm_eps, name="final_norm")(h_btd)
 
@@ -133,7 +141,8 @@ class Transformer(nn.Module):
             for k in range(1, c.mtp_depth + 1):
                 # Position i reads t_{i+k}; positions i >= T-k have no such token (masked).
                 mtp_valid_bt = valid_bt & (jnp.arange(T) < T - k)[None, :]
-                h_prev_btd, normed_btd, _ = MTPModule(c, name=f"mtp_{k - 1}")(
+                h_prev_btd, normed_btd, _ = MTPModule(c, parallel=self.parallel,
+                                                      name=f"mtp_{k - 1}")(
                     h_prev_btd, shift_left(emb_btd, k), positions_bt, segment_ids_bt,
                     mtp_valid_bt)
                 mtp_hidden.append(normed_btd)

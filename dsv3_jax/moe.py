@@ -13,8 +13,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dsv3_jax import expert_parallel
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.layers import MLP, normal, weight
+from dsv3_jax.sharding import Parallel
 from pallas_kernels import expert_dispatch
 
 ROUTER_BIAS = "router_bias"  # variable collection: never trained, no optimizer state
@@ -51,6 +53,7 @@ class MoE(nn.Module):
     """
 
     cfg: ModelConfig
+    parallel: Parallel | None = None
 
     @nn.compact
     def __call__(self, x_btd: jax.Array, valid_bt: jax.Array) -> jax.Array:
@@ -76,10 +79,14 @@ class MoE(nn.Module):
         self.record_stats(scores_te.reshape(B, T, E), expert_idx_tk.reshape(B, T, -1), valid_bt)
 
         dt = x_btd.dtype
+        experts = (x_td, expert_idx_tk, weights_tk, w_gate.astype(dt), w_up.astype(dt),
+                   w_down.astype(dt))
         with jax.named_scope("routed_experts"):
-            routed_td = expert_dispatch.routed_experts(
-                x_td, expert_idx_tk, weights_tk, w_gate.astype(dt), w_up.astype(dt),
-                w_down.astype(dt), implementation=c.moe_impl)
+            if self.parallel is None:
+                routed_td = expert_dispatch.routed_experts(*experts, implementation=c.moe_impl)
+            else:
+                routed_td = expert_parallel.routed_experts(
+                    *experts, parallel=self.parallel, implementation=c.moe_impl)
         out_btd = routed_td.reshape(B, T, D)
         if c.n_shared_experts:
             with jax.named_scope("shared_experts"):

@@ -20,7 +20,7 @@ import numpy as np
 from ml_collections import config_dict
 
 import dsv3_jax
-from dsv3_jax import flops
+from dsv3_jax import flops, sharding
 from dsv3_jax.checkpoint import Checkpointer, load_variables
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.data import DataSpec, TokenData
@@ -67,6 +67,22 @@ def validate(cfg: config_dict.ConfigDict, model: ModelConfig) -> None:
          f"objective.max_nonfinite_steps={cfg.objective.max_nonfinite_steps} must be > 0")
     if cfg.init_from:
         need(os.path.isdir(cfg.init_from), f"init_from={cfg.init_from!r} is not a directory")
+    shape = sharding.resolve_mesh_shape(cfg.mesh.pipeline, cfg.mesh.data, cfg.mesh.expert,
+                                        jax.device_count())
+    sharding.check_fits(model, dict(zip(sharding.MESH_AXES, shape, strict=True)),
+                        cfg.batch_size, cfg.microbatches)
+    need(cfg.mesh.capacity_factor > 0,
+         f"mesh.capacity_factor={cfg.mesh.capacity_factor} must be positive")
+    need(shape[0] == 1, f"mesh.pipeline={shape[0]}: pipeline stages are not available in this "
+         "version; use pipeline=1")
+
+
+def parallel_layout(cfg: config_dict.ConfigDict) -> sharding.Parallel | None:
+    """The mesh for this run, or None on a single device."""
+    if jax.device_count() == 1:
+        return None
+    mesh = sharding.make_mesh(cfg.mesh.pipeline, cfg.mesh.data, cfg.mesh.expert)
+    return sharding.Parallel(mesh, fsdp=cfg.mesh.fsdp, capacity_factor=cfg.mesh.capacity_factor)
 
 
 def hyper(cfg: config_dict.ConfigDict) -> Hyper:
@@ -121,7 +137,8 @@ def run(cfg: config_dict.ConfigDict, workdir: str, *, progress: bool = True) -> 
     data = TokenData(DataSpec(cfg.data.source, cfg.data.path, cfg.data.text_field,
                               cfg.data.tokenizer, cfg.seq_len, cfg.data.eval_period),
                      model.vocab_size)
-    trainer = Trainer(model, hyper(cfg))
+    parallel = parallel_layout(cfg)
+    trainer = Trainer(model, hyper(cfg), parallel)
     checkpoints = Checkpointer(os.path.join(workdir, "checkpoints"), cfg.keep_checkpoints)
     meta = {"model": dataclasses.asdict(model), "config": json.loads(cfg.to_json()),
             "tokenizer": data.tokenizer.to_json() if data.tokenizer else None}
@@ -150,7 +167,9 @@ def run(cfg: config_dict.ConfigDict, workdir: str, *, progress: bool = True) -> 
     print(f"dsv3-jax: {counts['main'] / 1e6:.1f}M parameters ({counts['active'] / 1e6:.1f}M "
           f"active per token), MTP {counts['mtp'] / 1e6:.1f}M as released; "
           f"{flops_per_token / 1e6:.1f} MFLOPs per trained token; {devices} x "
-          f"{jax.devices()[0].device_kind}; steps {start} -> {cfg.steps}", flush=True)
+          f"{jax.devices()[0].device_kind}"
+          f"{'' if parallel is None else f' as mesh {dict(parallel.mesh.shape)}'}; "
+          f"steps {start} -> {cfg.steps}", flush=True)
 
     writer = MetricsWriter(workdir)
     if start > 0:
@@ -177,7 +196,7 @@ def run(cfg: config_dict.ConfigDict, workdir: str, *, progress: bool = True) -> 
 
     try:
         for step in range(start + 1, cfg.steps + 1):
-            batch = next(train_iter)
+            batch = trainer.place_batch(next(train_iter))
             state, metrics = trainer.train_step(state, batch)
             window_steps += 1
             if pending is not None:
@@ -248,7 +267,7 @@ def evaluate(trainer: Trainer, state, data: TokenData, cfg) -> dict[str, float]:
                            shuffle=False))
     totals = {"eval_loss": 0.0, "eval_mtp_loss": 0.0}
     for _ in range(cfg.eval_batches):
-        out = jax.device_get(trainer.eval_step(state, next(it)))
+        out = jax.device_get(trainer.eval_step(state, trainer.place_batch(next(it))))
         for key in totals:
             totals[key] += float(out[key]) / cfg.eval_batches
     return totals

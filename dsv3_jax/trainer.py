@@ -9,14 +9,17 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
+import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import NamedSharding, PartitionSpec
 
 import dsv3_jax
-from dsv3_jax import objective, optim
+from dsv3_jax import objective, optim, sharding
 from dsv3_jax.config import ModelConfig
+from dsv3_jax.sharding import Parallel
 
 
 @flax.struct.dataclass
@@ -49,31 +52,71 @@ class Hyper:
 
 
 class Trainer:
-    def __init__(self, model: ModelConfig, hyper: Hyper):
-        self.model, self.hyper = model, hyper
+    """Jitted init / train / eval steps; with a `parallel` layout every array is placed by the
+    sharding rules (parameters, ZeRO-1 optimizer state, batch over data x expert)."""
+
+    def __init__(self, model: ModelConfig, hyper: Hyper, parallel: Parallel | None = None):
+        self.model, self.hyper, self.parallel = model, hyper, parallel
         self.lr = optim.piecewise_schedule(hyper.start_lr, hyper.schedule)
         self.tx = optim.adamw(self.lr, b1=hyper.b1, b2=hyper.b2, eps=hyper.eps,
                               weight_decay=hyper.weight_decay, clip_norm=hyper.clip_norm)
         self.mtp_weight = optim.token_schedule(hyper.mtp_weight)
         self.bias_rate = optim.token_schedule(hyper.bias_rate)
         self.tokens_per_step = hyper.batch_size * hyper.seq_len
-        self.init_state = jax.jit(self._init_state)
-        self.train_step = jax.jit(self._train_step, donate_argnums=0)
-        self.eval_step = jax.jit(self._eval_step)
+        if parallel is None:
+            self.state_sharding = self.batch_sharding = None
+            self.init_state = jax.jit(self._init_state)
+            self.state_from_variables = jax.jit(self._state_from_variables)
+            self.train_step = jax.jit(self._train_step, donate_argnums=0)
+            self.eval_step = jax.jit(self._eval_step)
+            return
+        mesh = parallel.mesh
+        boxed = dsv3_jax.abstract_variables(model)
+        var_sh = sharding.variable_shardings(boxed, mesh, parallel.fsdp)
+        params = nn.meta.unbox(boxed)["params"]
+        replicated = NamedSharding(mesh, PartitionSpec())
+        self.state_sharding = TrainState(
+            step=replicated, params=var_sh["params"], router_bias=var_sh["router_bias"],
+            opt_state=sharding.opt_state_shardings(self.tx, params, var_sh["params"]),
+            nonfinite=replicated)
+        rows = NamedSharding(mesh, PartitionSpec(sharding.BATCH_AXES, None))
+        self.batch_sharding = {"tokens": rows, "segment_ids": rows}
+        self.init_state = jax.jit(self._init_state, out_shardings=self.state_sharding)
+        self.state_from_variables = jax.jit(self._state_from_variables,
+                                            out_shardings=self.state_sharding)
+        self.train_step = jax.jit(
+            self._train_step, in_shardings=(self.state_sharding, self.batch_sharding),
+            out_shardings=(self.state_sharding, replicated), donate_argnums=0)
+        self.eval_step = jax.jit(
+            self._eval_step, in_shardings=(self.state_sharding, self.batch_sharding),
+            out_shardings=replicated)
 
     # State -------------------------------------------------------------------------------------
     def _init_state(self, rng) -> TrainState:
         variables = dsv3_jax.init(self.model, rng)
-        return self.state_from_variables(variables)
+        return self._state_from_variables(variables)
 
-    def state_from_variables(self, variables) -> TrainState:
+    def _state_from_variables(self, variables) -> TrainState:
+        """A fresh state (step 0, new optimizer state) around given variables (fine-tuning)."""
         params = variables["params"]
         return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                           router_bias=variables["router_bias"], opt_state=self.tx.init(params),
                           nonfinite=jnp.zeros((), jnp.int32))
 
     def abstract_state(self) -> TrainState:
-        return jax.eval_shape(self._init_state, jax.random.key(0))
+        """Shapes, dtypes and (with a layout) shardings of the state, for restoring."""
+        abstract = jax.eval_shape(self._init_state, jax.random.key(0))
+        if self.state_sharding is None:
+            return abstract
+        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            abstract, self.state_sharding)
+
+    def place_batch(self, batch: dict) -> dict:
+        """Host arrays of this process's rows -> global arrays laid out for the step."""
+        if self.batch_sharding is None:
+            return batch
+        return {k: jax.make_array_from_process_local_data(self.batch_sharding[k], v)
+                for k, v in batch.items()}
 
     # Loss --------------------------------------------------------------------------------------
     def _loss_terms(self, params, router_bias, tokens_bs, segment_ids_bs, counts):
@@ -82,7 +125,7 @@ class Trainer:
         inputs_bt, seg_bt, targets, masks = objective.targets_and_masks(
             tokens_bs, segment_ids_bs, cfg.mtp_depth)
         out = dsv3_jax.forward(cfg, {"params": params, "router_bias": router_bias}, inputs_bt,
-                               seg_bt, return_hidden=True)
+                               seg_bt, return_hidden=True, parallel=self.parallel)
         ce = objective.cross_entropy_sum(params, out.hidden, targets[0], masks[0]) / counts[0]
         mtp = jnp.zeros((), jnp.float32)
         for k, h_k in enumerate(out.mtp_hidden, start=1):
@@ -113,7 +156,8 @@ class Trainer:
         M = h.microbatches
 
         def split(x):
-            return x.reshape(M, x.shape[0] // M, *x.shape[1:])
+            # Microbatch m takes rows m, m+M, ...: every device keeps an equal share of each.
+            return x.reshape(x.shape[0] // M, M, *x.shape[1:]).swapaxes(0, 1)
 
         def accumulate(acc, mb):
             (loss, aux), grads = grad_fn(state.params, *mb)

@@ -117,7 +117,7 @@ def test_full_size_shapes_without_allocating():
     assert abs(counts["active"] / 37e9 - 1) < 0.03
     axes = dsv3_jax.logical_axes(dsv3_jax.preset("deepseek_v3_671b"))
     assert axes["params"]["moe_layers"]["moe"]["w_gate"] == jax.sharding.PartitionSpec(
-        "layers", "experts", "embed", "expert_mlp")
+        "moe_layers", "experts", "embed", "expert_mlp")
     shapes = nn.meta.unbox(dsv3_jax.abstract_variables(dsv3_jax.preset("deepseek_v3_671b")))
     assert shapes["params"]["moe_layers"]["moe"]["w_gate"].shape == (58, 256, 7168, 2048)
     assert shapes["router_bias"]["mtp_0"]["block"]["moe"]["bias"].shape == (256,)

@@ -1,0 +1,166 @@
+"""Device meshes and the one logical-axis table (STYLE.md pattern 1).
+
+Mesh axes: `pipeline` (layer stages), `data` (batch; ZeRO-1 optimizer sharding; optional full
+parameter sharding), `expert` (routed experts; the batch is split over data x expert too).
+Every parameter and activation sharding comes from `RULES` through `spec`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from dsv3_jax.config import ModelConfig
+
+MESH_AXES = ("pipeline", "data", "expert")
+BATCH_AXES = ("data", "expert")
+
+# logical axis -> mesh axis (or axes). Names not listed are replicated.
+RULES: dict[str, str | tuple[str, ...] | None] = {
+    "batch": BATCH_AXES,
+    "experts": "expert",
+    "moe_layers": "pipeline",  # the MoE stack is what the pipeline splits into stages
+    "fsdp": "data",  # weights' "embed" axis maps here when parameters are fully sharded
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Parallel:
+    """What the model needs to know about the layout (a hashable module attribute)."""
+
+    mesh: Mesh
+    fsdp: bool = False  # shard parameters (not only optimizer state) over `data`
+    capacity_factor: float = 1.25  # expert all-to-all rows per round / balanced rows
+
+    @property
+    def expert_size(self) -> int:
+        return self.mesh.shape["expert"]
+
+    @property
+    def data_size(self) -> int:
+        return self.mesh.shape["data"]
+
+
+def resolve_mesh_shape(pipeline: int, data: int, expert: int, n_devices: int) -> tuple:
+    """(pipeline, data, expert) with one -1 replaced by the devices left; clear errors."""
+    sizes = {"pipeline": pipeline, "data": data, "expert": expert}
+    free = [k for k, v in sizes.items() if v == -1]
+    bad = {k: v for k, v in sizes.items() if v != -1 and (not isinstance(v, int) or v < 1)}
+    if bad:
+        raise ValueError(f"mesh sizes must be positive integers or -1, got {bad}")
+    if len(free) > 1:
+        raise ValueError(f"mesh: only one axis may be -1 (the devices left), got {free}")
+    fixed = math.prod(v for v in sizes.values() if v != -1)
+    if free:
+        if n_devices % fixed:
+            raise ValueError(
+                f"mesh: {n_devices} devices do not divide into "
+                f"{' x '.join(f'{k}={v}' for k, v in sizes.items() if v != -1)} = {fixed}; "
+                f"choose sizes whose product divides {n_devices}")
+        sizes[free[0]] = n_devices // fixed
+    total = math.prod(sizes.values())
+    if total != n_devices:
+        raise ValueError(
+            f"mesh pipeline={sizes['pipeline']} x data={sizes['data']} x "
+            f"expert={sizes['expert']} = {total} devices, but {n_devices} are available; "
+            f"set one axis to -1 (e.g. --config.mesh.data=-1) or make the product {n_devices}")
+    return sizes["pipeline"], sizes["data"], sizes["expert"]
+
+
+def make_mesh(pipeline: int = 1, data: int = -1, expert: int = 1,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+    devices = list(devices if devices is not None else jax.devices())
+    shape = resolve_mesh_shape(pipeline, data, expert, len(devices))
+    auto = (jax.sharding.AxisType.Auto,) * 3
+    return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+
+
+def check_fits(model: ModelConfig, mesh_shape: dict[str, int], batch_size: int,
+               microbatches: int) -> None:
+    """Refuse a model or batch that does not divide over the mesh, saying what would fit."""
+    p, d, e = mesh_shape["pipeline"], mesh_shape["data"], mesh_shape["expert"]
+    if model.n_routed_experts % e:
+        fits = [k for k in range(1, model.n_routed_experts + 1) if model.n_routed_experts % k == 0]
+        raise ValueError(f"mesh expert={e} does not divide n_routed_experts="
+                         f"{model.n_routed_experts}; expert sizes that fit: {fits}")
+    if p > 1 and model.n_moe_layers < p:
+        raise ValueError(f"mesh pipeline={p} exceeds the {model.n_moe_layers} MoE layers to split "
+                         "into stages")
+    per_step = batch_size // microbatches
+    if batch_size % microbatches or per_step % (d * e):
+        raise ValueError(
+            f"batch_size={batch_size} / microbatches={microbatches} = {batch_size / microbatches:g}"
+            f" sequences per microbatch must divide over data x expert = {d * e} devices; e.g. "
+            f"batch_size={d * e * microbatches * max(1, per_step // (d * e))}")
+
+
+def spec(logical: Sequence[str | None], fsdp: bool = False) -> PartitionSpec:
+    """The PartitionSpec of a tuple of logical names; a mesh axis may appear only once."""
+    mesh_axes, used = [], set()
+    for name in logical:
+        target = RULES.get(name) if name is not None else None
+        if name == "embed" and fsdp:
+            target = RULES["fsdp"]
+        names = () if target is None else (target,) if isinstance(target, str) else target
+        clash = used.intersection(names)
+        if clash:
+            raise ValueError(f"logical axes {tuple(logical)} map mesh axis {sorted(clash)} twice")
+        used.update(names)
+        mesh_axes.append(None if not names else names[0] if len(names) == 1 else tuple(names))
+    return PartitionSpec(*mesh_axes)
+
+
+def variable_shardings(abstract_variables, mesh: Mesh, fsdp: bool = False):
+    """NamedShardings of every variable from its logical axes (boxed abstract variables)."""
+    logical = nn.get_partition_spec(abstract_variables)
+    shapes = nn.meta.unbox(abstract_variables)
+
+    def one(names, shape):
+        s = spec(tuple(names), fsdp)
+        return NamedSharding(mesh, _drop_indivisible(s, shape.shape, mesh))
+
+    return jax.tree.map(one, logical, shapes,
+                        is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def zero1(sharding: NamedSharding, shape: tuple[int, ...]) -> NamedSharding:
+    """The sharding of an optimizer-state leaf: its parameter's, plus `data` on the first free
+    dimension that divides (ZeRO-1); unchanged when `data` is already used or nothing divides."""
+    mesh, parts = sharding.mesh, list(sharding.spec) + [None] * (len(shape) - len(sharding.spec))
+    used = {a for p in parts if p is not None for a in ((p,) if isinstance(p, str) else p)}
+    n = mesh.shape["data"]
+    if "data" in used or n == 1:
+        return sharding
+    for i, (part, size) in enumerate(zip(parts, shape, strict=True)):
+        if part is None and size % n == 0:
+            parts[i] = "data"
+            return NamedSharding(mesh, PartitionSpec(*parts))
+    return sharding
+
+
+def opt_state_shardings(tx: optax.GradientTransformation, abstract_params, param_shardings):
+    """Shardings of tx.init(params): parameter-like leaves get `zero1`, the rest replicate."""
+    abstract_state = jax.eval_shape(tx.init, abstract_params)
+    mesh = jax.tree.leaves(param_shardings)[0].mesh
+    replicated = NamedSharding(mesh, PartitionSpec())
+    with_params = optax.tree_utils.tree_map_params(
+        tx, lambda _, s, a: zero1(s, a.shape), abstract_state, param_shardings, abstract_params,
+        transform_non_params=lambda _: replicated)
+    return with_params
+
+
+def _drop_indivisible(s: PartitionSpec, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
+    """Replicate a dimension whose size the mesh axes do not divide (e.g. 3 dense layers)."""
+    parts = []
+    for part, size in zip(list(s) + [None] * (len(shape) - len(s)), shape, strict=True):
+        axes = () if part is None else (part,) if isinstance(part, str) else part
+        n = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+        parts.append(part if size % n == 0 else None)
+    return PartitionSpec(*parts)

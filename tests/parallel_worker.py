@@ -1,0 +1,54 @@
+"""Run by tests/test_parallel.py in a subprocess with 8 CPU devices: one training step on each
+mesh, compared with the same step on one device. Prints one JSON line per mesh."""
+
+import json
+import sys
+
+import jax
+
+jax.config.update("jax_num_cpu_devices", 8)
+
+import numpy as np  # noqa: E402
+
+from configs import tiny  # noqa: E402
+from dsv3_jax import sharding, train_loop  # noqa: E402
+from dsv3_jax.trainer import Trainer  # noqa: E402
+
+
+def step(cfg, parallel):
+    trainer = Trainer(train_loop.model_config(cfg), train_loop.hyper(cfg), parallel)
+    data = train_loop.TokenData(
+        train_loop.DataSpec("text", "", "text", "bytes", cfg.seq_len, 50), 320)
+    batch = next(iter(data.dataset("train", cfg.batch_size, 0)))
+    state = trainer.init_state(jax.random.key(0))
+    state, metrics = trainer.train_step(state, trainer.place_batch(batch))
+    return jax.device_get(state), jax.device_get(metrics)
+
+
+def main(meshes):
+    cfg = tiny.get_config()
+    cfg.batch_size, cfg.seq_len, cfg.microbatches = 16, 32, 2
+    # A larger Adam epsilon keeps the first update smooth in the gradient (with eps -> 0 it is
+    # sign(g), which flips for gradients at rounding-noise level).
+    cfg.optimizer.eps = 1e-4
+    ref_state, ref_metrics = step(cfg, None)
+    for mesh_shape, fsdp in meshes:
+        parallel = sharding.Parallel(sharding.make_mesh(*mesh_shape), fsdp=fsdp,
+                                     capacity_factor=0.5)  # forces several exchange rounds
+        state, metrics = step(cfg, parallel)
+        params_err = max(
+            float(np.max(np.abs(a - b)) / (np.max(np.abs(b)) + 1e-30))
+            for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(ref_state.params),
+                            strict=True))
+        bias_equal = all(np.array_equal(a, b) for a, b in zip(
+            jax.tree.leaves(state.router_bias), jax.tree.leaves(ref_state.router_bias),
+            strict=True))
+        print(json.dumps({
+            "mesh": list(mesh_shape), "fsdp": fsdp,
+            "loss": float(metrics["loss"]), "ref_loss": float(ref_metrics["loss"]),
+            "params_rel_err": params_err, "bias_equal": bias_equal,
+            "devices": int(parallel.mesh.size)}), flush=True)
+
+
+if __name__ == "__main__":
+    main([(tuple(m["mesh"]), m["fsdp"]) for m in json.loads(sys.argv[1])])

@@ -1,0 +1,70 @@
+"""Data, expert (and fully sharded) parallelism on 8 CPU devices equal one device."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from dsv3_jax import sharding
+from dsv3_jax.config import TINY
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MESHES = [
+    {"mesh": [1, 8, 1], "fsdp": False},
+    {"mesh": [1, 2, 4], "fsdp": False},
+    {"mesh": [1, 1, 8], "fsdp": False},
+    {"mesh": [1, 2, 4], "fsdp": True},
+]
+
+
+@pytest.fixture(scope="module")
+def results():
+    out = subprocess.run(
+        [sys.executable, "-m", "tests.parallel_worker", json.dumps(MESHES)], cwd=REPO,
+        capture_output=True, text=True, timeout=1500)
+    assert out.returncode == 0, out.stderr[-4000:]
+    lines = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    return {(tuple(r["mesh"]), r["fsdp"]): r for r in lines}
+
+
+@pytest.mark.parametrize("case", MESHES, ids=lambda m: f"{m['mesh']}{'-fsdp' if m['fsdp'] else ''}")
+def test_one_step_equals_the_single_device_step(results, case):
+    r = results[(tuple(case["mesh"]), case["fsdp"])]
+    assert r["devices"] == 8
+    # fp32 everywhere; only the order of reductions differs across layouts.
+    assert abs(r["loss"] - r["ref_loss"]) <= 1e-5 * abs(r["ref_loss"])
+    assert r["params_rel_err"] < 1e-5
+    assert r["bias_equal"]  # counts are integers: the bias update is exactly the same
+
+
+@pytest.mark.parametrize("sizes, devices, message", [
+    ((2, 3, 1), 8, r"pipeline=2 x data=3 x expert=1 = 6 devices, but 8 are available"),
+    ((1, -1, 3), 8, r"8 devices do not divide into pipeline=1 x expert=3"),
+    ((-1, -1, 1), 8, r"only one axis may be -1"),
+    ((1, 0, 1), 8, r"positive integers or -1"),
+])
+def test_meshes_that_do_not_fit_the_devices_are_refused(sizes, devices, message):
+    with pytest.raises(ValueError, match=message):
+        sharding.resolve_mesh_shape(*sizes, devices)
+
+
+@pytest.mark.parametrize("mesh, batch, micro, message", [
+    ({"pipeline": 1, "data": 1, "expert": 3}, 12, 1, r"expert=3 does not divide n_routed_"
+                                                     r"experts=16; expert sizes that fit"),
+    ({"pipeline": 1, "data": 4, "expert": 2}, 12, 1, r"must divide over data x expert = 8"),
+    ({"pipeline": 4, "data": 1, "expert": 1}, 8, 1, r"pipeline=4 exceeds the 2 MoE layers"),
+])
+def test_models_that_do_not_divide_over_the_mesh_are_refused(mesh, batch, micro, message):
+    with pytest.raises(ValueError, match=message):
+        sharding.check_fits(TINY, mesh, batch, micro)
+
+
+def test_one_table_maps_logical_axes():
+    assert sharding.spec(("batch", None, "embed")) == sharding.PartitionSpec(
+        ("data", "expert"), None, None)
+    assert sharding.spec(("moe_layers", "experts", "embed", "expert_mlp"), fsdp=True) == \
+        sharding.PartitionSpec("pipeline", "expert", "data", None)
+    with pytest.raises(ValueError, match="twice"):
+        sharding.spec(("batch", "embed"), fsdp=True)
