@@ -15,6 +15,7 @@ import os
 import time
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -120,6 +121,8 @@ def load_variables(path: str, abstract_variables: Any) -> tuple[Any, dict]:
             raise ValueError(f"{path!r} holds no checkpoint (no step directories, no 'state')")
         path = os.path.join(path, str(steps[-1]))
     handler = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+    # dsv3_jax.abstract_variables is boxed (logical-axis metadata); the stored tree is not.
+    abstract_variables = nn.meta.unbox(abstract_variables)
     target = {"params": abstract_variables["params"],
               "router_bias": abstract_variables["router_bias"]}
     try:

@@ -1,0 +1,481 @@
+"""Checkpoint conversion between our orbax checkpoints and Hugging Face safetensors directories.
+
+  orbax_to_hf  a trainer workdir (its latest step) or one step directory -> config.json,
+               model-0000i-of-0000n.safetensors + model.safetensors.index.json in the released
+               layout (MTP as layer n_layers, e_score_correction_bias float32), tokenizer files
+  hf_to_orbax  a Hugging Face / official DeepSeek-V3 directory (bf16, fp16, fp32, or FP8 E4M3
+               with 128x128 `weight_scale_inv` block scales) -> one orbax step directory that
+               dsv3_jax.checkpoint.load_variables (and so `launch.train --config.init_from`)
+               restores, with the model config in its `meta` item
+
+Both directions stream: one released tensor at a time, read and written as slices of our stacked
+leaves (never a whole stacked leaf; see dsv3_jax/convert_orbax.py), so host memory stays within
+a few times the largest released tensor plus a few output shards (`max_shard_bytes`: the
+safetensors shard size, which is never buffered, or the bytes per OCDBT commit, which
+tensorstore holds about 4-5 times over). Everything is checked before the first
+byte is written where the headers and shapes allow it; output goes to `<out>.partial-XXXX` and
+is renamed to `out` only when complete, and removed after a failure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator
+from typing import Any
+
+import flax.linen as nn
+import jax
+import ml_dtypes
+import numpy as np
+
+from dsv3_jax.api import abstract_variables
+from dsv3_jax.config import ModelConfig
+from dsv3_jax.convert_orbax import OrbaxReader, OrbaxWriter, Path, read_meta, resolve_checkpoint
+from dsv3_jax.hf_weights import TensorSpec, tensor_map
+from dsv3_jax.moe import ROUTER_BIAS
+from dsv3_jax.safetensors_io import (
+    DTYPES,
+    PlannedTensor,
+    ShardedWriter,
+    TensorEntry,
+    read_header,
+    read_tensor,
+)
+
+DTYPE_ALIASES = {"bf16": "BF16", "bfloat16": "BF16", "fp32": "F32", "float32": "F32"}
+SCALE_SUFFIX = "_scale_inv"
+DEFAULT_SHARD_BYTES = 5 * 10**9  # Hugging Face's "5GB"
+# tensorstore holds a commit's chunks several times over (decoded, encoded, in the OCDBT data
+# file buffer: about 4-5x measured), so orbax commits are smaller than safetensors shards.
+DEFAULT_COMMIT_BYTES = 2**30
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+
+def parse_size(text: str | int) -> int:
+    """'5GB', '500MB', '64MiB' or a number of bytes -> bytes."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", str(text), re.IGNORECASE)
+    if not m:
+        raise ValueError(f"size {text!r}: expected a number of bytes or e.g. 5GB, 500MB, 64MiB")
+    unit = (m.group(2) or "B").upper()
+    power = {"B": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit[0]]
+    base = 1024 if "I" in unit else 1000
+    return int(float(m.group(1)) * base**power)
+
+
+def _dtype_name(dtype: str) -> str:
+    if dtype not in DTYPE_ALIASES:
+        raise ValueError(f"--dtype={dtype!r} is not one of {sorted(DTYPE_ALIASES)}")
+    return DTYPE_ALIASES[dtype]
+
+
+def _is_bias(spec: TensorSpec) -> bool:
+    return spec.path[0] == ROUTER_BIAS
+
+
+def leaf_shapes(cfg: ModelConfig) -> dict[Path, jax.ShapeDtypeStruct]:
+    """{path: shape and dtype} of every variable (no allocation)."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(nn.meta.unbox(abstract_variables(cfg)))
+    return {tuple(str(k.key) for k in keys): leaf for keys, leaf in flat}
+
+
+def _slice_shape(leaf: jax.ShapeDtypeStruct, spec: TensorSpec) -> tuple[int, ...]:
+    return tuple(leaf.shape[len(spec.index):])
+
+
+def released_shape(cfg_leaves: dict[Path, jax.ShapeDtypeStruct],
+                   spec: TensorSpec) -> tuple[int, ...]:
+    """The [out, in] shape of the released tensor `spec` names."""
+    return spec.expected_shape(_slice_shape(cfg_leaves[spec.path], spec))
+
+
+def largest_tensor_bytes(cfg: ModelConfig) -> int:
+    """Bytes of the largest released tensor in float32 (what the converter holds at a time)."""
+    leaves = leaf_shapes(cfg)
+    return max(math.prod(released_shape(leaves, s)) for s in tensor_map(cfg)) * 4
+
+
+@contextlib.contextmanager
+def _staging(out: str) -> Iterator[str]:
+    """A fresh `<out>.partial-XXXX` directory, renamed to `out` on success, removed on error."""
+    out = os.path.abspath(out)
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        raise ValueError(f"output {out!r} already exists and is not an empty directory; "
+                         "choose a new path (conversions never overwrite)")
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f"{os.path.basename(out)}.partial-", dir=parent)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o755)
+        if os.path.isdir(out):
+            os.rmdir(out)
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="tensor", disable=not enabled, file=sys.stderr,
+                dynamic_ncols=True, mininterval=1.0)
+
+
+# Orbax -> Hugging Face ---------------------------------------------------------------------------
+
+def orbax_to_hf(checkpoint: str, out: str, dtype: str = "bf16",
+                max_shard_bytes: int = DEFAULT_SHARD_BYTES, tokenizer: str | None = None,
+                max_read_bytes: int | None = None, progress: bool = True) -> str:
+    """Export a checkpoint (trainer workdir, its checkpoints dir, or one step dir) to `out`.
+
+    dtype: 'bf16' or 'fp32' for every tensor but e_score_correction_bias (always float32).
+    tokenizer: None exports the run's tokenizer (from the checkpoint's meta); a path to a
+    tokenizer.json exports that one; 'none' exports none. max_read_bytes: the largest block of a
+    stacked leaf read at once (default 2 x the largest released tensor in float32); a leaf whose
+    stored chunks span more than that along the layer/expert dims is read slice by slice.
+    Returns the absolute path of the written directory.
+    """
+    out_dtype = _dtype_name(dtype)
+    step_dir = resolve_checkpoint(checkpoint)
+    meta = read_meta(step_dir)
+    if "model" not in meta:
+        raise ValueError(f"{step_dir}/meta has no 'model' entry: the model config is unknown")
+    try:
+        cfg = ModelConfig(**meta["model"])
+    except TypeError as e:
+        raise ValueError(f"{step_dir}/meta 'model' is not a ModelConfig: {e}") from e
+    reader = OrbaxReader(step_dir)
+    leaves = leaf_shapes(cfg)
+    for path, leaf in leaves.items():
+        stored = reader.array(path)
+        if tuple(stored.shape) != tuple(leaf.shape):
+            raise ValueError(f"checkpoint array {'.'.join(path)}: expected shape "
+                             f"{tuple(leaf.shape)} for the model config in its meta, found "
+                             f"{tuple(stored.shape)}")
+        if stored.dtype.numpy_dtype.name not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"checkpoint array {'.'.join(path)} has dtype "
+                             f"{stored.dtype.numpy_dtype.name}; expected a float dtype")
+    tok = _tokenizer_source(meta.get("tokenizer"), tokenizer, step_dir)
+    specs = tensor_map(cfg)
+    plan = [PlannedTensor(s.name, "F32" if _is_bias(s) else out_dtype, released_shape(leaves, s))
+            for s in specs]
+    stored_dtype = {p.name: DTYPES[p.dtype] for p in plan}
+    read_limit = max_read_bytes or 2 * largest_tensor_bytes(cfg)
+    hf_config = _hf_config_json(cfg, meta, tok, out_dtype)
+
+    with _staging(out) as tmp:
+        writer = ShardedWriter(tmp, plan, max_shard_bytes)
+        try:
+            with _progress(len(specs), "orbax -> HF", progress) as bar:
+                for spec, value in _stream_orbax(reader, cfg, leaves, read_limit):
+                    writer.write(spec.name, np.ascontiguousarray(
+                        spec.to_torch_layout(value), dtype=stored_dtype[spec.name]))
+                    bar.update()
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(hf_config, f, indent=2)
+        if tok is not None:
+            _copy_tokenizer(tok, tmp)
+    return os.path.abspath(out)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Tokenizer:
+    path: str  # tokenizer.json
+    bos_id: int | None
+    eos_id: int | None
+
+
+def _tokenizer_source(meta_tok: dict | None, override: str | None,
+                      step_dir: str) -> _Tokenizer | None:
+    """The tokenizer.json to export (checked now, before anything is written)."""
+    if override == "none":
+        return None
+    if override:
+        path = override
+    elif not meta_tok or meta_tok.get("kind") != "hf":
+        return None  # no tokenizer, or the byte-level one, which has no Hugging Face files
+    else:
+        path = meta_tok["path"]
+        inside = os.path.join(step_dir, "tokenizer.json")  # hf_to_orbax's copy
+        if not os.path.isfile(path) and os.path.isfile(inside):
+            path = inside  # the checkpoint was moved after the import
+    if os.path.isdir(path):
+        path = os.path.join(path, "tokenizer.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"the run's tokenizer {path!r} does not exist; pass --tokenizer=PATH "
+                         "(a tokenizer.json) or --tokenizer=none")
+    from dsv3_jax.data import HFTokenizer
+
+    t = HFTokenizer(path)
+    return _Tokenizer(path, t.bos_id, t.eos_id)
+
+
+def _hf_config_json(cfg: ModelConfig, meta: dict, tok: _Tokenizer | None,
+                    out_dtype: str) -> dict[str, Any]:
+    hf = cfg.to_hf()
+    hf["dtype"] = "bfloat16" if out_dtype == "BF16" else "float32"
+    source = meta.get("hf_config") or {}
+    kind = (meta.get("tokenizer") or {}).get("kind")
+    if "eos_token_id" in source:  # imported from Hugging Face: keep its special tokens
+        hf["bos_token_id"], hf["eos_token_id"] = source.get("bos_token_id"), source["eos_token_id"]
+    elif tok is not None:
+        hf["bos_token_id"], hf["eos_token_id"] = tok.bos_id, tok.eos_id
+    elif kind == "bytes":
+        from dsv3_jax.data import ByteTokenizer
+
+        hf["bos_token_id"], hf["eos_token_id"] = ByteTokenizer.bos_id, ByteTokenizer.eos_id
+    return hf
+
+
+def _copy_tokenizer(tok: _Tokenizer, directory: str) -> None:
+    src = os.path.dirname(tok.path)
+    shutil.copyfile(tok.path, os.path.join(directory, "tokenizer.json"))
+    copied = False
+    for name in TOKENIZER_FILES[1:]:
+        if os.path.isfile(os.path.join(src, name)):
+            shutil.copyfile(os.path.join(src, name), os.path.join(directory, name))
+            copied = True
+    if not copied:  # a bare tokenizer.json: say how transformers should load it
+        import tokenizers
+
+        vocab = tokenizers.Tokenizer.from_file(tok.path).get_vocab(with_added_tokens=True)
+        names = {i: n for n, i in vocab.items()}
+        config = {"tokenizer_class": "PreTrainedTokenizerFast"}
+        if tok.bos_id is not None:
+            config["bos_token"] = names[tok.bos_id]
+        if tok.eos_id is not None:
+            config["eos_token"] = names[tok.eos_id]
+        with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+            json.dump(config, f, indent=2)
+
+
+def _stream_orbax(reader: OrbaxReader, cfg: ModelConfig,
+                  leaves: dict[Path, jax.ShapeDtypeStruct],
+                  read_limit: int) -> Iterator[tuple[TensorSpec, np.ndarray]]:
+    """(spec, our float32 slice) for every released tensor, leaf by leaf, reading each leaf in
+    blocks of whole stored chunks along its layer/expert dims (at most `read_limit` bytes) or,
+    when its chunks are larger than that, one slice at a time."""
+    by_leaf: dict[Path, dict[tuple[int, ...], list[TensorSpec]]] = {}
+    for spec in tensor_map(cfg):
+        by_leaf.setdefault(spec.path, {}).setdefault(spec.index, []).append(spec)
+    for path, by_index in by_leaf.items():
+        array = reader.array(path)
+        n = len(next(iter(by_index)))
+        shape = tuple(leaves[path].shape)
+        chunk = reader.chunk_shape(array)
+        block = chunk[:n]
+        block_bytes = math.prod(block) * math.prod(shape[n:]) * array.dtype.numpy_dtype.itemsize
+        if n == 0 or block_bytes > read_limit:
+            block = (1,) * n
+        for start in np.ndindex(*[-(-s // b) for s, b in zip(shape[:n], block, strict=True)]):
+            lo = [i * b for i, b in zip(start, block, strict=True)]
+            hi = [min(s, l + b) for s, l, b in zip(shape[:n], lo, block, strict=True)]
+            values = reader.read(path, tuple(slice(l, h) for l, h in zip(lo, hi, strict=True)))
+            for local in np.ndindex(*values.shape[:n]):
+                index = tuple(int(l + i) for l, i in zip(lo, local, strict=True))
+                for spec in by_index.get(index, ()):
+                    yield spec, np.asarray(values[local], np.float32)
+            del values
+
+
+# Hugging Face -> orbax ---------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class _Source:
+    spec: TensorSpec
+    entry: TensorEntry
+    scale: TensorEntry | None  # FP8 block scales
+
+
+def hf_to_orbax(hf_dir: str, out: str, dtype: str = "fp32",
+                max_shard_bytes: int = DEFAULT_COMMIT_BYTES, progress: bool = True) -> str:
+    """Import a Hugging Face / official DeepSeek-V3 directory into an orbax step directory `out`.
+
+    dtype: the stored dtype of params, 'fp32' (our master weights) or 'bf16' (restored as
+    float32); the router bias is always float32. max_shard_bytes: bytes per OCDBT commit.
+    Returns the absolute path of the written directory.
+    """
+    out_dtype = np.dtype(np.float32) if _dtype_name(dtype) == "F32" else np.dtype(
+        ml_dtypes.bfloat16)
+    hf_dir = os.path.abspath(hf_dir)
+    hf_config = _read_hf_config(hf_dir)
+    cfg = ModelConfig.from_hf(hf_config)
+    quant = hf_config.get("quantization_config") or {}
+    block = tuple(quant.get("weight_block_size") or (128, 128))
+    entries = hf_entries(hf_dir)
+    leaves = leaf_shapes(cfg)
+    sources = _match_sources(cfg, leaves, entries, block)
+    owners = {(s.spec.path, s.spec.index): s for s in sources if not s.spec.shared}
+    layout = {}
+    for spec in tensor_map(cfg):
+        if not spec.shared:
+            leaf = leaves[spec.path]
+            layout[spec.path] = (tuple(leaf.shape),
+                                 np.float32 if _is_bias(spec) else out_dtype, len(spec.index))
+    tokenizer = [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(hf_dir, n))]
+    final = os.path.abspath(out)
+    meta = {"model": dataclasses.asdict(cfg),
+            "tokenizer": ({"kind": "hf", "path": os.path.join(final, "tokenizer.json")}
+                          if "tokenizer.json" in tokenizer else None),
+            "hf_config": hf_config,
+            "source": {"kind": "hf", "path": hf_dir, "dtype": np.dtype(out_dtype).name}}
+
+    with _staging(out) as tmp:
+        writer = OrbaxWriter(tmp, layout, max_shard_bytes)
+        with _progress(len(sources), "HF -> orbax", progress) as bar:
+            for src in sorted(sources, key=lambda s: (s.entry.file, s.entry.start)):
+                tensor = load_released(src.entry, src.scale, block)
+                spec = src.spec
+                if spec.shared:
+                    owner = owners[(spec.path, spec.index)]
+                    if not np.array_equal(tensor, load_released(owner.entry, owner.scale, block)):
+                        raise ValueError(
+                            f"tensor {spec.name} differs from {owner.spec.name}; this model "
+                            "shares the embedding and output head between the main model and "
+                            "MTP (paper 2.2), so they must be equal")
+                else:
+                    shape = _slice_shape(leaves[spec.path], spec)
+                    writer.write(spec.path, spec.index, spec.from_torch_layout(tensor, shape))
+                del tensor
+                bar.update()
+        for name in tokenizer:  # beside the items, where launch.generate also looks
+            shutil.copyfile(os.path.join(hf_dir, name), os.path.join(tmp, name))
+        writer.finish(meta)
+    return final
+
+
+def _read_hf_config(hf_dir: str) -> dict[str, Any]:
+    path = os.path.join(hf_dir, "config.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"{hf_dir!r} has no config.json (expected a Hugging Face model "
+                         "directory)")
+    with open(path) as f:
+        return json.load(f)
+
+
+def hf_entries(hf_dir: str) -> dict[str, TensorEntry]:
+    """{name: where it lies} over the directory's shards (model.safetensors.index.json, or a
+    single model.safetensors); missing or truncated shards raise a ValueError naming them."""
+    index_path = os.path.join(hf_dir, INDEX_FILE)
+    if os.path.isfile(index_path):
+        with open(index_path) as f:
+            weight_map: dict[str, str] = json.load(f)["weight_map"]
+        files = sorted(set(weight_map.values()))
+        missing = [f for f in files if not os.path.isfile(os.path.join(hf_dir, f))]
+        if missing:
+            raise ValueError(f"{len(missing)} shard(s) listed in {INDEX_FILE} are missing from "
+                             f"{hf_dir}: {missing[:5]}")
+    elif os.path.isfile(os.path.join(hf_dir, SINGLE_FILE)):
+        weight_map, files = {}, [SINGLE_FILE]
+    else:
+        raise ValueError(f"{hf_dir!r} has neither {INDEX_FILE} nor {SINGLE_FILE}")
+    entries: dict[str, TensorEntry] = {}
+    for fname in files:
+        for name, entry in read_header(os.path.join(hf_dir, fname)).items():
+            if name in entries:
+                raise ValueError(f"tensor {name} is stored twice: in {entries[name].file} and "
+                                 f"{entry.file}")
+            entries[name] = entry
+    for name, fname in weight_map.items():
+        if name not in entries or os.path.basename(entries[name].file) != fname:
+            raise ValueError(f"{INDEX_FILE} puts tensor {name} in {fname}, which does not "
+                             "contain it")
+    return entries
+
+
+def _match_sources(cfg: ModelConfig, leaves: dict[Path, jax.ShapeDtypeStruct],
+                   entries: dict[str, TensorEntry], block: tuple[int, int]) -> list[_Source]:
+    """Pair every released tensor with its stored entry (and FP8 scale), checking names, shapes
+    and dtypes; raises ValueError naming the tensor, the expected and the found."""
+    specs = tensor_map(cfg)
+    expected = {s.name for s in specs}
+    scales = {n for n in entries if n.endswith(SCALE_SUFFIX)}
+    layout = (f"config: {cfg.n_layers} layers ({cfg.n_dense_layers} dense), "
+              f"{cfg.n_routed_experts} experts, MTP depth {cfg.mtp_depth}")
+    missing = sorted(expected - set(entries))
+    if missing:
+        mtp = tuple(f"model.layers.{cfg.n_layers + k}." for k in range(cfg.mtp_depth))
+        hint = ""
+        if mtp and all(n.startswith(mtp) for n in missing):
+            hint = ("; only the MTP module is missing (transformers' save_pretrained drops it): "
+                    "set num_nextn_predict_layers to 0 in config.json to import without MTP")
+        raise ValueError(f"{len(missing)} tensor(s) missing from the checkpoint, e.g. "
+                         f"{missing[:3]} ({layout}){hint}")
+    unknown = sorted(set(entries) - expected - scales)
+    if unknown:
+        raise ValueError(f"{len(unknown)} tensor name(s) not in the DeepSeek-V3 layout for this "
+                         f"config, e.g. {unknown[:3]} ({layout})")
+    for name in sorted(scales):
+        weight = name[:-len(SCALE_SUFFIX)]
+        if weight not in expected:
+            raise ValueError(f"block scale {name} belongs to no tensor of this layout ({layout})")
+        if entries[weight].dtype != "F8_E4M3":
+            raise ValueError(f"block scale {name} belongs to {weight}, which is "
+                             f"{entries[weight].dtype}, not F8_E4M3")
+    out = []
+    for spec in specs:
+        entry = entries[spec.name]
+        want = released_shape(leaves, spec)
+        if entry.shape != want:
+            raise ValueError(f"tensor {spec.name}: expected shape {want} for this config, found "
+                             f"{entry.shape} in {os.path.basename(entry.file)}")
+        scale = entries.get(spec.name + SCALE_SUFFIX)
+        if entry.dtype == "F8_E4M3":
+            if scale is None:
+                raise ValueError(f"tensor {spec.name} is F8_E4M3 but {spec.name}{SCALE_SUFFIX} "
+                                 "(its block scales) is missing")
+            grid = tuple(-(-d // b) for d, b in zip(entry.shape, block, strict=True))
+            if len(entry.shape) != 2 or scale.shape != grid:
+                raise ValueError(f"block scale {scale.name}: expected shape {grid} (ceil of "
+                                 f"{entry.shape} / {block}), found {scale.shape}")
+            if scale.dtype not in ("F32", "BF16"):
+                raise ValueError(f"block scale {scale.name} has dtype {scale.dtype}; expected "
+                                 "F32 or BF16")
+        elif entry.dtype not in ("F32", "BF16", "F16"):
+            raise ValueError(f"tensor {spec.name} has dtype {entry.dtype}; supported: F32, "
+                             "BF16, F16, and F8_E4M3 with weight_scale_inv block scales")
+        out.append(_Source(spec, entry, scale))
+    return out
+
+
+def dequantize_fp8(weight: np.ndarray, scale_inv: np.ndarray,
+                   block: tuple[int, int] = (128, 128)) -> np.ndarray:
+    """weight [out, in] FP8 E4M3 x scale_inv [ceil(out/bo), ceil(in/bi)] of its block -> float32.
+
+    Each value is fp8 -> fp32 (exact) times its block's scale in fp32 (one rounding), as the
+    official weight_dequant computes it; the last row/column blocks may be partial.
+    """
+    bo, bi = block
+    n_in = weight.shape[1]
+    w = weight.astype(np.float32)
+    # [ceil(out/bo), in]: each row block's scales repeated across its columns.
+    columns = np.repeat(scale_inv.astype(np.float32), bi, axis=1)[:, :n_in]
+    for i in range(columns.shape[0]):
+        w[i * bo:(i + 1) * bo] *= columns[i]
+    return w
+
+
+def load_released(entry: TensorEntry, scale: TensorEntry | None,
+                  block: tuple[int, int]) -> np.ndarray:
+    """One stored tensor as float32 [out, in] (FP8 dequantized with its block scales)."""
+    raw = read_tensor(entry)
+    if scale is not None:
+        return dequantize_fp8(raw, read_tensor(scale), block)
+    return raw.astype(np.float32)

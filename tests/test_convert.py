@@ -1,0 +1,596 @@
+"""launch.convert: orbax <-> Hugging Face safetensors, streamed tensor by tensor.
+
+Logit tolerance: as in tests/test_model_hf.py, max |ours - HF| <= 1e-4 * max |HF| in fp32: the
+two frameworks differ only in summation order and formulation (O(1e-6) relative), while a wrong
+tensor, a swapped layout or a lost bias moves logits by O(1e-1).
+"""
+
+import dataclasses
+import glob
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import flax.linen as nn
+import jax
+import ml_dtypes
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+import safetensors.numpy
+import safetensors.torch
+import torch
+import transformers
+
+import dsv3_jax
+from configs import tiny
+from dsv3_jax import convert, train_loop
+from dsv3_jax.checkpoint import load_variables
+from dsv3_jax.convert_orbax import OrbaxReader
+from dsv3_jax.data import ByteTokenizer
+from dsv3_jax.hf_weights import tensor_map
+from dsv3_jax.safetensors_io import read_header
+from launch.convert import main as convert_main
+from tests.hf_reference import random_hf_model
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = dsv3_jax.preset("tiny")
+VARIANTS = {
+    "tiny": TINY,  # q_lora on; 16 experts in 4 groups, 2 kept
+    # q_lora off; 8 groups of 2 experts, 3 kept: many experts masked by the group limit.
+    "no_q_lora_eight_groups": TINY.replace(q_lora_rank=0, n_expert_groups=8,
+                                           n_limited_groups=3),
+}
+
+
+# Helpers -----------------------------------------------------------------------------------------
+
+def random_variables(cfg, seed):
+    """Random numpy variables (no compilation): N(0, 0.02^2) matrices, norm scales 1 +- 0.2,
+    router biases of both signs."""
+    rng = np.random.default_rng(seed)
+
+    def draw(keys, leaf):
+        names = [k.key for k in keys]
+        if names[-1] == "scale":
+            value = 1 + 0.2 * rng.standard_normal(leaf.shape)
+        elif names[0] == "router_bias":
+            value = rng.uniform(-0.05, 0.05, leaf.shape)
+        else:
+            value = 0.02 * rng.standard_normal(leaf.shape)
+        return value.astype(np.float32)
+
+    abstract = nn.meta.unbox(dsv3_jax.abstract_variables(cfg))
+    return jax.tree_util.tree_map_with_path(draw, abstract)
+
+
+def save_trainer_like(step_dir, cfg, variables, tokenizer=None):
+    """A step directory as the trainer writes it (orbax's own save: state + meta items)."""
+    ocp.Checkpointer(ocp.CompositeCheckpointHandler()).save(
+        str(step_dir), args=ocp.args.Composite(
+            state=ocp.args.PyTreeSave({"params": variables["params"],
+                                       "router_bias": variables["router_bias"]}),
+            meta=ocp.args.JsonSave({"model": dataclasses.asdict(cfg), "tokenizer": tokenizer})))
+
+
+def write_hf_dir(path, cfg, tensors, config_extra=None):
+    """A Hugging Face directory with a single model.safetensors (no index); tensors are numpy
+    arrays or torch tensors."""
+    os.makedirs(path)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump({**cfg.to_hf(), **(config_extra or {})}, f)
+    file = os.path.join(path, "model.safetensors")
+    if any(isinstance(v, torch.Tensor) for v in tensors.values()):
+        tensors = {k: v.clone() if isinstance(v, torch.Tensor) else torch.from_numpy(v.copy())
+                   for k, v in tensors.items()}
+        safetensors.torch.save_file(tensors, file, metadata={"format": "pt"})
+    else:
+        safetensors.numpy.save_file(tensors, file, metadata={"format": "pt"})
+
+
+def restore(path, cfg):
+    variables, meta = load_variables(str(path), dsv3_jax.abstract_variables(cfg))
+    return jax.tree.map(np.asarray, variables), meta
+
+
+def assert_trees_equal(a, b):
+    flat_a, tree_a = jax.tree_util.tree_flatten_with_path(a)
+    flat_b, tree_b = jax.tree_util.tree_flatten_with_path(b)
+    assert tree_a == tree_b
+    for (keys, x), (_, y) in zip(flat_a, flat_b, strict=True):
+        assert x.dtype == y.dtype and x.shape == y.shape, keys
+        np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(keys))
+
+
+def hf_tensors(hf_dir):
+    out = {}
+    for path in sorted(glob.glob(os.path.join(hf_dir, "*.safetensors"))):
+        out.update(safetensors.torch.load_file(path))
+    return out
+
+
+def relative_max_error(ours, ref):
+    return float(np.max(np.abs(np.asarray(ours) - ref)) / np.max(np.abs(ref)))
+
+
+def no_partial_dirs(parent):
+    return not [d for d in os.listdir(parent) if ".partial-" in d]
+
+
+# A tiny model imported from Hugging Face files and trained by the trainer ------------------------
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """(config, workdir, imported variables): random weights written as a Hugging Face directory,
+    imported by hf-to-orbax, then trained for 4 steps by train_loop.run (what launch.train
+    runs) with --config.init_from pointing at the import."""
+    root = tmp_path_factory.mktemp("trained")
+    imported = random_variables(TINY, seed=7)
+    write_hf_dir(root / "hf", TINY, dsv3_jax.to_hf_state_dict(TINY, imported))
+    convert.hf_to_orbax(str(root / "hf"), str(root / "imported"), progress=False)
+    run = tiny.get_config()
+    # The shapes of tests/test_train.py, so the persistent compilation cache is shared.
+    for key, value in dict(steps=4, batch_size=4, seq_len=64, log_every=1, eval_every=1000,
+                           eval_batches=1, checkpoint_every=4,
+                           init_from=str(root / "imported")).items():
+        run[key] = value
+    train_loop.run(run, str(root / "run"), progress=False)
+    assert train_loop.model_config(run) == TINY
+    return TINY, root / "run", imported
+
+
+# Tests -------------------------------------------------------------------------------------------
+
+def test_round_trip_orbax_hf_orbax_is_bit_exact(trained, tmp_path):
+    cfg, workdir, imported = trained
+    hf_dir, back = tmp_path / "hf", tmp_path / "back"
+    # Small shards, so that several files and the index are exercised.
+    assert convert_main(["orbax-to-hf", f"--checkpoint={workdir}", f"--out={hf_dir}",
+                         "--dtype=fp32", "--max_shard_size=100KB", "--no_progress"]) == 0
+    assert convert_main(["hf-to-orbax", f"--hf_dir={hf_dir}", f"--out={back}",
+                         "--max_shard_size=50KB", "--no_progress"]) == 0
+    original, _ = restore(workdir, cfg)
+    again, meta = restore(back, cfg)
+    assert_trees_equal(original, again)
+    # What must survive is really there: a router bias moved by training, and the MTP module.
+    bias = original["router_bias"]["moe_layers"]["moe"]["bias"]
+    assert not np.array_equal(bias, imported["router_bias"]["moe_layers"]["moe"]["bias"])
+    assert dsv3_jax.ModelConfig(**meta["model"]) == cfg
+
+    with open(hf_dir / "model.safetensors.index.json") as f:
+        weight_map = json.load(f)["weight_map"]
+    assert len(set(weight_map.values())) > 3
+    assert set(weight_map) == {s.name for s in tensor_map(cfg)}
+    tensors = hf_tensors(hf_dir)  # plain PyTorch tensors
+    mtp = f"model.layers.{cfg.n_layers}"
+    np.testing.assert_array_equal(tensors[f"{mtp}.eh_proj.weight"].numpy(),
+                                  original["params"]["mtp_0"]["eh_proj"].T)
+    np.testing.assert_array_equal(tensors[f"{mtp}.mlp.gate.e_score_correction_bias"].numpy(),
+                                  original["router_bias"]["mtp_0"]["block"]["moe"]["bias"])
+    np.testing.assert_array_equal(tensors["model.layers.2.mlp.gate.e_score_correction_bias"],
+                                  bias[1])
+    with open(hf_dir / "config.json") as f:
+        config = json.load(f)
+    assert config["model_type"] == "deepseek_v3"
+    assert config["num_nextn_predict_layers"] == 1
+    assert config["eos_token_id"] == ByteTokenizer.eos_id
+    assert no_partial_dirs(tmp_path)
+
+
+def test_bf16_export_keeps_the_router_bias_float32(trained, tmp_path):
+    cfg, workdir, _ = trained
+    hf_dir, back = tmp_path / "hf", tmp_path / "back"
+    convert.orbax_to_hf(str(workdir), str(hf_dir), dtype="bf16", progress=False)
+    original, _ = restore(workdir, cfg)
+    entries = {}
+    for path in glob.glob(str(hf_dir / "*.safetensors")):
+        entries.update(read_header(path))
+    for name, entry in entries.items():
+        want = "F32" if name.endswith("e_score_correction_bias") else "BF16"
+        assert entry.dtype == want, name
+    tensors = hf_tensors(hf_dir)
+    np.testing.assert_array_equal(  # round to nearest even, as torch's .to(bfloat16)
+        tensors["model.embed_tokens.weight"].float().numpy(),
+        original["params"]["embed"].astype(ml_dtypes.bfloat16).astype(np.float32))
+    np.testing.assert_array_equal(tensors["model.layers.1.mlp.gate.e_score_correction_bias"],
+                                  original["router_bias"]["moe_layers"]["moe"]["bias"][0])
+    # Stored as bf16 in orbax too, restored as float32 with the same values.
+    convert.hf_to_orbax(str(hf_dir), str(back), dtype="bf16", progress=False)
+    stored = OrbaxReader(str(back)).array(("params", "moe_layers", "moe", "w_gate"))
+    assert stored.dtype.numpy_dtype == np.dtype(ml_dtypes.bfloat16)
+    again, _ = restore(back, cfg)
+    rounded = jax.tree.map(lambda x: x.astype(ml_dtypes.bfloat16).astype(np.float32),
+                           original["params"])
+    assert_trees_equal(rounded, again["params"])
+    assert_trees_equal(original["router_bias"], again["router_bias"])
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_exported_logits_match_transformers(name, tmp_path):
+    cfg = VARIANTS[name]
+    variables = random_variables(cfg, seed=len(name))
+    save_trainer_like(tmp_path / "ckpt", cfg, variables)
+    convert.orbax_to_hf(str(tmp_path / "ckpt"), str(tmp_path / "hf"), dtype="fp32",
+                        progress=False)
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
+    assert type(model).__name__ == "DeepseekV3ForCausalLM"
+    assert model.dtype == torch.float32
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 20))
+    with torch.no_grad():
+        ref = model(torch.from_numpy(tokens)).logits.numpy()
+    ours = dsv3_jax.forward(cfg, variables, tokens).logits
+    assert relative_max_error(ours, ref) < 1e-4
+
+
+def test_import_of_a_transformers_save_pretrained_directory(tmp_path):
+    """What transformers itself writes (sharded, with an index, no MTP layer) imports exactly;
+    with MTP in the config the error says only the MTP module is missing."""
+    cfg = TINY.replace(mtp_depth=0)
+    model, tensors = random_hf_model(cfg, seed=11)
+    model.save_pretrained(str(tmp_path / "saved"), max_shard_size="100KB")
+    assert os.path.isfile(tmp_path / "saved" / "model.safetensors.index.json")
+    convert.hf_to_orbax(str(tmp_path / "saved"), str(tmp_path / "ckpt"), progress=False)
+    variables, _ = restore(tmp_path / "ckpt", cfg)
+    ours = dsv3_jax.to_hf_state_dict(cfg, variables)
+    assert set(ours) == set(tensors)
+    for name, value in tensors.items():
+        np.testing.assert_array_equal(ours[name], value, err_msg=name)
+
+    with open(tmp_path / "saved" / "config.json") as f:
+        config = json.load(f)
+    with open(tmp_path / "saved" / "config.json", "w") as f:
+        json.dump(dict(config, num_nextn_predict_layers=1), f)
+    expect_import_error(tmp_path, tmp_path / "saved", "model.layers.3.",
+                        "only the MTP module is missing")
+
+
+def quantize_fp8(w, block=128):
+    """Per 128x128 block: scale = amax / 448 (E4M3's largest), q = fp8(w / scale)."""
+    out, inn = w.shape
+    scale = torch.empty(math.ceil(out / block), math.ceil(inn / block))
+    q = torch.empty(out, inn, dtype=torch.float8_e4m3fn)
+    for i in range(scale.shape[0]):
+        for j in range(scale.shape[1]):
+            tile = w[i * block:(i + 1) * block, j * block:(j + 1) * block]
+            scale[i, j] = tile.abs().max().clamp(min=1e-12) / 448.0
+            q[i * block:(i + 1) * block, j * block:(j + 1) * block] = (
+                tile / scale[i, j]).to(torch.float8_e4m3fn)
+    return q, scale
+
+
+def test_fp8_block_scaled_import_dequantizes_exactly(tmp_path):
+    # Dims above 128 and not multiples of it: full and partial blocks in both directions.
+    cfg = TINY.replace(dim=200, inter_dim=300, moe_inter_dim=136, q_lora_rank=136,
+                       kv_lora_rank=40, n_heads=2, n_routed_experts=4, n_expert_groups=2,
+                       n_limited_groups=1, n_activated_experts=2, vocab_size=260, n_layers=2)
+    bf16 = {k: torch.from_numpy(v).to(torch.bfloat16) for k, v in
+            dsv3_jax.to_hf_state_dict(cfg, random_variables(cfg, seed=3)).items()}
+    stored, reference = {}, {}
+    for name, w in bf16.items():
+        # As in the released files: linear weights FP8, the router, embedding, head and norms
+        # bf16, the bias float32.
+        if name.endswith("e_score_correction_bias"):
+            stored[name] = reference[name] = w.float()
+        elif w.ndim == 2 and not any(k in name for k in ("embed_tokens", "head", "gate.weight")):
+            q, scale = quantize_fp8(w.float())
+            stored[name], stored[name + "_scale_inv"] = q, scale
+            expand = scale.repeat_interleave(128, 0).repeat_interleave(128, 1)
+            reference[name] = q.float() * expand[:w.shape[0], :w.shape[1]]
+        else:
+            stored[name] = w
+            reference[name] = w.float()
+    partial = [n for n, w in reference.items() if w.ndim == 2 and w.shape[0] > 128
+               and w.shape[1] > 128 and w.shape[0] % 128 and w.shape[1] % 128 and
+               n + "_scale_inv" in stored]
+    assert partial  # some tensors have full and partial blocks along both dims
+    hf_dir = tmp_path / "fp8"
+    os.makedirs(hf_dir)
+    config = {**cfg.to_hf(), "quantization_config": {
+        "quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+        "weight_block_size": [128, 128]}}
+    with open(hf_dir / "config.json", "w") as f:
+        json.dump(config, f)
+    safetensors.torch.save_file(stored, str(hf_dir / "model.safetensors"),
+                                metadata={"format": "pt"})
+
+    convert.hf_to_orbax(str(hf_dir), str(tmp_path / "ckpt"), progress=False)
+    variables, _ = restore(tmp_path / "ckpt", cfg)
+    ours = dsv3_jax.to_hf_state_dict(cfg, variables)
+    assert set(ours) == set(reference)
+    for name, ref in reference.items():
+        np.testing.assert_array_equal(ours[name], ref.numpy(), err_msg=name)
+
+
+def test_peak_memory_is_bounded_by_the_largest_tensor_not_the_model(tmp_path):
+    """The bound: the peak RSS of converting the big model minus that of the same process after
+    converting the tiny model (interpreter, jax, tensorstore, tracing) stays within
+    6 x the largest released tensor in float32 (a tensor read, converted, laid out and cast;
+    the FP8 and MTP-copy checks hold two) + 6 x the shard/commit size (tensorstore holds a
+    commit's chunks decoded, encoded and in the OCDBT data file buffer) + 64 MiB (tensorstore's
+    thread pools, zstd contexts and per-thread malloc arenas; measured at 30-50 MiB here).
+    The model is 4x the bound and one of its stacked leaves alone exceeds it. Peak RSS is the
+    conversion process's VmHWM: on Linux ru_maxrss (RUSAGE_SELF or RUSAGE_CHILDREN) also counts
+    the pytest parent's RSS inherited through fork and exec, which would hide everything."""
+    cfg = TINY.replace(vocab_size=2048, dim=256, inter_dim=512, moe_inter_dim=128, n_layers=8,
+                       n_routed_experts=128, n_expert_groups=4, n_limited_groups=2,
+                       q_lora_rank=64, kv_lora_rank=64, qk_nope_head_dim=32,
+                       qk_rope_head_dim=16, v_head_dim=32)
+    shard = 4 * 2**20
+    largest = convert.largest_tensor_bytes(cfg)
+    bound = 6 * largest + 6 * shard + 64 * 2**20
+    total = dsv3_jax.param_counts(cfg)["total_released"] * 4
+    w_gate = math.prod(convert.leaf_shapes(cfg)[("params", "moe_layers", "moe", "w_gate")].shape)
+    assert total > 4 * bound and w_gate * 4 > bound
+
+    # The big model, written in the test process (not measured), in several shards.
+    big = tmp_path / "big"
+    os.makedirs(big)
+    with open(big / "config.json", "w") as f:
+        json.dump(cfg.to_hf(), f)
+    rng = np.random.default_rng(0)
+    leaves = convert.leaf_shapes(cfg)
+    specs = tensor_map(cfg)
+    shared = {s.name: rng.standard_normal(convert.released_shape(leaves, s), np.float32)
+              for s in specs if s.name in ("model.embed_tokens.weight", "lm_head.weight")}
+    weight_map, batch, size = {}, {}, 0
+    for i, spec in enumerate(specs):
+        if spec.shared:
+            owner = "model.embed_tokens.weight" if "embed" in spec.name else "lm_head.weight"
+            batch[spec.name] = shared[owner]
+        else:
+            batch[spec.name] = shared.get(spec.name, rng.standard_normal(
+                convert.released_shape(leaves, spec), np.float32))
+        size += batch[spec.name].nbytes
+        if size > 64 * 2**20 or i == len(specs) - 1:
+            fname = f"part-{len(set(weight_map.values())):03d}.safetensors"
+            safetensors.numpy.save_file(batch, str(big / fname), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(batch, fname))
+            batch, size = {}, 0
+    with open(big / "model.safetensors.index.json", "w") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map}, f)
+    small = tmp_path / "small"
+    write_hf_dir(small, TINY, dsv3_jax.to_hf_state_dict(TINY, random_variables(TINY, 0)))
+
+    def peak_growth(command, small_args, big_args):
+        script = textwrap.dedent(f"""
+            from launch.convert import main
+            def peak():  # this process's own high-water mark (VmHWM, bytes)
+                with open("/proc/self/status") as f:
+                    line = next(l for l in f if l.startswith("VmHWM:"))
+                return int(line.split()[1]) * 1024
+            assert main({small_args!r}) == 0
+            base = peak()
+            assert main({big_args!r}) == 0
+            print("PEAKS", base, peak())
+        """)
+        run = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
+                             text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+        base, peak = (int(x) for x in run.stdout.split("PEAKS")[1].split())
+        print(f"{command}: peak RSS {peak / 2**20:.0f} MiB, after the tiny model "
+              f"{base / 2**20:.0f} MiB; growth {(peak - base) / 2**20:.0f} MiB, bound "
+              f"{bound / 2**20:.0f} MiB, model {total / 2**20:.0f} MiB")
+        return peak - base
+
+    flags = [f"--max_shard_size={shard}", "--no_progress", "--dtype=fp32"]
+    growth = peak_growth(
+        "hf-to-orbax",
+        ["hf-to-orbax", f"--hf_dir={small}", f"--out={tmp_path / 'small_ckpt'}", *flags],
+        ["hf-to-orbax", f"--hf_dir={big}", f"--out={tmp_path / 'ckpt'}", *flags])
+    assert growth < bound
+    growth = peak_growth(
+        "orbax-to-hf",
+        ["orbax-to-hf", f"--checkpoint={tmp_path / 'small_ckpt'}",
+         f"--out={tmp_path / 'small_hf'}", *flags],
+        ["orbax-to-hf", f"--checkpoint={tmp_path / 'ckpt'}", f"--out={tmp_path / 'hf'}",
+         *flags])
+    assert growth < bound
+
+    # The streamed conversions are exact at this size too (many shards, many commits).
+    assert len(glob.glob(str(tmp_path / "hf" / "*.safetensors"))) > 20
+    source = {}
+    for path in glob.glob(str(big / "*.safetensors")):
+        source.update(safetensors.numpy.load_file(path))
+    back = hf_tensors(tmp_path / "hf")
+    assert set(back) == set(source)
+    for name, value in source.items():
+        np.testing.assert_array_equal(back[name].numpy(), value, err_msg=name)
+
+
+def greedy_tokens(cfg, variables, prompt, n):
+    """Our greedy continuation of `prompt` [T]: prefill, then one absorbed decode per token."""
+    tokens = np.asarray(prompt, np.int32)[None]
+    cache = dsv3_jax.init_cache(cfg, batch=1, max_len=tokens.shape[1] + n)
+    logits, cache = dsv3_jax.prefill(cfg, variables, tokens, np.array([tokens.shape[1]]), cache)
+    out = [int(np.argmax(logits[0, -1]))]
+    while len(out) < n:
+        logits, cache = dsv3_jax.decode(cfg, variables, np.array([[out[-1]]], np.int32), cache)
+        out.append(int(np.argmax(logits[0, -1])))
+    return out
+
+
+def test_trained_model_generates_the_same_greedy_tokens_in_transformers(trained, tmp_path):
+    cfg, workdir, _ = trained
+    convert.orbax_to_hf(str(workdir), str(tmp_path / "hf"), dtype="fp32", progress=False)
+    variables, _ = restore(workdir, cfg)
+    tok = ByteTokenizer()
+    prompt = [tok.bos_id, *tok.encode("def main():\n    return")]
+    n = 16
+    ours = greedy_tokens(cfg, variables, prompt, n)
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
+    with torch.no_grad():
+        sequence = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False,
+                                  pad_token_id=tok.pad_id)
+    theirs = sequence[0, len(prompt):].tolist()
+    # transformers stops at the end-of-text token (config.json eos_token_id); ours runs on.
+    assert theirs == ours[:len(theirs)]
+    assert len(theirs) == n or theirs[-1] == tok.eos_id
+
+
+def test_imported_checkpoint_fine_tunes_with_init_from(trained):
+    """hf-to-orbax output is what `launch.train --config.init_from=DIR` starts from: after four
+    small steps every leaf is within a few percent of the imported weights, which are random
+    and independent of the run's own seeded initialization (two such draws differ by about
+    sqrt(2) in relative norm)."""
+    cfg, workdir, imported = trained
+    tuned, _ = restore(workdir, cfg)
+    for x, y in zip(jax.tree.leaves(tuned["params"]), jax.tree.leaves(imported["params"]),
+                    strict=True):
+        assert np.linalg.norm(x - y) / np.linalg.norm(y) < 0.2
+    assert any(not np.array_equal(x, y) for x, y in zip(
+        jax.tree.leaves(tuned["params"]), jax.tree.leaves(imported["params"]), strict=True))
+
+
+def test_tokenizer_travels_with_the_checkpoint(tmp_path):
+    import tokenizers
+
+    vocab = {"<s>": 0, "</s>": 1, "[UNK]": 2, "def": 3, "main": 4, "return": 5}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    hf_dir = tmp_path / "hf"
+    write_hf_dir(hf_dir, TINY, dsv3_jax.to_hf_state_dict(TINY, random_variables(TINY, 1)),
+                 {"bos_token_id": 0, "eos_token_id": 1})
+    tok.save(str(hf_dir / "tokenizer.json"))
+    convert.hf_to_orbax(str(hf_dir), str(tmp_path / "ckpt"), progress=False)
+    _, meta = restore(tmp_path / "ckpt", TINY)
+    assert meta["tokenizer"] == {"kind": "hf", "path": str(tmp_path / "ckpt" / "tokenizer.json")}
+    # A moved checkpoint still finds its own copy; orbax ignores the file beside its items.
+    os.rename(tmp_path / "ckpt", tmp_path / "moved")
+    ocp.Checkpointer(ocp.CompositeCheckpointHandler()).restore(str(tmp_path / "moved"))
+    convert.orbax_to_hf(str(tmp_path / "moved"), str(tmp_path / "out"), progress=False)
+    loaded = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "out"))
+    assert loaded("def main return", add_special_tokens=False)["input_ids"] == [3, 4, 5]
+    assert loaded.eos_token == "</s>"
+    with open(tmp_path / "out" / "config.json") as f:
+        assert json.load(f)["eos_token_id"] == 1
+
+
+# Errors: raised before anything is written, naming the tensor, the expected and the found. -----
+
+@pytest.fixture
+def good_hf(tmp_path):
+    """A valid single-file HF directory of the tiny model and its tensors."""
+    tensors = dsv3_jax.to_hf_state_dict(TINY, random_variables(TINY, 2))
+    return tmp_path / "good", tensors
+
+
+def mutated(tmp_path, tensors, name="bad", config_extra=None):
+    path = tmp_path / name
+    write_hf_dir(path, TINY, tensors, config_extra)
+    return path
+
+
+def expect_import_error(tmp_path, hf_dir, *fragments):
+    out = tmp_path / "out"
+    with pytest.raises(ValueError) as e:
+        convert.hf_to_orbax(str(hf_dir), str(out), progress=False)
+    for fragment in fragments:
+        assert fragment in str(e.value), str(e.value)
+    assert not out.exists() and no_partial_dirs(tmp_path)
+
+
+def test_import_errors_name_the_tensor_the_expected_and_the_found(good_hf, tmp_path):
+    _, tensors = good_hf
+    name = "model.layers.1.self_attn.kv_b_proj.weight"
+    wrong = dict(tensors, **{name: np.zeros((5, 7), np.float32)})
+    expect_import_error(tmp_path, mutated(tmp_path, wrong, "shape"), name,
+                        str(tensors[name].shape), "(5, 7)")
+
+    missing = {k: v for k, v in tensors.items() if k != name}
+    expect_import_error(tmp_path, mutated(tmp_path, missing, "missing"), "missing", name)
+
+    extra = dict(tensors, **{"model.layers.0.mlp.unknown.weight": np.zeros(3, np.float32)})
+    expect_import_error(tmp_path, mutated(tmp_path, extra, "unknown"),
+                        "model.layers.0.mlp.unknown.weight")
+
+    as_int = dict(tensors, **{name: tensors[name].astype(np.int32)})
+    expect_import_error(tmp_path, mutated(tmp_path, as_int, "dtype"), name, "I32", "F8_E4M3")
+
+    fp8 = dict(tensors, **{name: torch.from_numpy(tensors[name]).to(torch.float8_e4m3fn)})
+    expect_import_error(tmp_path, mutated(tmp_path, fp8, "noscale"), name, "_scale_inv")
+
+    # A config that does not match the tensors: every shape is checked before writing.
+    expect_import_error(tmp_path, mutated(tmp_path, tensors, "config",
+                                          {"hidden_size": TINY.dim * 2}),
+                        "model.embed_tokens.weight", f"({TINY.vocab_size}, {TINY.dim * 2})")
+
+
+def test_missing_and_truncated_shards_and_late_failures_leave_no_output(good_hf, tmp_path):
+    hf_dir, tensors = good_hf
+    write_hf_dir(hf_dir, TINY, tensors)
+    exported = tmp_path / "sharded"
+    convert.hf_to_orbax(str(hf_dir), str(tmp_path / "ckpt"), progress=False)
+    convert.orbax_to_hf(str(tmp_path / "ckpt"), str(exported), dtype="fp32",
+                        max_shard_bytes=200_000, progress=False)
+    shards = sorted(glob.glob(str(exported / "model-*.safetensors")))
+    assert len(shards) > 2
+
+    os.rename(shards[1], shards[1] + ".moved")
+    expect_import_error(tmp_path, exported, "missing", os.path.basename(shards[1]))
+    os.rename(shards[1] + ".moved", shards[1])
+
+    with open(shards[2], "r+b") as f:
+        f.truncate(os.path.getsize(shards[2]) - 100)
+    expect_import_error(tmp_path, exported, os.path.basename(shards[2]), "truncated")
+
+    # Found only while converting (the data, not the headers, is wrong): nothing is left.
+    mtp_embed = f"model.layers.{TINY.n_layers}.embed_tokens.weight"
+    differs = dict(tensors, **{mtp_embed: tensors[mtp_embed] + 1})
+    expect_import_error(tmp_path, mutated(tmp_path, differs, "shared"), mtp_embed,
+                        "model.embed_tokens.weight")
+
+    # An existing output is never overwritten.
+    with pytest.raises(ValueError, match="already exists"):
+        convert.hf_to_orbax(str(hf_dir), str(tmp_path / "ckpt"), progress=False)
+
+
+def test_export_errors(tmp_path, capsys):
+    cfg = TINY
+    variables = random_variables(cfg, 4)
+    step = tmp_path / "step"
+    save_trainer_like(step, cfg, variables)
+    # The meta's model config no longer matches the stored arrays.
+    with open(step / "meta" / "metadata") as f:
+        meta = json.load(f)
+    meta["model"]["moe_inter_dim"] = 48
+    with open(step / "meta" / "metadata", "w") as f:
+        json.dump(meta, f)
+    out = tmp_path / "hf"
+    assert convert_main(["orbax-to-hf", f"--checkpoint={step}", f"--out={out}",
+                         "--no_progress"]) == 2
+    err = capsys.readouterr().err
+    # The first mismatching leaf in tree order, with both shapes.
+    assert "params.moe_layers.moe.shared.w_down: expected shape (2, 48, 64)" in err
+    assert "found (2, 32, 64)" in err
+    assert not out.exists() and no_partial_dirs(tmp_path)
+
+    assert convert_main(["orbax-to-hf", f"--checkpoint={tmp_path / 'nowhere'}",
+                         f"--out={out}", "--no_progress"]) == 2
+    assert "not a directory" in capsys.readouterr().err
+    tokenizer = {"kind": "hf", "path": str(tmp_path / "gone" / "tokenizer.json")}
+    save_trainer_like(tmp_path / "step2", cfg, variables, tokenizer)
+    with pytest.raises(ValueError, match=r"gone/tokenizer\.json"):
+        convert.orbax_to_hf(str(tmp_path / "step2"), str(out), progress=False)
+    assert not out.exists()
+
+
+def test_written_checkpoint_metadata_matches_what_orbax_writes(tmp_path):
+    """Our slice-by-slice writer and orbax's own save of the same numpy tree agree on the
+    pytree metadata (so a newer orbax that changes its format fails here first)."""
+    variables = random_variables(TINY, 5)
+    write_hf_dir(tmp_path / "hf", TINY, dsv3_jax.to_hf_state_dict(TINY, variables))
+    convert.hf_to_orbax(str(tmp_path / "hf"), str(tmp_path / "ours"), progress=False)
+    ocp.PyTreeCheckpointer().save(str(tmp_path / "orbax"), jax.tree.map(np.asarray, variables))
+    with open(tmp_path / "ours" / "state" / "_METADATA") as f:
+        ours = json.load(f)
+    with open(tmp_path / "orbax" / "_METADATA") as f:
+        theirs = json.load(f)
+    assert ours == theirs
+    # And orbax restores it with no target at all.
+    restored = ocp.Checkpointer(ocp.CompositeCheckpointHandler()).restore(str(tmp_path / "ours"))
+    assert_trees_equal(jax.tree.map(np.asarray, variables), restored["state"])
+    assert restored["meta"]["model"] == dataclasses.asdict(TINY)
