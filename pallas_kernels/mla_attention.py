@@ -9,12 +9,20 @@ Hr rope head dim (64, ONE rope key shared by all heads), Hv value head dim (128)
   score[t, s] = scale * (q_nope[t] . k_nope[s] + q_rope[t] . k_rope[s]);
   key s is visible to query t iff s <= t and segment_ids[s] == segment_ids[t].
   Softmax in fp32; output in q_nope.dtype.
+
+Implementations: "xla" (reference() below), "cudnn" (GPU only), "pallas" = Mosaic GPU flash
+attention (_mla_attention_mgpu.py) on GPU or Mosaic TPU (_mla_attention_tpu.py) on TPU, both behind
+one custom_vjp (_flash) that saves only the log-sum-exp. Benchmark: benchmarks/mla_attention.py.
 """
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 
 def visibility_mask(segment_ids_bt, T, S):
@@ -38,13 +46,159 @@ def reference(q_nope, q_rope, k_nope, k_rope, v, segment_ids=None, *, scale):
     return o.astype(q_nope.dtype)
 
 
-IMPLEMENTATIONS = ("xla",)
+IMPLEMENTATIONS = ("xla", "cudnn", "pallas", "pallas_mosaic_gpu", "pallas_mosaic_tpu")
 
 
-def mla_attention(q_nope, q_rope, k_nope, k_rope, v, segment_ids=None, *, scale,
-                  implementation="xla"):
-    """Dispatch to one implementation (see module docstring). "xla" is the plain-JAX reference."""
+def mla_attention(q_nope: jax.Array, q_rope: jax.Array, k_nope: jax.Array, k_rope: jax.Array,
+                  v: jax.Array, segment_ids: jax.Array | None = None, *, scale: float,
+                  implementation: str = "xla", interpret: bool = False,
+                  config: Any = None) -> jax.Array:
+    """Causal MLA attention, o[B, T, N, Hv] (see module docstring). Differentiable.
+
+    implementation:
+      "xla": the plain-JAX reference (materializes [B, N, T, S] scores).
+      "cudnn": jax.nn.dot_product_attention(implementation="cudnn") on [q_nope; q_rope] and
+        [k_nope; k_rope broadcast to every head], v zero-padded to the qk head dim and sliced back;
+        segment_ids become a boolean [B, 1, T, S] mask. GPU only.
+      "pallas": flash attention in Pallas, Mosaic GPU on GPU backends and Mosaic TPU on TPU
+        ("pallas_mosaic_gpu" / "pallas_mosaic_tpu" pick one explicitly). Saves only the
+        log-sum-exp for the custom_vjp backward; dk_rope is summed over heads. Any T (padded to
+        the tile multiple inside). The Mosaic GPU kernels run their matmuls on bf16/f16
+        operands: fp32 inputs are rounded to bf16 (fp32 accumulation and softmax), outputs and
+        gradients come back in the input dtypes.
+    interpret: run the Pallas kernels in interpret mode (CPU tests); `config` overrides the tile
+      sizes (_mla_attention_mgpu.Config / _mla_attention_tpu.Config).
+    """
     if implementation == "xla":
         return reference(q_nope, q_rope, k_nope, k_rope, v, segment_ids, scale=scale)
+    if implementation == "cudnn":
+        return _cudnn(q_nope, q_rope, k_nope, k_rope, v, segment_ids, scale=scale)
+    if implementation == "pallas":
+        on_tpu = jax.default_backend() == "tpu"
+        implementation = "pallas_mosaic_tpu" if on_tpu else "pallas_mosaic_gpu"
+    if implementation in ("pallas_mosaic_gpu", "pallas_mosaic_tpu"):
+        backend = implementation.removeprefix("pallas_")
+        return _pallas(q_nope, q_rope, k_nope, k_rope, v, segment_ids, scale=scale,
+                       backend=backend, config=config, interpret=interpret)
     raise ValueError(
         f"mla_attention implementation {implementation!r} is not one of {list(IMPLEMENTATIONS)}")
+
+
+# ----------------------------------------------------------------------------------------------
+# cuDNN baseline
+# ----------------------------------------------------------------------------------------------
+def _cudnn(q_nope, q_rope, k_nope, k_rope, v, segment_ids, *, scale):
+    if jax.default_backend() != "gpu":
+        raise ValueError("mla_attention implementation 'cudnn' needs a CUDA GPU backend, "
+                         f"this is {jax.default_backend()!r}; use 'xla' or 'pallas'")
+    B, S, N, _ = k_nope.shape
+    Hqk, Hv = q_nope.shape[-1] + q_rope.shape[-1], v.shape[-1]
+    with jax.named_scope("mla_cudnn_pack"):
+        q_btnh = jnp.concatenate([q_nope, q_rope], axis=-1)
+        k_rope_bsnh = jnp.broadcast_to(k_rope[:, :, None, :], (B, S, N, k_rope.shape[-1]))
+        k_bsnh = jnp.concatenate([k_nope, k_rope_bsnh.astype(k_nope.dtype)], axis=-1)
+        # cuDNN flash attention needs equal qk and v head dims: pad v with zeros, slice o back.
+        v_bsnh = jnp.pad(v, ((0, 0), (0, 0), (0, 0), (0, Hqk - Hv)))
+        mask = None
+        if segment_ids is not None:
+            mask = (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])  # [B,1,T,S]
+    o_btnh = jax.nn.dot_product_attention(q_btnh, k_bsnh, v_bsnh, mask=mask, scale=scale,
+                                          is_causal=True, implementation="cudnn")
+    return o_btnh[..., :Hv]
+
+
+# ----------------------------------------------------------------------------------------------
+# Pallas flash attention: padding, segment tables, custom_vjp (shared by Mosaic GPU and TPU)
+# ----------------------------------------------------------------------------------------------
+def segment_bounds(segment_ids_bt: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """first_bt[b, t] = min{s : seg[b, s] == seg[b, t]}, last_bt[b, t] = max{...} (int32 [B, T]).
+
+    Query t sees no key before first_bt[b, t]; key s is seen by no query after last_bt[b, s].
+    Segment ids need not be contiguous or sorted.
+    """
+    B, T = segment_ids_bt.shape
+    order_bt = jnp.argsort(segment_ids_bt, axis=1, stable=True)
+    sorted_bt = jnp.take_along_axis(segment_ids_bt, order_bt, axis=1)
+    pos_t = jnp.arange(T, dtype=jnp.int32)
+    change_bt = sorted_bt[:, 1:] != sorted_bt[:, :-1]
+    edge_b1 = jnp.ones((B, 1), bool)
+    run_start_bt = lax.cummax(jnp.where(jnp.concatenate([edge_b1, change_bt], 1), pos_t, 0),
+                              axis=1)
+    run_end_bt = lax.cummin(jnp.where(jnp.concatenate([change_bt, edge_b1], 1), pos_t, T - 1),
+                            axis=1, reverse=True)
+    # Within a run the stable sort keeps positions increasing: its ends are the min and max.
+    first_sorted_bt = jnp.take_along_axis(order_bt, run_start_bt, axis=1)
+    last_sorted_bt = jnp.take_along_axis(order_bt, run_end_bt, axis=1)
+    inverse_bt = jnp.argsort(order_bt, axis=1)
+    first_bt = jnp.take_along_axis(first_sorted_bt, inverse_bt, axis=1)
+    last_bt = jnp.take_along_axis(last_sorted_bt, inverse_bt, axis=1)
+    return first_bt.astype(jnp.int32), last_bt.astype(jnp.int32)
+
+
+def _backend_module(backend: str):
+    if backend == "mosaic_gpu":
+        from pallas_kernels import _mla_attention_mgpu as module
+    else:
+        from pallas_kernels import _mla_attention_tpu as module
+    return module
+
+
+def _pallas(q_nope, q_rope, k_nope, k_rope, v, segment_ids, *, scale, backend, config,
+            interpret):
+    module = _backend_module(backend)
+    config = module.Config() if config is None else config
+    B, T = q_nope.shape[:2]
+    if k_nope.shape[1] != T:
+        raise ValueError(f"causal MLA attention needs S == T, got S={k_nope.shape[1]}, T={T}")
+    out_dtype = q_nope.dtype
+    compute_dtype = module.compute_dtype(out_dtype)
+    has_segments = segment_ids is not None
+    pad = -T % config.seq_multiple
+    with jax.named_scope("mla_pallas_pad"):
+        def prep(x):
+            x = x.astype(compute_dtype)
+            return jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)) if pad else x
+
+        args = [prep(x) for x in (q_nope, q_rope, k_nope, k_rope, v)]
+        if has_segments:
+            seg_bt = segment_ids.astype(jnp.int32)
+            # Padded rows get a segment of their own; causality alone keeps real rows off them.
+            seg_bt = jnp.pad(seg_bt, ((0, 0), (0, pad)), constant_values=jnp.max(seg_bt) + 1)
+        else:
+            seg_bt = jnp.zeros((B, T + pad), jnp.int32)
+    o = _flash(*args, seg_bt, scale, backend, config, has_segments, interpret)
+    return o[:, :T].astype(out_dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10))
+def _flash(q_nope, q_rope, k_nope, k_rope, v, seg_bt, scale, backend, config, has_segments,
+           interpret):
+    o, _ = _flash_fwd(q_nope, q_rope, k_nope, k_rope, v, seg_bt, scale, backend, config,
+                      has_segments, interpret)
+    return o
+
+
+def _flash_fwd(q_nope, q_rope, k_nope, k_rope, v, seg_bt, scale, backend, config, has_segments,
+               interpret):
+    module = _backend_module(backend)
+    bounds = segment_bounds(seg_bt) if has_segments else None
+    with jax.named_scope("mla_flash_fwd"):
+        o, lse = module.forward(q_nope, q_rope, k_nope, k_rope, v, seg_bt, bounds, scale=scale,
+                                config=config, has_segments=has_segments, interpret=interpret)
+    return o, (q_nope, q_rope, k_nope, k_rope, v, seg_bt, o, lse)
+
+
+def _flash_bwd(scale, backend, config, has_segments, interpret, residuals, do):
+    module = _backend_module(backend)
+    q_nope, q_rope, k_nope, k_rope, v, seg_bt, o, lse = residuals
+    bounds = segment_bounds(seg_bt) if has_segments else None
+    with jax.named_scope("mla_flash_bwd"):
+        do = do.astype(o.dtype)
+        delta_bnt = jnp.einsum("BTNH,BTNH->BNT", o.astype(jnp.float32), do.astype(jnp.float32))
+        dq_nope, dq_rope, dk_nope, dk_rope, dv = module.backward(
+            q_nope, q_rope, k_nope, k_rope, v, do, lse, delta_bnt, seg_bt, bounds, scale=scale,
+            config=config, has_segments=has_segments, interpret=interpret)
+    return dq_nope, dq_rope, dk_nope, dk_rope, dv, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)

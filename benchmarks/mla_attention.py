@@ -1,0 +1,347 @@
+"""MLA attention benchmark: training (causal flash attention) and absorbed decode vs baselines.
+
+Run on the accelerator (one H200):  python -m benchmarks.mla_attention
+  --budget-s S   stop starting new measurements after S seconds (what was skipped is printed)
+  --no-check     skip the on-GPU correctness check against the plain-JAX reference
+  --only NAME    "training" or "decode"
+Prints, per shape, TFLOP/s of cuDNN (v padded to 192), tokamax (when importable), naive XLA (where
+its [B, N, T, S] scores fit) and ours ("pallas"), forward and forward+backward; for decode, TFLOP/s
+and GB/s of cache read of the XLA absorbed form and ours. Ends with one side-by-side table, also
+written to $OUT/mla_attention_table.txt when OUT is set (and the full log as it goes).
+
+FLOPs (useful work, as BASELINES.md): training forward 2 B T^2 N (192 + 128) / 2 (causal half),
+forward+backward 3.5x that; decode 2 B Tq N L (R + Hr) + 2 B Tq N L R. Times: median over groups of
+calls (each group long enough to hide launch gaps) after a warm-up, block_until_ready.
+Baselines get their inputs pre-packed (q/k concatenated to 192, k_rope broadcast to every head,
+v padded), so packing is not timed against them; ours takes the split MLA inputs as the model
+holds them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import statistics
+import sys
+import time
+import traceback
+import types
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels import _mla_attention_mgpu, _mla_decode_mgpu
+from pallas_kernels.mla_attention import mla_attention
+from pallas_kernels.mla_decode import mla_decode
+
+HN, HR, HV, R = 128, 64, 128, 512
+TRAIN_SCALE = (HN + HR) ** -0.5
+DECODE_SCALE = (R + HR) ** -0.5
+TRAIN_SHAPES = [(2, 4096, 128), (8, 4096, 16), (2, 16384, 128)]  # (B, T, N)
+DECODE_SHAPES = [(64, 4096, 128, 1), (64, 4096, 16, 1), (64, 4096, 128, 2),
+                 (1, 4096, 128, 1), (1, 32768, 128, 1), (64, 32768, 128, 1),
+                 (64, 32768, 16, 1), (1, 4096, 16, 1), (1, 32768, 16, 1)]  # (B, L, N, Tq)
+CHECK_ATTENTION_SHAPES = [(2, 320, 4, False), (1, 1000, 3, True)]  # B T N segments
+CHECK_DECODE_SHAPES = [(3, 1000, 128, 1, None), (2, 700, 16, 2, None),
+                       (2, 4096, 128, 1, 3)]  # B L N Tq splits
+XLA_SCORE_BYTES_LIMIT = 20e9  # naive XLA materializes fp32 [B, N, T, S] scores (and more in bwd)
+OURS_TRAIN_CONFIGS = {  # the alternative differs in the forward tiles only: timed forward only
+    "pallas": _mla_attention_mgpu.Config(),
+    "pallas kv64x3": _mla_attention_mgpu.Config(block_kv=64, max_concurrent_steps=3),
+}
+FWD_ONLY = ("pallas kv64x3",)
+OURS_DECODE_CONFIGS = {  # the second forces the row-major kernel where Tq * N <= 32
+    "pallas": _mla_decode_mgpu.Config(),
+    "pallas row-major": _mla_decode_mgpu.Config(few_rows_max=0),
+}
+
+_LOG: list[str] = []
+_T0 = time.perf_counter()
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+    _LOG.append(msg)
+    out = os.environ.get("OUT")
+    if out:
+        with open(os.path.join(out, "mla_attention_log.txt"), "a") as f:
+            f.write(msg + "\n")
+
+
+def timeit(fn: Callable, *args, groups: int = 7, min_group_s: float = 2e-3) -> float:
+    """Median seconds per call over `groups` groups of back-to-back calls, after a warm-up."""
+    jax.block_until_ready(fn(*args))
+    t = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    once = time.perf_counter() - t
+    per_group = max(1, int(min_group_s / max(once, 1e-6)))
+    times = []
+    for _ in range(groups):
+        t = time.perf_counter()
+        for _ in range(per_group):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - t) / per_group)
+    return statistics.median(times)
+
+
+@dataclasses.dataclass
+class Row:
+    section: str
+    shape: str
+    impl: str
+    cols: dict[str, str]
+
+
+ROWS: list[Row] = []
+
+
+def _rel_err(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+# ----------------------------------------------------------------------------------------------
+# Correctness on the GPU (small shapes)
+# ----------------------------------------------------------------------------------------------
+def check_correctness() -> bool:
+    """Ours vs the plain-JAX reference on upcast (fp32) inputs; bf16 operands -> rel err < 2e-2."""
+    ok = True
+    f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+    for B, T, N, segmented in CHECK_ATTENTION_SHAPES:
+        ks = jax.random.split(jax.random.key(T + N), 6)
+        shapes = [(B, T, N, HN), (B, T, N, HR), (B, T, N, HN), (B, T, HR), (B, T, N, HV)]
+        args = [jax.random.normal(k, s, jnp.bfloat16) for k, s in zip(ks[:5], shapes, strict=True)]
+        do = jax.random.normal(ks[5], (B, T, N, HV), jnp.bfloat16)
+        seg = None
+        if segmented:
+            cuts = np.sort(np.random.default_rng(T).integers(0, T, size=(B, 4)), axis=1)
+            seg = jnp.asarray((np.arange(T)[None, :, None] >= cuts[:, None, :]).sum(-1),
+                              jnp.int32)
+        scale = (HN + HR) ** -0.5
+
+        def loss(impl, *a, seg=seg, do=do, scale=scale):
+            o = mla_attention(*a, seg, scale=scale, implementation=impl)
+            return jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32)), o
+
+        grad_ref = jax.jit(jax.grad(lambda *a: loss("xla", *a), argnums=range(5), has_aux=True))
+        g_ref, o_ref = grad_ref(*map(f32, args))
+        for impl in ("pallas", "cudnn"):
+            try:
+                grad = jax.jit(jax.grad(lambda *a, i=impl: loss(i, *a), argnums=range(5),
+                                        has_aux=True))
+                g, o = grad(*args)
+                errs = {"o": _rel_err(o, o_ref)}
+                errs.update({n: _rel_err(a, b) for n, a, b in
+                             zip(["dq_nope", "dq_rope", "dk_nope", "dk_rope", "dv"], g, g_ref,
+                                 strict=True)})
+                good = all(np.isfinite(e) and e < 2e-2 for e in errs.values())
+                ok &= good
+                log(f"check attention {impl} B{B} T{T} N{N} segments={segmented}: "
+                    f"{'PASS' if good else 'FAIL'} "
+                    + " ".join(f"{k}={v:.1e}" for k, v in errs.items()))
+            except Exception as e:  # report and keep going: later checks and benchmarks run
+                ok = False
+                log(f"check attention {impl} B{B} T{T} N{N} segments={segmented}: "
+                    f"ERROR {e!r}"[:2000])
+    for B, L, N, Tq, splits in CHECK_DECODE_SHAPES:
+        ks = jax.random.split(jax.random.key(L + N), 3)
+        ql = jax.random.normal(ks[0], (B, Tq, N, R), jnp.bfloat16)
+        qr = jax.random.normal(ks[1], (B, Tq, N, HR), jnp.bfloat16)
+        kv = jax.random.normal(ks[2], (B, L, R + HR), jnp.bfloat16)
+        lengths = jnp.asarray(np.random.default_rng(L).integers(Tq, L + 1, size=B), jnp.int32)
+        lengths = lengths.at[0].set(L)
+        config = _mla_decode_mgpu.Config(num_splits=splits)
+        try:
+            o = jax.jit(lambda *a, c=config: mla_decode(*a, scale=0.07, implementation="pallas",
+                                                        config=c))(ql, qr, kv, lengths)
+            o_ref = jax.jit(lambda *a: mla_decode(*a, scale=0.07))(f32(ql), f32(qr), f32(kv),
+                                                                  lengths)
+            err = _rel_err(o, o_ref)
+            good = np.isfinite(err) and err < 2e-2
+            ok &= good
+            log(f"check decode B{B} L{L} N{N} Tq{Tq} splits={splits}: "
+                f"{'PASS' if good else 'FAIL'} o={err:.1e}")
+        except Exception as e:
+            ok = False
+            log(f"check decode B{B} L{L} N{N} Tq{Tq}: ERROR {e!r}"[:2000])
+    return ok
+
+
+# ----------------------------------------------------------------------------------------------
+# Training attention
+# ----------------------------------------------------------------------------------------------
+_TOKAMAX: list = []
+
+
+def _tokamax():
+    if _TOKAMAX:
+        return _TOKAMAX[0]
+    _TOKAMAX.append(None)
+    try:
+        # tokamax imports xprof only for its own benchmarking helpers; stub it.
+        for name in ("xprof", "xprof.cli", "xprof.cli.tools"):
+            sys.modules.setdefault(name, types.ModuleType(name))
+        sys.modules["xprof.cli.tools"].get_kernel_stats_tool = None
+        import tokamax
+        _TOKAMAX[0] = tokamax
+        return tokamax
+    except Exception as e:
+        log(f"tokamax not importable: {e!r}"[:300])
+        return None
+
+
+def bench_training(shapes, budget_s: float) -> None:
+    tokamax = _tokamax()
+    for B, T, N in shapes:
+        shape = f"B{B} T{T} N{N}"
+        flops = 2 * B * T * T * N * (HN + HR + HV) / 2
+        ks = jax.random.split(jax.random.key(0), 5)
+        qn = jax.random.normal(ks[0], (B, T, N, HN), jnp.bfloat16)
+        qr = jax.random.normal(ks[1], (B, T, N, HR), jnp.bfloat16)
+        kn = jax.random.normal(ks[2], (B, T, N, HN), jnp.bfloat16)
+        kr = jax.random.normal(ks[3], (B, T, HR), jnp.bfloat16)
+        v = jax.random.normal(ks[4], (B, T, N, HV), jnp.bfloat16)
+        q192 = jnp.concatenate([qn, qr], -1)
+        k192 = jnp.concatenate([kn, jnp.broadcast_to(kr[:, :, None], (B, T, N, HR))], -1)
+        v192 = jnp.pad(v, ((0, 0), (0, 0), (0, 0), (0, HN + HR - HV)))
+
+        candidates: list[tuple[str, Callable, tuple]] = []
+        for name, config in OURS_TRAIN_CONFIGS.items():
+            candidates.append((name, lambda *a, c=config: mla_attention(
+                *a, None, scale=TRAIN_SCALE, implementation="pallas", config=c),
+                (qn, qr, kn, kr, v)))
+        candidates.append(("cudnn", lambda q, k, vv: jax.nn.dot_product_attention(
+            q, k, vv, scale=TRAIN_SCALE, is_causal=True, implementation="cudnn")[..., :HV],
+            (q192, k192, v192)))
+        if tokamax is not None:
+            for impl in ("mosaic",):
+                candidates.append((f"tokamax {impl}", lambda q, k, vv, i=impl:
+                                   tokamax.dot_product_attention(q, k, vv, scale=TRAIN_SCALE,
+                                                                 is_causal=True,
+                                                                 implementation=i),
+                                   (q192, k192, v)))
+        if B * N * T * T * 4 <= XLA_SCORE_BYTES_LIMIT:
+            candidates.append(("xla", lambda *a: mla_attention(*a, None, scale=TRAIN_SCALE,
+                                                               implementation="xla"),
+                               (qn, qr, kn, kr, v)))
+        else:
+            ROWS.append(Row("train", shape, "xla", {"fwd": "skip (mem)", "fwd+bwd": "skip (mem)"}))
+        for name, fn, args in candidates:
+            cols = {}
+            for what in ("fwd", "fwd+bwd"):
+                if what == "fwd+bwd" and name in FWD_ONLY:
+                    continue
+                if time.perf_counter() - _T0 > budget_s:
+                    cols[what] = "skip (time)"
+                    continue
+                try:
+                    if what == "fwd":
+                        f = jax.jit(fn)
+                    else:
+                        f = jax.jit(jax.grad(lambda *a, fn=fn: fn(*a).astype(jnp.float32).sum(),
+                                             argnums=tuple(range(len(args)))))
+                    t = timeit(f, *args)
+                    rate = (flops if what == "fwd" else 3.5 * flops) / t / 1e12
+                    cols[what] = f"{rate:.0f}"
+                    log(f"[train {shape}] {name} {what}: {t * 1e3:.3f} ms, {rate:.0f} TFLOP/s")
+                except Exception as e:
+                    cols[what] = "error"
+                    log(f"[train {shape}] {name} {what}: ERROR {e!r}"[:1500])
+            ROWS.append(Row("train", shape, name, cols))
+        del qn, qr, kn, kr, v, q192, k192, v192
+
+
+# ----------------------------------------------------------------------------------------------
+# Decode
+# ----------------------------------------------------------------------------------------------
+def bench_decode(shapes, budget_s: float) -> None:
+    tokamax = _tokamax()
+    for B, L, N, Tq in shapes:
+        shape = f"B{B} L{L} N{N} Tq{Tq}"
+        ks = jax.random.split(jax.random.key(1), 3)
+        ql = jax.random.normal(ks[0], (B, Tq, N, R), jnp.bfloat16)
+        qr = jax.random.normal(ks[1], (B, Tq, N, HR), jnp.bfloat16)
+        kv = jax.random.normal(ks[2], (B, L, R + HR), jnp.bfloat16)
+        lengths = jnp.full((B,), L, jnp.int32)
+        flops = 2 * B * Tq * N * L * (R + HR) + 2 * B * Tq * N * L * R
+        candidates: list[tuple[str, Callable, tuple]] = [
+            ("xla", lambda *a: mla_decode(*a, scale=DECODE_SCALE, implementation="xla"),
+             (ql, qr, kv, lengths))]
+        for name, config in OURS_DECODE_CONFIGS.items():
+            if config.few_rows_max == 0 and Tq * N > _mla_decode_mgpu.Config().few_rows_max:
+                continue  # same kernel as "pallas"
+            candidates.append((name, lambda *a, c=config: mla_decode(
+                *a, scale=DECODE_SCALE, implementation="pallas", config=c), (ql, qr, kv, lengths)))
+        if tokamax is not None:
+            # tokamax has no GPU MLA decode; try its attention in the GQA form (one kv head).
+            q576 = jnp.concatenate([ql, qr], -1)
+            candidates.append(("tokamax mosaic (gqa)", lambda q, k, vv:
+                               tokamax.dot_product_attention(q, k, vv, scale=DECODE_SCALE,
+                                                             implementation="mosaic"),
+                               (q576, kv[:, :, None, :], kv[:, :, None, :R])))
+        for name, fn, args in candidates:
+            if time.perf_counter() - _T0 > budget_s:
+                ROWS.append(Row("decode", shape, name, {"TFLOP/s": "skip (time)", "GB/s": ""}))
+                continue
+            try:
+                t = timeit(jax.jit(fn), *args)
+                tf, gb = flops / t / 1e12, kv.nbytes / t / 1e9
+                log(f"[decode {shape}] {name}: {t * 1e6:.1f} us, {tf:.0f} TFLOP/s, {gb:.0f} GB/s")
+                ROWS.append(Row("decode", shape, name, {"us": f"{t * 1e6:.1f}",
+                                                        "TFLOP/s": f"{tf:.0f}",
+                                                        "GB/s": f"{gb:.0f}"}))
+            except Exception as e:
+                log(f"[decode {shape}] {name}: ERROR {e!r}"[:1500])
+                ROWS.append(Row("decode", shape, name, {"TFLOP/s": "error", "GB/s": ""}))
+        del ql, qr, kv
+
+
+def table() -> str:
+    lines = []
+    for section, cols in (("train", ("fwd", "fwd+bwd")), ("decode", ("us", "TFLOP/s", "GB/s"))):
+        rows = [r for r in ROWS if r.section == section]
+        if not rows:
+            continue
+        head = f"{'shape':<22}{'implementation':<24}" + "".join(f"{c:>14}" for c in cols)
+        unit = "TFLOP/s" if section == "train" else ""
+        lines += ["", f"== {section} {unit}".rstrip(), head, "-" * len(head)]
+        for r in rows:
+            lines.append(f"{r.shape:<22}{r.impl:<24}"
+                         + "".join(f"{r.cols.get(c, ''):>14}" for c in cols))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--budget-s", type=float, default=1e9)
+    parser.add_argument("--no-check", action="store_true")
+    parser.add_argument("--only", choices=("training", "decode"))
+    args = parser.parse_args()
+    log(f"devices: {jax.devices()}  jax {jax.__version__}")
+    if not args.no_check:
+        log(f"correctness check: {'ALL PASS' if check_correctness() else 'FAILURES (see above)'}")
+    # The shapes with targets first, so that a time budget cuts the others.
+    jobs = [("training", bench_training, TRAIN_SHAPES[:1]), ("decode", bench_decode,
+                                                            DECODE_SHAPES[:2]),
+            ("training", bench_training, TRAIN_SHAPES[1:]), ("decode", bench_decode,
+                                                             DECODE_SHAPES[2:])]
+    for name, fn, shapes in jobs:
+        if args.only in (None, name):
+            try:
+                fn(shapes, args.budget_s)
+            except Exception:
+                log(f"{name} benchmark aborted:\n{traceback.format_exc()}"[:3000])
+    text = table()
+    log(text)
+    out = os.environ.get("OUT")
+    if out:
+        with open(os.path.join(out, "mla_attention_table.txt"), "w") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

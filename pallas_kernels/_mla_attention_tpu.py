@@ -1,0 +1,339 @@
+"""Causal MLA flash attention in Pallas Mosaic TPU: forward, dq and dk/dv kernels.
+
+Legend (as in mla_attention.py): B batch, T query length == S key length, N heads, Hn nope head dim,
+Hr rope head dim (one rope key shared by all heads), Hv value head dim.
+
+Same interface and residuals as the Mosaic GPU kernels (_mla_attention_mgpu.py), written the TPU
+way: a (B, N, query block, key block) grid whose innermost axis accumulates in VMEM scratch, head-
+major [B, N, T, H] operands (the wrapper transposes), the shared rope key read from its single
+[B, S, Hr] copy, per-row statistics broadcast over 128 lanes. Scalar-prefetched tables bound the
+key blocks each query block visits (and the converse in dk/dv): blocks off the causal band or
+before the first key of the block's documents are neither fetched (their block index repeats) nor
+computed. lse is in the natural-log domain here; only mla_attention._flash passes it between the
+forward and backward of the same backend.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+LANES = 128
+SUBLANES = 8
+_TRANS_B = (((1,), (1,)), ((), ()))  # x[m, k] . y[n, k] -> [m, n]
+_TRANS_A = (((0,), (0,)), ((), ()))  # x[k, m] . y[k, n] -> [m, n]
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    block_q: int = 128
+    block_kv: int = 128
+
+    @property
+    def seq_multiple(self) -> int:
+        return max(self.block_q, self.block_kv)
+
+    def __post_init__(self):
+        if self.block_q % LANES or self.block_kv % LANES:
+            raise ValueError("TPU MLA attention blocks must be multiples of 128")
+        big, small = max(self.block_q, self.block_kv), min(self.block_q, self.block_kv)
+        if big % small:
+            raise ValueError("block_q and block_kv must divide one another")
+
+
+def compute_dtype(dtype) -> jnp.dtype:
+    return jnp.dtype(dtype)
+
+
+def _dot(x, y, dims):
+    return lax.dot_general(x, y, dims, preferred_element_type=jnp.float32)
+
+
+def _scores(qn, qr, kn, kr, scale):
+    """[bq, bkv] fp32: scale * (q_nope k_nope^T + q_rope k_rope^T)."""
+    return (_dot(qn, kn, _TRANS_B) + _dot(qr, kr, _TRANS_B)) * scale
+
+
+def _visible(q0, k0, bq, bkv, segq_ref, segk_ref):
+    """[bq, bkv] bool: causal and (when segment refs are given) same document."""
+    rows = lax.broadcasted_iota(jnp.int32, (bq, bkv), 0) + q0
+    cols = lax.broadcasted_iota(jnp.int32, (bq, bkv), 1) + k0
+    vis = cols <= rows
+    if segq_ref is not None:
+        seg_q = jnp.tile(segq_ref[...], (1, bkv // LANES))  # [bq, bkv]
+        seg_k = segk_ref[:1, :]  # [1, bkv]
+        vis = vis & (seg_q == seg_k)
+    return vis
+
+
+def _lanes(x_t, n):
+    """[..., T] -> [..., T, n] broadcast (TPU keeps per-row statistics lane-replicated)."""
+    return jnp.broadcast_to(x_t[..., None], (*x_t.shape, n))
+
+
+def _seg_operands(seg_bt):
+    """Query-side [B, T, 128] and key-side [B, 8, T] segment ids (TPU-friendly tiles)."""
+    B, T = seg_bt.shape
+    return _lanes(seg_bt, LANES), jnp.broadcast_to(seg_bt[:, None, :], (B, SUBLANES, T))
+
+
+def _bhtd(x):
+    return jnp.swapaxes(x, 1, 2)  # [B, T, N, H] <-> [B, N, T, H]
+
+
+def forward(q_nope, q_rope, k_nope, k_rope, v, seg_bt, bounds, *, scale: float, config: Config,
+            has_segments: bool, interpret: bool):
+    """o[B, T, N, Hv] and lse[B, N, T] (fp32, natural log)."""
+    B, T, N, Hn = q_nope.shape
+    Hr, Hv = q_rope.shape[-1], v.shape[-1]
+    bq, bkv = config.block_q, config.block_kv
+    nq, nkv = T // bq, T // bkv
+    dtype = q_nope.dtype
+    if has_segments:
+        kv_lo = (bounds[0].reshape(B, nq, bq).min(-1) // bkv).astype(jnp.int32)
+    else:
+        kv_lo = jnp.zeros((B, nq), jnp.int32)
+
+    def kv_hi(i):  # last key block the query block i needs
+        return ((i + 1) * bq - 1) // bkv
+
+    def kv_block(b, i, j, lo_ref):
+        return jnp.clip(j, lo_ref[b, i], kv_hi(i))
+
+    def kernel(lo_ref, qn_ref, qr_ref, kn_ref, kr_ref, v_ref, segq_ref, segk_ref, o_ref, lse_ref,
+               m_sc, l_sc, acc_sc):
+        b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
+
+        @pl.when(j == 0)
+        def _init():
+            m_sc[...] = jnp.full(m_sc.shape, -jnp.inf, jnp.float32)
+            l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
+            acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
+
+        @pl.when((j >= lo_ref[b, i]) & (j <= kv_hi(i)))
+        def _step():
+            s = _scores(qn_ref[...], qr_ref[...], kn_ref[...], kr_ref[...], scale)
+            vis = _visible(i * bq, j * bkv, bq, bkv, segq_ref if has_segments else None, segk_ref)
+            s = jnp.where(vis, s, -jnp.inf)
+            m_prev = m_sc[:, :1]
+            m_new = jnp.maximum(m_prev, s.max(axis=1, keepdims=True))  # [bq, 1]
+            m_ref = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # rows with nothing visible yet
+            alpha = jnp.exp(m_prev - m_ref)
+            p = jnp.exp(s - m_ref)
+            l_sc[...] = jnp.broadcast_to(alpha * l_sc[:, :1] + p.sum(axis=1, keepdims=True),
+                                         l_sc.shape)
+            m_sc[...] = jnp.broadcast_to(m_new, m_sc.shape)
+            acc_sc[...] = alpha * acc_sc[...] + jnp.dot(p.astype(v_ref.dtype), v_ref[...],
+                                                        preferred_element_type=jnp.float32)
+
+        @pl.when(j == nkv - 1)
+        def _finish():
+            l = l_sc[:, :1]
+            o_ref[...] = (acc_sc[...] / l).astype(o_ref.dtype)
+            lse_ref[...] = m_sc[...] + jnp.log(l_sc[...])
+
+    segq, segk = _seg_operands(seg_bt)
+    q_map = lambda b, h, i, j, lo: (b, h, i, 0)  # noqa: E731
+    kv_map = lambda b, h, i, j, lo: (b, h, kv_block(b, i, j, lo), 0)  # noqa: E731
+    call = pl.pallas_call(
+        kernel,
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=1,
+            grid=(B, N, nq, nkv),
+            in_specs=[
+                pl.BlockSpec((None, None, bq, Hn), q_map),
+                pl.BlockSpec((None, None, bq, Hr), q_map),
+                pl.BlockSpec((None, None, bkv, Hn), kv_map),
+                pl.BlockSpec((None, bkv, Hr), lambda b, h, i, j, lo: (b, kv_block(b, i, j, lo),
+                                                                     0)),
+                pl.BlockSpec((None, None, bkv, Hv), kv_map),
+                pl.BlockSpec((None, bq, LANES), lambda b, h, i, j, lo: (b, i, 0)),
+                pl.BlockSpec((None, SUBLANES, bkv),
+                             lambda b, h, i, j, lo: (b, 0, kv_block(b, i, j, lo))),
+            ],
+            out_specs=[
+                pl.BlockSpec((None, None, bq, Hv), q_map),
+                pl.BlockSpec((None, None, bq, LANES), q_map),
+            ],
+            scratch_shapes=[pltpu.VMEM((bq, LANES), jnp.float32),
+                            pltpu.VMEM((bq, LANES), jnp.float32),
+                            pltpu.VMEM((bq, Hv), jnp.float32)],
+        ),
+        out_shape=[jax.ShapeDtypeStruct((B, N, T, Hv), dtype),
+                   jax.ShapeDtypeStruct((B, N, T, LANES), jnp.float32)],
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
+        interpret=pltpu.InterpretParams() if interpret else False,
+    )
+    o_bnth, lse_bntl = call(kv_lo, _bhtd(q_nope), _bhtd(q_rope), _bhtd(k_nope), k_rope, _bhtd(v),
+                            segq, segk)
+    return _bhtd(o_bnth), lse_bntl[..., 0]
+
+
+def backward(q_nope, q_rope, k_nope, k_rope, v, do, lse, delta, seg_bt, bounds, *, scale: float,
+             config: Config, has_segments: bool, interpret: bool):
+    """(dq_nope, dq_rope, dk_nope, dk_rope[B, S, Hr] summed over heads, dv)."""
+    B, T, N, Hn = q_nope.shape
+    Hr, Hv = q_rope.shape[-1], v.shape[-1]
+    bq, bkv = config.block_q, config.block_kv
+    nq, nkv = T // bq, T // bkv
+    dtype = q_nope.dtype
+    if has_segments:
+        kv_lo = (bounds[0].reshape(B, nq, bq).min(-1) // bkv).astype(jnp.int32)
+        q_hi = (bounds[1].reshape(B, nkv, bkv).max(-1) // bq).astype(jnp.int32)  # last q block
+    else:
+        kv_lo = jnp.zeros((B, nq), jnp.int32)
+        q_hi = jnp.full((B, nkv), nq - 1, jnp.int32)
+    segq, segk = _seg_operands(seg_bt)
+    qn, qr, kn, vv, dob = map(_bhtd, (q_nope, q_rope, k_nope, v, do))
+    lse_l, delta_l = _lanes(lse, LANES), _lanes(delta, LANES)  # [B, N, T, 128]
+    params = pltpu.CompilerParams(
+        dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"))
+    interpret_params = pltpu.InterpretParams() if interpret else False
+
+    def grads_of_block(qn_ref, qr_ref, kn_ref, kr_ref, v_ref, do_ref, lse_ref, delta_ref,
+                       segq_ref, segk_ref, q0, k0):
+        """p, ds [bq, bkv] for one (query block, key block) pair."""
+        s = _scores(qn_ref[...], qr_ref[...], kn_ref[...], kr_ref[...], scale)
+        vis = _visible(q0, k0, bq, bkv, segq_ref if has_segments else None, segk_ref)
+        p = jnp.where(vis, jnp.exp(s - lse_ref[:, :1]), 0.0)
+        dp = _dot(do_ref[...], v_ref[...], _TRANS_B)
+        ds = p * (dp - delta_ref[:, :1])
+        return p, ds
+
+    # dq: grid (B, N, query block, key block), key blocks innermost.
+    def kv_hi(i):
+        return ((i + 1) * bq - 1) // bkv
+
+    def kv_block(b, i, j, lo_ref):
+        return jnp.clip(j, lo_ref[b, i], kv_hi(i))
+
+    def dq_kernel(lo_ref, qn_ref, qr_ref, kn_ref, kr_ref, v_ref, do_ref, lse_ref, delta_ref,
+                  segq_ref, segk_ref, dqn_ref, dqr_ref, dqn_sc, dqr_sc):
+        b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
+
+        @pl.when(j == 0)
+        def _init():
+            dqn_sc[...] = jnp.zeros(dqn_sc.shape, jnp.float32)
+            dqr_sc[...] = jnp.zeros(dqr_sc.shape, jnp.float32)
+
+        @pl.when((j >= lo_ref[b, i]) & (j <= kv_hi(i)))
+        def _step():
+            _, ds = grads_of_block(qn_ref, qr_ref, kn_ref, kr_ref, v_ref, do_ref, lse_ref,
+                                   delta_ref, segq_ref, segk_ref, i * bq, j * bkv)
+            ds = ds.astype(dtype)
+            dqn_sc[...] += jnp.dot(ds, kn_ref[...], preferred_element_type=jnp.float32)
+            dqr_sc[...] += jnp.dot(ds, kr_ref[...], preferred_element_type=jnp.float32)
+
+        @pl.when(j == nkv - 1)
+        def _finish():
+            dqn_ref[...] = (dqn_sc[...] * scale).astype(dqn_ref.dtype)
+            dqr_ref[...] = (dqr_sc[...] * scale).astype(dqr_ref.dtype)
+
+    q_map = lambda b, h, i, j, lo: (b, h, i, 0)  # noqa: E731
+    kv_map = lambda b, h, i, j, lo: (b, h, kv_block(b, i, j, lo), 0)  # noqa: E731
+    dqn, dqr = pl.pallas_call(
+        dq_kernel,
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=1,
+            grid=(B, N, nq, nkv),
+            in_specs=[
+                pl.BlockSpec((None, None, bq, Hn), q_map),
+                pl.BlockSpec((None, None, bq, Hr), q_map),
+                pl.BlockSpec((None, None, bkv, Hn), kv_map),
+                pl.BlockSpec((None, bkv, Hr), lambda b, h, i, j, lo: (b, kv_block(b, i, j, lo),
+                                                                     0)),
+                pl.BlockSpec((None, None, bkv, Hv), kv_map),
+                pl.BlockSpec((None, None, bq, Hv), q_map),
+                pl.BlockSpec((None, None, bq, LANES), q_map),
+                pl.BlockSpec((None, None, bq, LANES), q_map),
+                pl.BlockSpec((None, bq, LANES), lambda b, h, i, j, lo: (b, i, 0)),
+                pl.BlockSpec((None, SUBLANES, bkv),
+                             lambda b, h, i, j, lo: (b, 0, kv_block(b, i, j, lo))),
+            ],
+            out_specs=[pl.BlockSpec((None, None, bq, Hn), q_map),
+                       pl.BlockSpec((None, None, bq, Hr), q_map)],
+            scratch_shapes=[pltpu.VMEM((bq, Hn), jnp.float32), pltpu.VMEM((bq, Hr), jnp.float32)],
+        ),
+        out_shape=[jax.ShapeDtypeStruct((B, N, T, Hn), dtype),
+                   jax.ShapeDtypeStruct((B, N, T, Hr), dtype)],
+        compiler_params=params,
+        interpret=interpret_params,
+    )(kv_lo, qn, qr, kn, k_rope, vv, dob, lse_l, delta_l, segq, segk)
+
+    if interpret:
+        # Run the interpreted dq and dk/dv kernels one after the other (they are independent, and
+        # concurrently interpreted kernels can deadlock); make dk/dv's operands depend on dq.
+        _, (qn, qr, kn, vv, dob) = lax.optimization_barrier(((dqn, dqr), (qn, qr, kn, vv, dob)))
+
+    # dk, dv: grid (B, N, key block, query block), query blocks innermost.
+    def q_lo(j):  # first query block that sees key block j
+        return (j * bkv) // bq
+
+    def q_block(b, j, i, hi_ref):
+        return jnp.clip(i, q_lo(j), hi_ref[b, j])
+
+    def dkv_kernel(hi_ref, qn_ref, qr_ref, kn_ref, kr_ref, v_ref, do_ref, lse_ref, delta_ref,
+                   segq_ref, segk_ref, dkn_ref, dv_ref, dkr_ref, dkn_sc, dv_sc, dkr_sc):
+        b, j, i = pl.program_id(0), pl.program_id(2), pl.program_id(3)
+
+        @pl.when(i == 0)
+        def _init():
+            dkn_sc[...] = jnp.zeros(dkn_sc.shape, jnp.float32)
+            dv_sc[...] = jnp.zeros(dv_sc.shape, jnp.float32)
+            dkr_sc[...] = jnp.zeros(dkr_sc.shape, jnp.float32)
+
+        @pl.when((i >= q_lo(j)) & (i <= hi_ref[b, j]))
+        def _step():
+            p, ds = grads_of_block(qn_ref, qr_ref, kn_ref, kr_ref, v_ref, do_ref, lse_ref,
+                                   delta_ref, segq_ref, segk_ref, i * bq, j * bkv)
+            ds = ds.astype(dtype)
+            dv_sc[...] += _dot(p.astype(dtype), do_ref[...], _TRANS_A)
+            dkn_sc[...] += _dot(ds, qn_ref[...], _TRANS_A)
+            dkr_sc[...] += _dot(ds, qr_ref[...], _TRANS_A)
+
+        @pl.when(i == nq - 1)
+        def _finish():
+            dkn_ref[...] = (dkn_sc[...] * scale).astype(dkn_ref.dtype)
+            dv_ref[...] = dv_sc[...].astype(dv_ref.dtype)
+            dkr_ref[...] = dkr_sc[...] * scale
+
+    kq_map = lambda b, h, j, i, hi: (b, h, q_block(b, j, i, hi), 0)  # noqa: E731
+    kk_map = lambda b, h, j, i, hi: (b, h, j, 0)  # noqa: E731
+    dkn, dvv, dkr_heads = pl.pallas_call(
+        dkv_kernel,
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=1,
+            grid=(B, N, nkv, nq),
+            in_specs=[
+                pl.BlockSpec((None, None, bq, Hn), kq_map),
+                pl.BlockSpec((None, None, bq, Hr), kq_map),
+                pl.BlockSpec((None, None, bkv, Hn), kk_map),
+                pl.BlockSpec((None, bkv, Hr), lambda b, h, j, i, hi: (b, j, 0)),
+                pl.BlockSpec((None, None, bkv, Hv), kk_map),
+                pl.BlockSpec((None, None, bq, Hv), kq_map),
+                pl.BlockSpec((None, None, bq, LANES), kq_map),
+                pl.BlockSpec((None, None, bq, LANES), kq_map),
+                pl.BlockSpec((None, bq, LANES),
+                             lambda b, h, j, i, hi: (b, q_block(b, j, i, hi), 0)),
+                pl.BlockSpec((None, SUBLANES, bkv), lambda b, h, j, i, hi: (b, 0, j)),
+            ],
+            out_specs=[pl.BlockSpec((None, None, bkv, Hn), kk_map),
+                       pl.BlockSpec((None, None, bkv, Hv), kk_map),
+                       pl.BlockSpec((None, None, bkv, Hr), kk_map)],
+            scratch_shapes=[pltpu.VMEM((bkv, Hn), jnp.float32), pltpu.VMEM((bkv, Hv), jnp.float32),
+                            pltpu.VMEM((bkv, Hr), jnp.float32)],
+        ),
+        out_shape=[jax.ShapeDtypeStruct((B, N, T, Hn), dtype),
+                   jax.ShapeDtypeStruct((B, N, T, Hv), dtype),
+                   jax.ShapeDtypeStruct((B, N, T, Hr), jnp.float32)],
+        compiler_params=params,
+        interpret=interpret_params,
+    )(q_hi, qn, qr, kn, k_rope, vv, dob, lse_l, delta_l, segq, segk)
+    dk_rope = dkr_heads.sum(axis=1).astype(k_rope.dtype)
+    return _bhtd(dqn), _bhtd(dqr), _bhtd(dkn), dk_rope, _bhtd(dvv)

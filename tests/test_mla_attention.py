@@ -1,0 +1,205 @@
+"""MLA training attention: Pallas kernels (Mosaic GPU and Mosaic TPU, interpret mode) vs the
+plain-JAX reference, forward and gradients through the custom_vjp; and the Mosaic GPU kernels
+lowered for CUDA at the benchmark shapes (layouts, SMEM budget) without a GPU. The Mosaic GPU
+interpret-mode cases run in one child process (see run_gpu_interpret_worker).
+
+Tolerances are relative Frobenius errors against the reference evaluated on fp32-upcast inputs:
+  - bf16 operands (any Mosaic GPU run, whose wgmmas take bf16; TPU with bf16 inputs): the kernels
+    round P, dS and the outputs to bf16, about 2^-8 relative each, so 2e-2.
+  - fp32 inputs on TPU: fp32 throughout, only summation order differs, so 1e-4.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import subprocess
+import sys
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import _mla_attention_mgpu, _mla_attention_tpu
+from pallas_kernels.mla_attention import mla_attention, segment_bounds
+
+GRAD_NAMES = ("dq_nope", "dq_rope", "dk_nope", "dk_rope", "dv")
+# Smallest Mosaic GPU tiles (64 rows) so that short sequences span several blocks and CTAs.
+GPU_SMALL = _mla_attention_mgpu.Config(block_q=64, block_kv=64, block_q_dq=64, block_kv_dq=64,
+                                       block_q_dkv=64, block_kv_dkv=64)
+TPU_SMALL = _mla_attention_tpu.Config(block_q=128, block_kv=128)
+
+
+_WORKER_FLAG = "--gpu-interpret-worker"
+_RESULT_MARKER = "GPU_INTERPRET_RESULTS "
+
+
+def run_gpu_interpret_worker(test_file: str) -> dict[str, str]:
+    """Runs this module's GPU_CASES in a child process with 4 host devices; {case: "ok" or error}.
+
+    The Mosaic GPU interpreter runs each warpgroup's program on XLA:CPU's thread pool, which has
+    one thread per core or per host device, whichever is more. On a 2-core machine a kernel with
+    three warpgroups deadlocks once two of them block on a barrier before the third has started
+    (seen here with the default tiles). Four host devices give the pool four threads; the child
+    process keeps that setting away from the other tests.
+    """
+    root = os.path.dirname(os.path.dirname(os.path.abspath(test_file)))
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    env["JAX_PLATFORMS"] = "cpu"
+    proc = subprocess.run([sys.executable, test_file, _WORKER_FLAG], env=env, cwd=root,
+                          capture_output=True, text=True, timeout=900)
+    for line in proc.stdout.splitlines():
+        if line.startswith(_RESULT_MARKER):
+            return json.loads(line[len(_RESULT_MARKER):])
+    return {"<worker>": f"worker exited {proc.returncode}:\n{proc.stderr[-3000:]}"}
+
+
+def _gpu_worker(cases, run_case) -> None:
+    results = {}
+    for name in cases:
+        try:
+            run_case(name)
+            results[name] = "ok"
+        except Exception:  # reported by the parent's test of this case
+            results[name] = traceback.format_exc()[-3000:]
+    print(_RESULT_MARKER + json.dumps(results), flush=True)
+
+
+def _rel(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def _inputs(seed, B, T, N, Hn, Hr, Hv, dtype):
+    ks = jax.random.split(jax.random.key(seed), 6)
+    shapes = [(B, T, N, Hn), (B, T, N, Hr), (B, T, N, Hn), (B, T, Hr), (B, T, N, Hv), (B, T, N, Hv)]
+    *args, do = [jax.random.normal(k, s, dtype) for k, s in zip(ks, shapes, strict=True)]
+    return args, do
+
+
+def _segments(T, lengths_per_batch):
+    """Packed-document ids; a zero length leaves an id unused (an empty segment)."""
+    rows = []
+    for lengths in lengths_per_batch:
+        assert sum(lengths) == T
+        rows.append(np.repeat(np.arange(len(lengths)), lengths))
+    return jnp.asarray(np.stack(rows), jnp.int32)
+
+
+def _loss(implementation, config, segment_ids, do, scale, *args):
+    o = mla_attention(*args, segment_ids, scale=scale, implementation=implementation,
+                      interpret=implementation != "xla", config=config)
+    return jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32)), o
+
+
+def _check_against_reference(implementation, config, args, do, segment_ids, tol):
+    scale = (args[0].shape[-1] + args[1].shape[-1]) ** -0.5
+    grad = jax.grad(functools.partial(_loss, implementation, config, segment_ids, do, scale),
+                    argnums=range(5), has_aux=True)
+    grads, o = grad(*args)
+    f32 = [x.astype(jnp.float32) for x in args]
+    grad_ref = jax.jit(jax.grad(functools.partial(_loss, "xla", None, segment_ids, do, scale),
+                                argnums=range(5), has_aux=True))
+    grads_ref, o_ref = grad_ref(*f32)
+    assert o.dtype == args[0].dtype and o.shape == o_ref.shape
+    assert np.isfinite(np.asarray(o, np.float32)).all()
+    assert _rel(o, o_ref) < tol, ("o", _rel(o, o_ref))
+    for name, g, g_ref, x in zip(GRAD_NAMES, grads, grads_ref, args, strict=True):
+        assert g.shape == x.shape and g.dtype == x.dtype, name
+        assert _rel(g, g_ref) < tol, (name, _rel(g, g_ref))
+
+
+def test_segment_bounds_match_brute_force():
+    seg = jnp.asarray([[0, 0, 2, 2, 2, 5, 5, 9], [3, 1, 1, 3, 3, 0, 0, 0]], jnp.int32)
+    first, last = segment_bounds(seg)
+    s = np.asarray(seg)
+    same = s[:, :, None] == s[:, None, :]
+    pos = np.arange(s.shape[1])
+    np.testing.assert_array_equal(first, np.where(same, pos, 99).min(-1))
+    np.testing.assert_array_equal(last, np.where(same, pos, -1).max(-1))
+
+
+# Mosaic GPU in interpret mode. T = 200 and 136 are not tile multiples (the wrapper pads);
+# segment 1 is empty in the first packed case; the last case runs DeepSeek-V3's real head dims
+# with the default (benchmarked) tiles.
+GPU_CASES = {
+    "T200-dims64-packed-bf16": (200, 1, (64, 64, 64), [[70, 0, 90, 40]], jnp.bfloat16, GPU_SMALL),
+    "T128-N2-f32": (128, 2, (64, 64, 128), None, jnp.float32, GPU_SMALL),
+    "T136-real-dims-packed-default-tiles": (136, 1, (128, 64, 128), [[9, 8, 67, 52]],
+                                            jnp.bfloat16, _mla_attention_mgpu.Config()),
+}
+
+
+def _run_gpu_case(name):
+    T, N, dims, segment_lengths, dtype, config = GPU_CASES[name]
+    args, do = _inputs(T, 1, T, N, *dims, dtype)
+    seg = None if segment_lengths is None else _segments(T, segment_lengths)
+    _check_against_reference("pallas_mosaic_gpu", config, args, do, seg, tol=2e-2)
+
+
+@pytest.fixture(scope="module")
+def gpu_interpret_results():
+    return run_gpu_interpret_worker(__file__)
+
+
+@pytest.mark.parametrize("name", list(GPU_CASES))
+def test_mosaic_gpu_matches_reference(name, gpu_interpret_results):
+    result = gpu_interpret_results.get(name, gpu_interpret_results.get("<worker>"))
+    assert result == "ok", result
+
+
+@pytest.mark.parametrize(
+    "B, T, dtype, segment_lengths, tol",
+    [
+        (1, 200, jnp.float32, [[50, 0, 100, 50]], 1e-4),
+        (1, 256, jnp.bfloat16, None, 2e-2),
+    ],
+)
+def test_mosaic_tpu_matches_reference(B, T, dtype, segment_lengths, tol):
+    args, do = _inputs(T + 1, B, T, 1, 64, 32, 48, dtype)
+    seg = None if segment_lengths is None else _segments(T, segment_lengths)
+    _check_against_reference("pallas_mosaic_tpu", TPU_SMALL, args, do, seg, tol=tol)
+
+
+@pytest.mark.parametrize("segmented", [False, True])
+def test_mosaic_gpu_lowers_for_cuda_at_benchmark_shape(segmented):
+    """Forward and backward kernels pass Mosaic GPU's layout inference and SMEM budget for
+    B=2, T=4096, N=128, dims 128/64/128 with the default tiles (lowering needs no GPU)."""
+    B, T, N = 2, 4096, 128
+    S = jax.ShapeDtypeStruct
+    bf = jnp.bfloat16
+    args = (S((B, T, N, 128), bf), S((B, T, N, 64), bf), S((B, T, N, 128), bf), S((B, T, 64), bf),
+            S((B, T, N, 128), bf), S((B, T), jnp.int32) if segmented else None)
+
+    def loss(*a):
+        o = mla_attention(*a, scale=0.1, implementation="pallas_mosaic_gpu")
+        return o.astype(jnp.float32).sum()
+
+    lowered = jax.jit(jax.grad(loss, argnums=range(5))).trace(*args).lower(
+        lowering_platforms=("cuda",))
+    text = lowered.as_text()
+    # Three Mosaic GPU kernels: forward, dq, dk/dv.
+    assert text.count("mosaic_gpu") >= 3
+
+
+def test_cudnn_needs_a_gpu():
+    if jax.default_backend() == "gpu":
+        pytest.skip("on a GPU the cuDNN path runs (benchmarks/mla_attention.py checks it)")
+    args, _ = _inputs(0, 1, 8, 1, 64, 64, 64, jnp.bfloat16)
+    with pytest.raises(ValueError, match="needs a CUDA GPU"):
+        mla_attention(*args, scale=0.1, implementation="cudnn")
+
+
+def test_unknown_implementation_is_rejected():
+    args, _ = _inputs(0, 1, 8, 1, 64, 64, 64, jnp.bfloat16)
+    with pytest.raises(ValueError, match="not one of"):
+        mla_attention(*args, scale=0.1, implementation="flash")
+
+
+if __name__ == "__main__" and _WORKER_FLAG in sys.argv:
+    _gpu_worker(GPU_CASES, _run_gpu_case)
