@@ -4,6 +4,10 @@ subprocesses they start, so identical programs (the tiny train step) compile onc
 import os
 import tempfile
 
+# The Mosaic GPU interpreter runs a kernel's warpgroups as threads; on a 2-core machine it can
+# deadlock unless the CPU client has enough threads (must be set before JAX starts).
+os.environ.setdefault("PJRT_NPROC", "16")
+
 import jax
 
 CACHE_DIR = os.environ.setdefault(

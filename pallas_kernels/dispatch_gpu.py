@@ -1,0 +1,178 @@
+"""Mosaic GPU companion kernels of the expert dispatch: row gather and weighted gather-combine.
+
+Legend: T tokens, K experts per token, M = T*K token-rows (sorted by expert), D model dim.
+
+  gather_rows(x[T, D], src[M]) -> out[M, D],         out[m] = x[src[m]]
+  combine_rows(y[M, D], inv[T, K], w[T, K] | None) -> out[T, D],
+                                                     out[t] = sum_k w[t, k] * y[inv[t, k]]
+
+Both are bandwidth-bound and read each row once with TMA copies of whole rows (or 8-row chunks
+of a row viewed as an R x C tile, C <= 256: TMA boxes are at most 256 wide) into a ring of
+shared-memory stages; each SM owns a contiguous range of output rows. The combine accumulates
+in fp32 and writes each token once: no [T*K, D] intermediate is scattered or re-read. Plain-JAX
+versions with the same signatures sit beside them (the TPU path and the tests use them).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels import _gmm_gpu
+
+# Bytes of one pipeline stage; whole rows are used when they fit.
+_STAGE_BYTES = 32 * 1024
+
+
+def gather_rows_reference(x_td: jax.Array, src_m: jax.Array) -> jax.Array:
+    """[T, D], [M] -> [M, D]: out[m] = x[src[m]]."""
+    return jnp.take(x_td, src_m, axis=0)
+
+
+def combine_rows_reference(y_md: jax.Array, inv_tk: jax.Array, w_tk: jax.Array | None,
+                           out_dtype) -> jax.Array:
+    """[M, D], [T, K], [T, K] -> [T, D]: out[t] = sum_k w[t, k] * y[inv[t, k]] (fp32 sum).
+
+    Written as gather-then-reduce so that XLA fuses the gather into the reduction.
+    """
+    y_tkd = jnp.take(y_md, inv_tk, axis=0).astype(jnp.float32)
+    if w_tk is not None:
+        y_tkd = y_tkd * w_tk.astype(jnp.float32)[..., None]
+    return y_tkd.sum(axis=1).astype(out_dtype)
+
+
+def row_view(D: int) -> tuple[int, int]:
+    """(R, C) with R * C = D to view a row as an R x C tile: TMA boxes hold at most 256 per
+    dimension, and R must be a multiple of 8 (or below 8) to fit 8-row swizzle tiles."""
+    for c in (256, 128, 64, 32, 16):
+        r = D // c
+        if D % c == 0 and r <= 256 and (r % 8 == 0 or r < 8):
+            return r, c
+    if D <= 256:
+        return 1, D
+    raise ValueError(f"no row view for D={D}")
+
+
+def _rows_per_step(R: int, C: int, rows_in_flight: int, itemsize: int) -> int:
+    """Largest multiple-of-8 divisor of R (or R itself if R < 8) that keeps a stage small."""
+    if R < 8:
+        return R
+    best = 8
+    for rb in range(8, R + 1, 8):
+        if R % rb == 0 and rows_in_flight * rb * C * itemsize <= _STAGE_BYTES:
+            best = rb
+    return best
+
+
+def _row_range(M: int, nsm: int):
+    chunk = -(-M // nsm)
+    sm = lax.axis_index("sm")
+    r0 = sm * chunk
+    return r0, jnp.clip(M - r0, 0, chunk)
+
+
+def _store_chunk(o_smem, val, o_gmem, j, row0, n_c, rb):
+    """Step j of a pipeline: write val (rb-row chunk j % n_c of row row0 + j // n_c of the
+    [rows, R, C] output) through a double-buffered staging slot; the slot's store from two
+    steps back must have finished reading it."""
+    slot = lax.rem(j, 2)
+    plgpu.wait_smem_to_gmem(1, wait_read_only=True)
+    o_smem[slot] = val
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(
+        o_smem.at[slot], o_gmem.at[row0 + lax.div(j, n_c), pl.ds(lax.rem(j, n_c) * rb, rb)])
+
+
+def gather_rows(x_td: jax.Array, src_m: jax.Array, *, max_concurrent_steps: int = 4,
+                interpret: bool = False) -> jax.Array:
+    """Pallas version of `gather_rows_reference` (see module docstring)."""
+    T, D = x_td.shape
+    M = src_m.shape[0]
+    R, C = row_view(D)
+    rb = _rows_per_step(R, C, 1, x_td.dtype.itemsize)
+    n_c = R // rb
+    nsm = _gmm_gpu.num_sms(interpret)
+
+    def kernel(src_gmem, x_gmem, o_gmem, o_smem):
+        r0, n = _row_range(M, nsm)
+
+        def body(idx, x_smem):
+            (j,) = idx
+            _store_chunk(o_smem, x_smem[...], o_gmem, j, r0, n_c, rb)
+
+        plgpu.emit_pipeline(
+            body,
+            grid=(n * n_c,),
+            in_specs=[plgpu.BlockSpec(
+                (None, rb, C), lambda j: (src_gmem[r0 + lax.div(j, n_c)], lax.rem(j, n_c), 0))],
+            max_concurrent_steps=max_concurrent_steps,
+        )(x_gmem)
+        plgpu.wait_smem_to_gmem(0)
+
+    call = plgpu.kernel(
+        kernel,
+        out_type=jax.ShapeDtypeStruct((M, R, C), x_td.dtype),
+        scratch_types=[plgpu.SMEM((2, rb, C), x_td.dtype)],
+        grid=(nsm,),
+        grid_names=("sm",),
+        compiler_params=plgpu.CompilerParams(
+            lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+    )
+    with _gmm_gpu.interpret_context(interpret):
+        return call(src_m.astype(jnp.int32), x_td.reshape(T, R, C)).reshape(M, D)
+
+
+def combine_rows(y_md: jax.Array, inv_tk: jax.Array, w_tk: jax.Array | None, out_dtype, *,
+                 max_concurrent_steps: int = 3, interpret: bool = False) -> jax.Array:
+    """Pallas version of `combine_rows_reference` (see module docstring)."""
+    M, D = y_md.shape
+    T, K = inv_tk.shape
+    R, C = row_view(D)
+    rb = _rows_per_step(R, C, K, y_md.dtype.itemsize)
+    n_c = R // rb
+    nsm = _gmm_gpu.num_sms(interpret)
+    inv_m = inv_tk.reshape(T * K).astype(jnp.int32)
+    w_m = (jnp.ones((T * K,), jnp.float32) if w_tk is None
+           else w_tk.reshape(T * K).astype(jnp.float32))
+
+    def kernel(inv_gmem, w_gmem, y_gmem, o_gmem, o_smem):
+        t0, n = _row_range(T, nsm)
+
+        def body(idx, *y_smems):
+            (j,) = idx
+            t = t0 + lax.div(j, n_c)
+            acc = None
+            for k, y_smem in enumerate(y_smems):
+                term = y_smem[...].astype(jnp.float32)
+                if w_tk is not None:
+                    term = term * w_gmem[t * K + k]
+                acc = term if acc is None else acc + term
+            _store_chunk(o_smem, acc.astype(o_smem.dtype), o_gmem, j, t0, n_c, rb)
+
+        def y_spec(k):
+            return plgpu.BlockSpec(
+                (None, rb, C),
+                lambda j: (inv_gmem[(t0 + lax.div(j, n_c)) * K + k], lax.rem(j, n_c), 0))
+
+        plgpu.emit_pipeline(
+            body,
+            grid=(n * n_c,),
+            in_specs=[y_spec(k) for k in range(K)],
+            max_concurrent_steps=max_concurrent_steps,
+        )(*([y_gmem] * K))
+        plgpu.wait_smem_to_gmem(0)
+
+    call = plgpu.kernel(
+        kernel,
+        out_type=jax.ShapeDtypeStruct((T, R, C), out_dtype),
+        scratch_types=[plgpu.SMEM((2, rb, C), out_dtype)],
+        grid=(nsm,),
+        grid_names=("sm",),
+        compiler_params=plgpu.CompilerParams(
+            lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+    )
+    with _gmm_gpu.interpret_context(interpret):
+        return call(inv_m, w_m, y_md.reshape(M, R, C)).reshape(T, D)
