@@ -61,6 +61,9 @@ def get_config() -> config_dict.ConfigDict:
     c.mesh.expert = 1  # routed experts split over this many devices
     c.mesh.fsdp = False  # also shard parameters over `data` (optimizer state always is)
     c.mesh.capacity_factor = 1.25  # expert all-to-all rows per round / balanced load
+    c.mesh.pipeline_schedule = "gpipe"  # gpipe | circular
+    c.mesh.pipeline_microbatches = 4  # microbatches in flight through the stages
+    c.mesh.pipeline_repeats = 2  # circular: times each microbatch goes round the stages
 
     c.checkpoint_every = 200
     c.keep_checkpoints = 3

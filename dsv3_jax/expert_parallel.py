@@ -36,7 +36,7 @@ def routed_experts(x_td, expert_idx_tk, weights_tk, w_gate_edf, w_up_edf, w_down
     mesh, fsdp = parallel.mesh, parallel.fsdp
     w_in_spec = P("expert", "data" if fsdp else None, None)
     w_out_spec = P("expert", None, "data" if fsdp else None)
-    rows = P(BATCH_AXES, None)
+    rows = P(parallel.batch_axes, None)
 
     def local(x_, idx_, w_, wg_, wu_, wd_):
         T_, K = idx_.shape
@@ -50,15 +50,17 @@ def routed_experts(x_td, expert_idx_tk, weights_tk, w_gate_edf, w_up_edf, w_down
                 x_sorted_, group_sizes_, wg_, wu_, wd_, implementation=implementation)
         else:
             q = _round_rows(T_ * K, parallel.expert_size, parallel.capacity_factor)
-            if not fsdp:  # per-device gradients inside; the cast's transpose sums them
-                wg_, wu_, wd_ = (jax.lax.pcast(w, "data", to="varying") for w in (wg_, wu_, wd_))
             y_sorted_ = _exchange(x_sorted_, group_sizes_, wg_, wu_, wd_, q, fsdp,
                                   implementation)
         return expert_dispatch.unpermute_combine(y_sorted_, order_, w_, x_.dtype)
 
+    # check_vma=False: the transpose then sums every input's per-device cotangent over the mesh
+    # axes the input is replicated on (the expert weights over data and, outside pipeline
+    # stages, pipeline), which is what the per-device weight gradients below need.
     return jax.shard_map(
         local, mesh=mesh, in_specs=(rows, rows, rows, w_in_spec, w_in_spec, w_out_spec),
-        out_specs=rows)(x_td, expert_idx_tk, weights_tk, w_gate_edf, w_up_edf, w_down_efd)
+        out_specs=rows, check_vma=False)(
+            x_td, expert_idx_tk, weights_tk, w_gate_edf, w_up_edf, w_down_efd)
 
 
 def _round_rows(m: int, p: int, capacity_factor: float) -> int:
@@ -112,7 +114,7 @@ def _local_experts(recv_x_pqd, recv_e_pq, wg, wu, wd, impl):
 def _rounds(group_sizes_e, q):
     n_shards = jax.lax.axis_size("expert")
     sizes_p, starts_p = _plan(group_sizes_e, n_shards)
-    biggest = jax.lax.pmax(sizes_p.max(), ("data", "expert"))
+    biggest = jax.lax.pmax(sizes_p.max(), BATCH_AXES)
     return sizes_p, starts_p, (biggest + q - 1) // q
 
 
@@ -140,17 +142,7 @@ def _forward(x_sorted_md, group_sizes_e, wg_, wu_, wd_, q, fsdp, impl):
         back_pqd = jnp.where(valid_pq[..., None], back_pqd, 0.0)
         return out_md.at[row_pq.reshape(-1)].add(back_pqd.reshape(-1, D))
 
-    return jax.lax.fori_loop(0, n_rounds, one_round, _varying(jnp.zeros((M, D), jnp.float32)))
-
-
-def _varying(tree):
-    """Loop carries that will hold per-device values must start typed as such (shard_map vma)."""
-    def one(x):
-        varying = jax.typeof(x).manual_axis_type.varying
-        missing = tuple(a for a in BATCH_AXES if a not in varying)
-        return jax.lax.pcast(x, missing, to="varying") if missing else x
-
-    return jax.tree.map(one, tree)
+    return jax.lax.fori_loop(0, n_rounds, one_round, jnp.zeros((M, D), jnp.float32))
 
 
 def _fwd(x_sorted_md, group_sizes_e, wg_, wu_, wd_, q, fsdp, impl):
@@ -183,12 +175,11 @@ def _bwd(q, fsdp, impl, residuals, d_out_md):
         dx_md = dx_md.at[row_pq.reshape(-1)].add(back.reshape(-1, D))
         return dx_md, dwg + dwg_r, dwu + dwu_r, dwd + dwd_r
 
-    zeros = _varying((jnp.zeros((M, D), x_sorted_md.dtype), jnp.zeros_like(wg),
-                      jnp.zeros_like(wu), jnp.zeros_like(wd)))
+    zeros = (jnp.zeros((M, D), x_sorted_md.dtype), jnp.zeros_like(wg), jnp.zeros_like(wu),
+             jnp.zeros_like(wd))
     dx_md, dwg, dwu, dwd = jax.lax.fori_loop(0, n_rounds, one_round, zeros)
     # Each data-parallel row saw different tokens. Sharded weights: reduce-scatter the gradient
-    # back to this device's slice. Replicated weights entered as `data`-varying (see
-    # `routed_experts`): the transpose of that cast sums the per-device gradients.
+    # back to this device's slice. Replicated weights: shard_map's transpose sums it.
     if fsdp:
         dwg = jax.lax.psum_scatter(dwg, "data", scatter_dimension=1, tiled=True)
         dwu = jax.lax.psum_scatter(dwu, "data", scatter_dimension=1, tiled=True)

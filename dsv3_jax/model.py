@@ -11,9 +11,10 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from dsv3_jax import pipeline
 from dsv3_jax.attention import MLA
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.layers import MLP, RMSNorm, normal, weight
+from dsv3_jax.layers import MLP, RMSNorm, einsum_f32, normal, weight
 from dsv3_jax.moe import ROUTER_BIAS, ROUTER_STATS, MoE
 from dsv3_jax.sharding import Parallel
 
@@ -128,6 +129,9 @@ class Transformer(nn.Module):
                                   ("moe_layers", c.n_moe_layers, True)):
             if length == 0:
                 continue
+            if moe and self.pipelined(cache):
+                h_btd = self.pipelined_moe_stack(h_btd, positions_bt, segment_ids_bt, valid_bt)
+                continue
             kv_cache = None if cache is None else cache[name]
             stack = block_stack(c, length, moe, self.decode, name, self.parallel)
             h_btd, new_cache[name] = stack(
@@ -149,7 +153,37 @@ class Transformer(nn.Module):
         return h_final_btd, tuple(mtp_hidden), (new_cache if cache is not None else None)
 
 
+    def pipelined(self, cache) -> bool:
+        """Training-form passes over a mesh with pipeline stages run the MoE stack pipelined
+        (initialization creates the same stacked weights through the plain scan)."""
+        p = self.parallel
+        return (p is not None and p.pipeline is not None and p.pipeline.stages > 1
+                and cache is None and not self.decode and not self.is_initializing())
+
+    def pipelined_moe_stack(self, h_btd, positions_bt, segment_ids_bt, valid_bt):
+        c = self.cfg
+        block = Block(c, moe=True, parallel=self.parallel.inside_stages())
+
+        def layer_fn(w, h, aux):
+            (h, _), state = block.apply(
+                {"params": w["params"], ROUTER_BIAS: w["bias"]}, h, None, None,
+                aux["positions"], aux.get("segment_ids"), aux["valid"], mutable=[ROUTER_STATS])
+            return h, state[ROUTER_STATS]
+
+        if c.remat != "none":
+            layer_fn = jax.checkpoint(layer_fn, policy=REMAT_POLICIES[c.remat],
+                                      prevent_cse=False)
+        weights = {"params": self.variables["params"]["moe_layers"],
+                   "bias": self.variables[ROUTER_BIAS]["moe_layers"]}
+        aux = {"positions": positions_bt, "valid": valid_bt}
+        if segment_ids_bt is not None:
+            aux["segment_ids"] = segment_ids_bt
+        h_btd, stats = pipeline.run(layer_fn, weights, h_btd, aux, self.parallel.pipeline)
+        self.sow(ROUTER_STATS, "moe_layers", stats, init_fn=dict,
+                 reduce_fn=lambda _, new: new)
+        return h_btd
+
+
 def head_logits(params, h_btd: jax.Array) -> jax.Array:
     """Output head (shared by the main model and every MTP depth): [B,T,D] -> fp32 [B,T,V]."""
-    head_dv = params["head"].astype(h_btd.dtype)
-    return jnp.einsum("BTD,DV->BTV", h_btd, head_dv, preferred_element_type=jnp.float32)
+    return einsum_f32("BTD,DV->BTV", h_btd, params["head"].astype(h_btd.dtype))

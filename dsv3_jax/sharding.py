@@ -18,6 +18,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from dsv3_jax.config import ModelConfig
+from dsv3_jax.pipeline import PipelineSpec
 
 MESH_AXES = ("pipeline", "data", "expert")
 BATCH_AXES = ("data", "expert")
@@ -38,6 +39,13 @@ class Parallel:
     mesh: Mesh
     fsdp: bool = False  # shard parameters (not only optimizer state) over `data`
     capacity_factor: float = 1.25  # expert all-to-all rows per round / balanced rows
+    pipeline: PipelineSpec | None = None  # stages > 1: the MoE stack is pipelined
+    # Mesh axes the token rows are split over where the MoE runs; inside pipeline stages the
+    # `pipeline` axis is taken by the stages themselves.
+    batch_axes: tuple[str, ...] = BATCH_AXES
+
+    def inside_stages(self) -> Parallel:
+        return dataclasses.replace(self, batch_axes=BATCH_AXES)
 
     @property
     def expert_size(self) -> int:
@@ -93,12 +101,12 @@ def check_fits(model: ModelConfig, mesh_shape: dict[str, int], batch_size: int,
     if p > 1 and model.n_moe_layers < p:
         raise ValueError(f"mesh pipeline={p} exceeds the {model.n_moe_layers} MoE layers to split "
                          "into stages")
-    per_step = batch_size // microbatches
-    if batch_size % microbatches or per_step % (d * e):
+    per_step, rows = batch_size // microbatches, p * d * e
+    if batch_size % microbatches or per_step % rows:
         raise ValueError(
             f"batch_size={batch_size} / microbatches={microbatches} = {batch_size / microbatches:g}"
-            f" sequences per microbatch must divide over data x expert = {d * e} devices; e.g. "
-            f"batch_size={d * e * microbatches * max(1, per_step // (d * e))}")
+            f" sequences per microbatch must divide over pipeline x data x expert = {rows} "
+            f"devices; e.g. batch_size={rows * microbatches * max(1, per_step // rows)}")
 
 
 def spec(logical: Sequence[str | None], fsdp: bool = False) -> PartitionSpec:

@@ -20,7 +20,7 @@ import numpy as np
 from ml_collections import config_dict
 
 import dsv3_jax
-from dsv3_jax import flops, sharding
+from dsv3_jax import flops, pipeline, sharding
 from dsv3_jax.checkpoint import Checkpointer, load_variables
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.data import DataSpec, TokenData
@@ -73,8 +73,19 @@ def validate(cfg: config_dict.ConfigDict, model: ModelConfig) -> None:
                         cfg.batch_size, cfg.microbatches)
     need(cfg.mesh.capacity_factor > 0,
          f"mesh.capacity_factor={cfg.mesh.capacity_factor} must be positive")
-    need(shape[0] == 1, f"mesh.pipeline={shape[0]}: pipeline stages are not available in this "
-         "version; use pipeline=1")
+    if shape[0] > 1:
+        spec = pipeline_spec(cfg, shape[0])
+        pipeline.check(spec, model.n_moe_layers, cfg.batch_size // cfg.microbatches)
+        per_microbatch = cfg.batch_size // cfg.microbatches // spec.microbatches
+        need(per_microbatch % (shape[1] * shape[2]) == 0,
+             f"pipeline microbatches of {per_microbatch} sequences do not divide over data x "
+             f"expert = {shape[1] * shape[2]}; raise batch_size or lower "
+             f"mesh.pipeline_microbatches")
+
+
+def pipeline_spec(cfg: config_dict.ConfigDict, stages: int) -> pipeline.PipelineSpec:
+    return pipeline.PipelineSpec(stages, cfg.mesh.pipeline_microbatches,
+                                 cfg.mesh.pipeline_schedule, cfg.mesh.pipeline_repeats)
 
 
 def parallel_layout(cfg: config_dict.ConfigDict) -> sharding.Parallel | None:
@@ -82,7 +93,11 @@ def parallel_layout(cfg: config_dict.ConfigDict) -> sharding.Parallel | None:
     if jax.device_count() == 1:
         return None
     mesh = sharding.make_mesh(cfg.mesh.pipeline, cfg.mesh.data, cfg.mesh.expert)
-    return sharding.Parallel(mesh, fsdp=cfg.mesh.fsdp, capacity_factor=cfg.mesh.capacity_factor)
+    stages = mesh.shape["pipeline"]
+    return sharding.Parallel(
+        mesh, fsdp=cfg.mesh.fsdp, capacity_factor=cfg.mesh.capacity_factor,
+        pipeline=pipeline_spec(cfg, stages) if stages > 1 else None,
+        batch_axes=sharding.MESH_AXES if stages > 1 else sharding.BATCH_AXES)
 
 
 def hyper(cfg: config_dict.ConfigDict) -> Hyper:
@@ -95,6 +110,14 @@ def hyper(cfg: config_dict.ConfigDict) -> Hyper:
         bias_rate=tuple(tuple(p) for p in cfg.objective.bias_rate),
         balance_alpha=cfg.objective.balance_alpha,
         inject_nonfinite_steps=tuple(cfg.get("inject_nonfinite_steps", ())))
+
+
+def pipeline_note(parallel) -> str:
+    if parallel is None or parallel.pipeline is None:
+        return ""
+    p = parallel.pipeline
+    return (f", {p.schedule} pipeline of {p.stages} stages x {p.microbatches} microbatches "
+            f"(bubble {p.bubble_fraction():.1%})")
 
 
 class MetricsWriter:
@@ -168,7 +191,8 @@ def run(cfg: config_dict.ConfigDict, workdir: str, *, progress: bool = True) -> 
           f"active per token), MTP {counts['mtp'] / 1e6:.1f}M as released; "
           f"{flops_per_token / 1e6:.1f} MFLOPs per trained token; {devices} x "
           f"{jax.devices()[0].device_kind}"
-          f"{'' if parallel is None else f' as mesh {dict(parallel.mesh.shape)}'}; "
+          f"{'' if parallel is None else f' as mesh {dict(parallel.mesh.shape)}'}"
+          f"{pipeline_note(parallel)}; "
           f"steps {start} -> {cfg.steps}", flush=True)
 
     writer = MetricsWriter(workdir)

@@ -79,7 +79,7 @@ class Trainer:
             step=replicated, params=var_sh["params"], router_bias=var_sh["router_bias"],
             opt_state=sharding.opt_state_shardings(self.tx, params, var_sh["params"]),
             nonfinite=replicated)
-        rows = NamedSharding(mesh, PartitionSpec(sharding.BATCH_AXES, None))
+        rows = NamedSharding(mesh, PartitionSpec(parallel.batch_axes, None))
         self.batch_sharding = {"tokens": rows, "segment_ids": rows}
         self.init_state = jax.jit(self._init_state, out_shardings=self.state_sharding)
         self.state_from_variables = jax.jit(self._state_from_variables,
@@ -126,11 +126,12 @@ class Trainer:
             tokens_bs, segment_ids_bs, cfg.mtp_depth)
         out = dsv3_jax.forward(cfg, {"params": params, "router_bias": router_bias}, inputs_bt,
                                seg_bt, return_hidden=True, parallel=self.parallel)
-        ce = objective.cross_entropy_sum(params, out.hidden, targets[0], masks[0]) / counts[0]
-        mtp = jnp.zeros((), jnp.float32)
-        for k, h_k in enumerate(out.mtp_hidden, start=1):
-            mtp += objective.cross_entropy_sum(params, h_k, targets[k], masks[k]) / (
-                counts[k] * cfg.mtp_depth)
+        with jax.named_scope("loss_head"):
+            ce = objective.cross_entropy_sum(params, out.hidden, targets[0], masks[0]) / counts[0]
+            mtp = jnp.zeros((), jnp.float32)
+            for k, h_k in enumerate(out.mtp_hidden, start=1):
+                mtp += objective.cross_entropy_sum(params, h_k, targets[k], masks[k]) / (
+                    counts[k] * cfg.mtp_depth)
         balance = objective.balance_loss_sum(cfg, out.router_stats) / self.hyper.batch_size
         return ce, mtp, balance, objective.expert_loads(out.router_stats)
 
@@ -173,11 +174,13 @@ class Trainer:
         if h.inject_nonfinite_steps:
             poison = jnp.isin(state.step, jnp.asarray(h.inject_nonfinite_steps))
             loss = jnp.where(poison, jnp.nan, loss)
-        grad_norm = optax.tree.norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        router_bias = objective.update_bias(state.router_bias, loads, gamma)
+        with jax.named_scope("optimizer"):
+            grad_norm = optax.tree.norm(grads)
+            finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+            updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
+        with jax.named_scope("bias_update"):
+            router_bias = objective.update_bias(state.router_bias, loads, gamma)
 
         def keep_if_finite(new, old):
             return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)

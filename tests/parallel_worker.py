@@ -11,11 +11,12 @@ jax.config.update("jax_num_cpu_devices", 8)
 import numpy as np  # noqa: E402
 
 from configs import tiny  # noqa: E402
-from dsv3_jax import sharding, train_loop  # noqa: E402
+from dsv3_jax import train_loop  # noqa: E402
 from dsv3_jax.trainer import Trainer  # noqa: E402
 
 
 def step(cfg, parallel):
+    """One training step from the seed-0 init on the first batch; (state, metrics) on host."""
     trainer = Trainer(train_loop.model_config(cfg), train_loop.hyper(cfg), parallel)
     data = train_loop.TokenData(
         train_loop.DataSpec("text", "", "text", "bytes", cfg.seq_len, 50), 320)
@@ -25,16 +26,24 @@ def step(cfg, parallel):
     return jax.device_get(state), jax.device_get(metrics)
 
 
-def main(meshes):
+def main(cases):
     cfg = tiny.get_config()
     cfg.batch_size, cfg.seq_len, cfg.microbatches = 16, 32, 2
+    cfg.model.n_layers = 5  # 4 MoE layers: 2 or 4 pipeline stages, 2 repeats on 2 stages
     # A larger Adam epsilon keeps the first update smooth in the gradient (with eps -> 0 it is
     # sign(g), which flips for gradients at rounding-noise level).
     cfg.optimizer.eps = 1e-4
     ref_state, ref_metrics = step(cfg, None)
-    for mesh_shape, fsdp in meshes:
-        parallel = sharding.Parallel(sharding.make_mesh(*mesh_shape), fsdp=fsdp,
-                                     capacity_factor=0.5)  # forces several exchange rounds
+    for case in cases:
+        mesh_shape = case["mesh"]
+        cfg.mesh.pipeline, cfg.mesh.data, cfg.mesh.expert = mesh_shape
+        cfg.mesh.fsdp = case["fsdp"]
+        cfg.mesh.capacity_factor = 0.5  # forces several expert exchange rounds
+        cfg.mesh.pipeline_schedule = case.get("schedule", "gpipe")
+        cfg.mesh.pipeline_microbatches = 2
+        cfg.mesh.pipeline_repeats = 2
+        train_loop.validate(cfg, train_loop.model_config(cfg))
+        parallel = train_loop.parallel_layout(cfg)
         state, metrics = step(cfg, parallel)
         params_err = max(
             float(np.max(np.abs(a - b)) / (np.max(np.abs(b)) + 1e-30))
@@ -44,11 +53,11 @@ def main(meshes):
             jax.tree.leaves(state.router_bias), jax.tree.leaves(ref_state.router_bias),
             strict=True))
         print(json.dumps({
-            "mesh": list(mesh_shape), "fsdp": fsdp,
+            **case,
             "loss": float(metrics["loss"]), "ref_loss": float(ref_metrics["loss"]),
             "params_rel_err": params_err, "bias_equal": bias_equal,
             "devices": int(parallel.mesh.size)}), flush=True)
 
 
 if __name__ == "__main__":
-    main([(tuple(m["mesh"]), m["fsdp"]) for m in json.loads(sys.argv[1])])
+    main(json.loads(sys.argv[1]))

@@ -1,4 +1,4 @@
-"""Data, expert (and fully sharded) parallelism on 8 CPU devices equal one device."""
+"""Data, expert, fully sharded and pipeline parallelism on 8 CPU devices equal one device."""
 
 import json
 import os
@@ -11,11 +11,15 @@ from dsv3_jax import sharding
 from dsv3_jax.config import TINY
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# (pipeline, data, expert); the pipelined cases run 2 microbatches through the stages.
 MESHES = [
     {"mesh": [1, 8, 1], "fsdp": False},
     {"mesh": [1, 2, 4], "fsdp": False},
     {"mesh": [1, 1, 8], "fsdp": False},
     {"mesh": [1, 2, 4], "fsdp": True},
+    {"mesh": [2, 2, 2], "fsdp": False, "schedule": "gpipe"},
+    {"mesh": [4, 2, 1], "fsdp": False, "schedule": "gpipe"},
+    {"mesh": [2, 2, 2], "fsdp": True, "schedule": "circular"},
 ]
 
 
@@ -26,12 +30,21 @@ def results():
         capture_output=True, text=True, timeout=1500)
     assert out.returncode == 0, out.stderr[-4000:]
     lines = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
-    return {(tuple(r["mesh"]), r["fsdp"]): r for r in lines}
+    return {_key(r): r for r in lines}
 
 
-@pytest.mark.parametrize("case", MESHES, ids=lambda m: f"{m['mesh']}{'-fsdp' if m['fsdp'] else ''}")
+def _key(case):
+    return (tuple(case["mesh"]), case["fsdp"], case.get("schedule"))
+
+
+def _name(case):
+    return "x".join(map(str, case["mesh"])) + ("-fsdp" if case["fsdp"] else "") + (
+        f"-{case['schedule']}" if "schedule" in case else "")
+
+
+@pytest.mark.parametrize("case", MESHES, ids=_name)
 def test_one_step_equals_the_single_device_step(results, case):
-    r = results[(tuple(case["mesh"]), case["fsdp"])]
+    r = results[_key(case)]
     assert r["devices"] == 8
     # fp32 everywhere; only the order of reductions differs across layouts.
     assert abs(r["loss"] - r["ref_loss"]) <= 1e-5 * abs(r["ref_loss"])
@@ -53,12 +66,25 @@ def test_meshes_that_do_not_fit_the_devices_are_refused(sizes, devices, message)
 @pytest.mark.parametrize("mesh, batch, micro, message", [
     ({"pipeline": 1, "data": 1, "expert": 3}, 12, 1, r"expert=3 does not divide n_routed_"
                                                      r"experts=16; expert sizes that fit"),
-    ({"pipeline": 1, "data": 4, "expert": 2}, 12, 1, r"must divide over data x expert = 8"),
+    ({"pipeline": 1, "data": 4, "expert": 2}, 12, 1, r"pipeline x data x expert = 8"),
     ({"pipeline": 4, "data": 1, "expert": 1}, 8, 1, r"pipeline=4 exceeds the 2 MoE layers"),
 ])
 def test_models_that_do_not_divide_over_the_mesh_are_refused(mesh, batch, micro, message):
     with pytest.raises(ValueError, match=message):
         sharding.check_fits(TINY, mesh, batch, micro)
+
+
+def test_pipeline_settings_that_cannot_run_are_refused():
+    from dsv3_jax import pipeline
+
+    with pytest.raises(ValueError, match=r"58 MoE layers do not split into 16 stages x 1"):
+        pipeline.check(pipeline.PipelineSpec(16, 32), 58, 64)
+    with pytest.raises(ValueError, match="circular needs at least 2"):
+        pipeline.check(pipeline.PipelineSpec(2, 4, "circular", 1), 4, 8)
+    with pytest.raises(ValueError, match=r"do not split into mesh\.pipeline_microbatches=3"):
+        pipeline.check(pipeline.PipelineSpec(2, 3), 4, 8)
+    assert pipeline.PipelineSpec(4, 12).bubble_fraction() == pytest.approx(3 / 15)
+    assert pipeline.PipelineSpec(4, 12, "circular", 2).bubble_fraction() == pytest.approx(3 / 27)
 
 
 def test_one_table_maps_logical_axes():

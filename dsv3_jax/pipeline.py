@@ -1,0 +1,146 @@
+"""Pipeline parallelism for the MoE stack: stages over the mesh's `pipeline` axis.
+
+Legend: P stages, V repeats (circular), Lc layers per stage and repeat (L = P*V*Lc MoE layers),
+M microbatches of b sequences, T tokens, D model dim, E experts.
+
+All stages run in one SPMD program: `jax.vmap(stage_fn, spmd_axis_name="pipeline")` over the
+stage axis of the weights and of a state buffer [P, b, T, D], whose roll by one stage after each
+iteration becomes a collective permute. Iteration t gives stage p the pass g = t - p of the
+microbatch stream: microbatch g % M at repeat g // M; passes outside [0, M*V) are bubble.
+
+  GPipe (V = 1): stage p holds layers [p*Lc, (p+1)*Lc); M + P - 1 iterations;
+                 bubble (P-1)/(M+P-1).
+  circular (V > 1): stage p holds layers of chunks p, P+p, 2P+p, ... (chunk c = layers
+                 [c*Lc, (c+1)*Lc)); microbatches go round the ring V times; M*V + P - 1
+                 iterations of 1/V the work; bubble (P-1)/(M*V+P-1). The MoE stack is stored
+                 in layer order split contiguously over stages, so the circular layout is made
+                 inside the step: (1 - 1/V) of the MoE weights move between stages per step (and
+                 their gradients back). Worth it when activations, not weights, dominate.
+The backward pass is JAX's reverse of this loop (GPipe order: all forwards, then all backwards).
+Embedding, dense layers, head and MTP run outside the pipelined region.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+SCHEDULES = ("gpipe", "circular")
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineSpec:
+    stages: int
+    microbatches: int
+    schedule: str = "gpipe"
+    repeats: int = 1  # V, circular only
+
+    @property
+    def virtual_stages(self) -> int:
+        return self.stages * (self.repeats if self.schedule == "circular" else 1)
+
+    def bubble_fraction(self) -> float:
+        passes = self.microbatches * self.virtual_stages // self.stages
+        return (self.stages - 1) / (passes + self.stages - 1)
+
+
+def check(spec: PipelineSpec, n_layers: int, batch: int) -> None:
+    """Clear errors for a pipeline that cannot run this stack."""
+    if spec.schedule not in SCHEDULES:
+        raise ValueError(f"mesh.pipeline_schedule={spec.schedule!r} is not one of {SCHEDULES}")
+    if spec.schedule == "circular" and spec.repeats < 2:
+        raise ValueError(f"mesh.pipeline_repeats={spec.repeats}: circular needs at least 2")
+    if n_layers % spec.virtual_stages:
+        fits = [p for p in range(1, n_layers + 1) if n_layers % (p * (spec.virtual_stages //
+                                                                       spec.stages)) == 0]
+        raise ValueError(
+            f"{n_layers} MoE layers do not split into {spec.stages} stages x "
+            f"{spec.virtual_stages // spec.stages} repeats; pipeline sizes that fit: {fits}")
+    if batch % spec.microbatches:
+        raise ValueError(f"{batch} sequences per step do not split into "
+                         f"mesh.pipeline_microbatches={spec.microbatches}")
+    if spec.schedule == "circular" and spec.microbatches < spec.stages:
+        raise ValueError(f"circular pipelining needs mesh.pipeline_microbatches >= stages "
+                         f"({spec.microbatches} < {spec.stages})")
+
+
+def split_rows(x, m: int):
+    """[B, ...] -> [M, B/M, ...] taking rows m, m+M, ...: each device keeps a share."""
+    return x.reshape(x.shape[0] // m, m, *x.shape[1:]).swapaxes(0, 1)
+
+
+def merge_rows(x):
+    """Inverse of split_rows: [M, b, ...] -> [M*b, ...]."""
+    return x.swapaxes(0, 1).reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+
+
+def run(layer_fn: Callable, weights, h_btd, aux: dict, spec: PipelineSpec):
+    """Run `layer_fn` over the stacked layers of `weights` (leading axis L) with pipelining.
+
+    layer_fn(layer_weights, h [b,T,D], aux_b) -> (h, stats): one layer on one microbatch; aux is
+    a dict of [B, ...] per-sequence inputs (positions, segments, valid) split like h. Returns
+    (h [B,T,D], stats with leading [L, B, ...]) — the same as scanning the layers in order.
+    """
+    P, M = spec.stages, spec.microbatches
+    V = spec.virtual_stages // P
+    L = jax.tree.leaves(weights)[0].shape[0]
+    Lc = L // (P * V)
+
+    def stage_major(w):  # [L, ...] -> [P, V, Lc, ...]: chunk v*P + p on stage p
+        return w.reshape(V, P, Lc, *w.shape[1:]).swapaxes(0, 1)
+
+    stage_w = jax.tree.map(stage_major, weights)
+    x_mbtd = split_rows(h_btd, M)
+    aux_m = {k: split_rows(a, M) for k, a in aux.items()}
+    b, T, D = x_mbtd.shape[1:]
+
+    def stage_fn(w_v, v, h, aux_b):
+        w = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, v, 0, keepdims=False), w_v)
+
+        def body(carry, layer_w):
+            return layer_fn(layer_w, carry, aux_b)
+
+        return jax.lax.scan(body, h, w)
+
+    run_stages = jax.vmap(stage_fn, spmd_axis_name="pipeline")
+    stats_shape = jax.eval_shape(
+        lambda: stage_fn(jax.tree.map(lambda a: a[0], stage_w), 0, x_mbtd[0],
+                         {k: a[0] for k, a in aux_m.items()})[1])
+    stages = jnp.arange(P)
+
+    def iteration(carry, t):
+        state, circ, out, stats = carry
+        g = t - stages  # pass of each stage
+        active = (g >= 0) & (g < M * V)
+        m, v = jnp.clip(g, 0, M * V - 1) % M, jnp.clip(g, 0, M * V - 1) // M
+        first_in = jnp.where(v[0] == 0, x_mbtd[m[0]], circ[m[0]])
+        state = state.at[0].set(first_in)
+        aux_p = {k: a[m] for k, a in aux_m.items()}  # [P, b, ...]: each stage's microbatch
+        new, layer_stats = run_stages(stage_w, v, state, aux_p)
+        last, m_last, v_last = new[P - 1], m[P - 1], v[P - 1]
+        circ = circ.at[m_last].set(jnp.where(active[P - 1], last, circ[m_last]))
+        done = active[P - 1] & (v_last == V - 1)
+        out = out.at[m_last].set(jnp.where(done, last, out[m_last]))
+        # Stats of real passes only, into [V, P, Lc, M, b, ...] (layer chunk v*P + p).
+        def put(acc, s):
+            s = jnp.where(active.reshape((P,) + (1,) * (s.ndim - 1)), s, 0)
+            return acc.at[v, stages, :, m].add(s)
+
+        stats = jax.tree.map(put, stats, layer_stats)
+        return (jnp.roll(new, 1, axis=0), circ, out, stats), None
+
+    zeros_stats = jax.tree.map(
+        lambda s: jnp.zeros((V, P, Lc, M, *s.shape[1:]), s.dtype), stats_shape)
+    init = (jnp.zeros((P, b, T, D), h_btd.dtype), jnp.zeros_like(x_mbtd),
+            jnp.zeros_like(x_mbtd), zeros_stats)
+    n_iter = M * V + P - 1
+    (_, _, out, stats), _ = jax.lax.scan(iteration, init, jnp.arange(n_iter))
+
+    def layer_order(s):  # [V, P, Lc, M, b, ...] -> [L, B, ...]
+        s = s.reshape(L, M, *s.shape[4:])
+        return jax.vmap(merge_rows)(s)
+
+    return merge_rows(out), jax.tree.map(layer_order, stats)
