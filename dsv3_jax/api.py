@@ -126,10 +126,12 @@ def _forward(config, variables, tokens, segment_ids, return_hidden, parallel):
 
 
 def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=None) -> Cache:
-    """An empty latent cache for `batch` sequences of up to `max_len` tokens."""
+    """An empty latent cache for `batch` sequences of up to `max_len` tokens (capacity rounded
+    up to a multiple of 64 rows, the decode kernel's tile)."""
     if max_len > config.max_seq_len:
         raise ValueError(
             f"cache length {max_len} exceeds the model's max_seq_len {config.max_seq_len}")
+    max_len = -(-max_len // 64) * 64
     width = config.kv_lora_rank + config.qk_rope_head_dim
     dtype = dtype or jnp.dtype(config.dtype)
     kv = {}
@@ -192,6 +194,7 @@ def init_mtp_cache(config: ModelConfig, batch: int, max_len: int, dtype=None) ->
     if max_len > config.max_seq_len:
         raise ValueError(
             f"cache length {max_len} exceeds the model's max_seq_len {config.max_seq_len}")
+    max_len = -(-max_len // 64) * 64
     width = config.kv_lora_rank + config.qk_rope_head_dim
     dtype = dtype or jnp.dtype(config.dtype)
     kv = {f"mtp_{k}": jnp.zeros((batch, max_len, width), dtype)

@@ -7,6 +7,7 @@ G expert groups, V vocab, C concatenated input (2D for the MTP projection).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import flax.linen as nn
@@ -101,14 +102,35 @@ def positions_from_segments(segment_ids_bt: jax.Array) -> jax.Array:
     return index_bt - start_index_bt
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def einsum_f32(spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
+    """einsum of x and w (both in the compute dtype) returning fp32 (fp32 accumulation), whose
+    backward runs in the compute dtype: the fp32 cotangent is cast to x.dtype first. Without
+    this, a bf16 model's gradient matmuls would run in fp32 (TF32 on GPUs, several times
+    slower; measured as 37% of an H200 train step before this existed)."""
+    return jnp.einsum(spec, x, w, preferred_element_type=jnp.float32)
+
+
+def _einsum_f32_fwd(spec, x, w):
+    return einsum_f32(spec, x, w), (x, w)
+
+
+def _einsum_f32_bwd(spec, residuals, ct):
+    x, w = residuals
+    _, vjp = jax.vjp(lambda a, b: jnp.einsum(spec, a, b), x, w)
+    return vjp(ct.astype(x.dtype))
+
+
+einsum_f32.defvjp(_einsum_f32_fwd, _einsum_f32_bwd)
+
+
 def swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array) -> jax.Array:
     """(silu(x W1) * x W3) W2 with fp32 accumulation; the product is cast to x.dtype first."""
     dt = x.dtype
-    gate = jnp.einsum("...D,DF->...F", x, w_gate.astype(dt), preferred_element_type=jnp.float32)
-    up = jnp.einsum("...D,DF->...F", x, w_up.astype(dt), preferred_element_type=jnp.float32)
+    gate = einsum_f32("...D,DF->...F", x, w_gate.astype(dt))
+    up = einsum_f32("...D,DF->...F", x, w_up.astype(dt))
     h = (jax.nn.silu(gate) * up).astype(dt)
-    return jnp.einsum("...F,FD->...D", h, w_down.astype(dt),
-                      preferred_element_type=jnp.float32).astype(dt)
+    return einsum_f32("...F,FD->...D", h, w_down.astype(dt)).astype(dt)
 
 
 class MLP(nn.Module):

@@ -81,12 +81,13 @@ class MoE(nn.Module):
         dt = x_btd.dtype
         experts = (x_td, expert_idx_tk, weights_tk, w_gate.astype(dt), w_up.astype(dt),
                    w_down.astype(dt))
+        _, impl = c.implementations(jax.default_backend())
         with jax.named_scope("routed_experts"):
             if self.parallel is None:
-                routed_td = expert_dispatch.routed_experts(*experts, implementation=c.moe_impl)
+                routed_td = expert_dispatch.routed_experts(*experts, implementation=impl)
             else:
                 routed_td = expert_parallel.routed_experts(
-                    *experts, parallel=self.parallel, implementation=c.moe_impl)
+                    *experts, parallel=self.parallel, implementation=impl)
         out_btd = routed_td.reshape(B, T, D)
         if c.n_shared_experts:
             with jax.named_scope("shared_experts"):
