@@ -15,6 +15,7 @@ from dsv3_jax.api import (
     prefill,
 )
 from dsv3_jax.config import PRESETS, ModelConfig, preset
+from dsv3_jax.generate import generate, load_checkpoint
 from dsv3_jax.hf_weights import from_hf_state_dict, to_hf_state_dict
 
 __all__ = [
@@ -26,9 +27,11 @@ __all__ = [
     "decode",
     "forward",
     "from_hf_state_dict",
+    "generate",
     "init",
     "init_cache",
     "init_mtp_cache",
+    "load_checkpoint",
     "logical_axes",
     "mtp_step",
     "param_counts",
