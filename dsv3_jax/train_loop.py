@@ -145,6 +145,11 @@ class MetricsWriter:
                     self.tb.add_scalar(key, value, record["step"])
             self.tb.flush()
 
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None
+
 
 def to_host(tree):
     return jax.tree.map(lambda x: np.asarray(x).tolist(), jax.device_get(tree))
@@ -263,6 +268,7 @@ def run(cfg: config_dict.ConfigDict, workdir: str, *, progress: bool = True) -> 
     finally:
         if bar is not None:
             bar.close()
+        writer.close()
         checkpoints.close()
         signal.signal(signal.SIGTERM, previous)
     return last

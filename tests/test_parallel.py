@@ -11,15 +11,15 @@ from dsv3_jax import sharding
 from dsv3_jax.config import TINY
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# (pipeline, data, expert); the pipelined cases run 2 microbatches through the stages.
+# (pipeline, data, expert); the pipelined cases run 2 microbatches through the stages. Full
+# parameter sharding and the circular schedule ride along on meshes the issue asks for, to keep
+# CI's compile count down: (1,2,4) and (2,2,2) shard parameters over data too.
 MESHES = [
     {"mesh": [1, 8, 1], "fsdp": False},
-    {"mesh": [1, 2, 4], "fsdp": False},
-    {"mesh": [1, 1, 8], "fsdp": False},
     {"mesh": [1, 2, 4], "fsdp": True},
-    {"mesh": [2, 2, 2], "fsdp": False, "schedule": "gpipe"},
-    {"mesh": [4, 2, 1], "fsdp": False, "schedule": "gpipe"},
+    {"mesh": [1, 1, 8], "fsdp": False},
     {"mesh": [2, 2, 2], "fsdp": True, "schedule": "circular"},
+    {"mesh": [4, 2, 1], "fsdp": False, "schedule": "gpipe"},
 ]
 
 
