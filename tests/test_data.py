@@ -105,3 +105,29 @@ def test_bad_data_is_refused_with_the_value_named(tmp_path):
     (tmp_path / "tiny.txt").write_text("x")
     with pytest.raises(ValueError, match="only 0 windows"):
         TokenData(spec(path=str(tmp_path / "tiny.txt")), VOCAB)
+
+
+def test_hugging_face_tokenizer_json(tmp_path):
+    import tokenizers
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    tok = tokenizers.Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel()
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"])
+    text = "def f(x):\n    return x + 1\n" * 200
+    tok.train_from_iterator([text], trainer)
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.txt").write_text(text)
+    (tmp_path / "corpus" / "b.txt").write_text(text.upper())
+    data = TokenData(spec(path=str(tmp_path / "corpus"), tokenizer=str(tmp_path /
+                                                                       "tokenizer.json"),
+                          seq_len=16, eval_period=2), 320)
+    hf = data.tokenizer
+    assert (hf.bos_id, hf.eos_id) == (tok.token_to_id("<s>"), tok.token_to_id("</s>"))
+    assert int((data.stream == hf.eos_id).sum()) == 2  # one per document
+    assert hf.decode(data.stream[1:8]).strip().startswith("def f(x):")
+    with pytest.raises(ValueError, match=r"raise model.vocab_size to at least"):
+        TokenData(spec(path=str(tmp_path / "corpus"), tokenizer=str(tmp_path /
+                                                                    "tokenizer.json")), 100)
