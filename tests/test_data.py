@@ -128,6 +128,7 @@ def test_hugging_face_tokenizer_json(tmp_path):
     assert (hf.bos_id, hf.eos_id) == (tok.token_to_id("<s>"), tok.token_to_id("</s>"))
     assert int((data.stream == hf.eos_id).sum()) == 2  # one per document
     assert hf.decode(data.stream[1:8]).strip().startswith("def f(x):")
-    with pytest.raises(ValueError, match=r"raise model.vocab_size to at least"):
+    too_small = hf.vocab_size - 1
+    with pytest.raises(ValueError, match=rf"raise model.vocab_size to at least {hf.vocab_size}"):
         TokenData(spec(path=str(tmp_path / "corpus"), tokenizer=str(tmp_path /
-                                                                    "tokenizer.json")), 100)
+                                                                    "tokenizer.json")), too_small)
