@@ -170,8 +170,9 @@ def run(cfg: config_dict.ConfigDict, workdir: str, *, progress: bool = True) -> 
     checkpoints = Checkpointer(os.path.join(workdir, "checkpoints"), cfg.keep_checkpoints)
     meta = {"model": dataclasses.asdict(model), "config": json.loads(cfg.to_json()),
             "tokenizer": data.tokenizer.to_json() if data.tokenizer else None}
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        json.dump(meta, f, indent=1)
+    if process == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            json.dump(meta, f, indent=1)
 
     per_process = cfg.batch_size // processes
     train_iter = iter(data.dataset("train", per_process, cfg.seed, process, processes))
@@ -184,7 +185,10 @@ def run(cfg: config_dict.ConfigDict, workdir: str, *, progress: bool = True) -> 
         start = 0
         state = trainer.init_state(jax.random.key(cfg.seed))
         if cfg.init_from:
-            variables, _ = load_variables(cfg.init_from, dsv3_jax.abstract_variables(model))
+            # Restored straight into this run's shardings: no process holds the whole model.
+            abstract = trainer.abstract_state()
+            variables, _ = load_variables(
+                cfg.init_from, {"params": abstract.params, "router_bias": abstract.router_bias})
             state = trainer.state_from_variables(variables)
             log.info("initialized params and router bias from %s", cfg.init_from)
 
@@ -192,13 +196,13 @@ def run(cfg: config_dict.ConfigDict, workdir: str, *, progress: bool = True) -> 
     flops_per_token = flops.train_flops_per_token(model, cfg.seq_len)
     peak = flops.device_peak_flops()
     devices = jax.device_count()
-    print(f"dsv3-jax: {counts['main'] / 1e6:.1f}M parameters ({counts['active'] / 1e6:.1f}M "
+    say(f"dsv3-jax: {counts['main'] / 1e6:.1f}M parameters ({counts['active'] / 1e6:.1f}M "
           f"active per token), MTP {counts['mtp'] / 1e6:.1f}M as released; "
           f"{flops_per_token / 1e6:.1f} MFLOPs per trained token; {devices} x "
           f"{jax.devices()[0].device_kind}"
           f"{'' if parallel is None else f' as mesh {dict(parallel.mesh.shape)}'}"
           f"{pipeline_note(parallel)}; "
-          f"steps {start} -> {cfg.steps}", flush=True)
+          f"steps {start} -> {cfg.steps}")
 
     writer = MetricsWriter(workdir)
     if start > 0:
@@ -208,7 +212,16 @@ def run(cfg: config_dict.ConfigDict, workdir: str, *, progress: bool = True) -> 
     def on_sigterm(signum, _frame):
         stop["signal"] = signum
 
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    # One process: our own SIGTERM flag. Several: JAX's preemption sync point, which makes
+    # every process stop (and save) at the same step.
+    previous = signal.signal(signal.SIGTERM, on_sigterm) if processes == 1 else None
+
+    def preempted(step: int) -> bool:
+        if processes == 1:
+            return stop["signal"] is not None
+        from jax.experimental import multihost_utils
+
+        return multihost_utils.reached_preemption_sync_point(step)
     bar = None
     if progress and process == 0:
         from tqdm import tqdm
@@ -257,21 +270,28 @@ def run(cfg: config_dict.ConfigDict, workdir: str, *, progress: bool = True) -> 
                 save(step)
             if bar is not None:
                 bar.update(1)
-            if stop["signal"] is not None:
+            if preempted(step):
                 if pending is not None:
                     check_finite(*pending, cfg.objective.max_nonfinite_steps, checkpoints)
                 if step % cfg.checkpoint_every and step != cfg.steps:
                     save(step)
                 log.warning("SIGTERM: saved a checkpoint at step %d; exiting", step)
-                print(f"stopped by SIGTERM: checkpoint saved at step {step}", flush=True)
+                say(f"stopped by SIGTERM: checkpoint saved at step {step}")
                 break
     finally:
         if bar is not None:
             bar.close()
         writer.close()
         checkpoints.close()
-        signal.signal(signal.SIGTERM, previous)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return last
+
+
+def say(message: str) -> None:
+    """Print once per job (process 0)."""
+    if jax.process_index() == 0:
+        print(message, flush=True)
 
 
 def check_finite(step: int, metrics: dict, max_in_a_row: int, checkpoints) -> None:
@@ -280,8 +300,8 @@ def check_finite(step: int, metrics: dict, max_in_a_row: int, checkpoints) -> No
         return
     in_a_row = int(jax.device_get(metrics["nonfinite_in_a_row"]))
     loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
-    print(f"step {step}: non-finite loss {loss} / gradient norm {grad_norm}; update skipped "
-          f"({in_a_row} in a row)", flush=True)
+    say(f"step {step}: non-finite loss {loss} / gradient norm {grad_norm}; update skipped "
+        f"({in_a_row} in a row)")
     if in_a_row >= max_in_a_row:
         checkpoints.wait()
         good = checkpoints.steps()

@@ -33,7 +33,14 @@ def main(cases):
     # A larger Adam epsilon keeps the first update smooth in the gradient (with eps -> 0 it is
     # sign(g), which flips for gradients at rounding-noise level).
     cfg.optimizer.eps = 1e-4
+    # The tiny config warms up from a learning rate of 0; this moves the weights at step 1.
+    cfg.optimizer.schedule = (("constant", 1, 1e-3),)
     ref_state, ref_metrics = step(cfg, None)
+    init = jax.device_get(Trainer(train_loop.model_config(cfg), train_loop.hyper(cfg))
+                          .init_state(jax.random.key(0)).params)
+    moved = [float(np.max(np.abs(a - b))) for a, b in zip(
+        jax.tree.leaves(ref_state.params), jax.tree.leaves(init), strict=True)]
+    ref_moved = min(moved) > 0 and max(moved) > 5e-4
     for case in cases:
         mesh_shape = case["mesh"]
         cfg.mesh.pipeline, cfg.mesh.data, cfg.mesh.expert = mesh_shape
@@ -55,7 +62,7 @@ def main(cases):
         print(json.dumps({
             **case,
             "loss": float(metrics["loss"]), "ref_loss": float(ref_metrics["loss"]),
-            "params_rel_err": params_err, "bias_equal": bias_equal,
+            "params_rel_err": params_err, "bias_equal": bias_equal, "ref_moved": ref_moved,
             "devices": int(parallel.mesh.size)}), flush=True)
 
 

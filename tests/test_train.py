@@ -66,8 +66,15 @@ def test_loss_falls_on_the_default_corpus(tmp_path):
     assert last["tokens_per_sec"] > 0 and len(last["expert_load_max_over_mean"]) == 3
 
 
+# The tiny config warms up from a learning rate of 0: a one-step comparison of parameters needs
+# a schedule whose first step moves them, and an Adam epsilon that keeps that first update
+# smooth in the gradient (with eps -> 0 it is lr * sign(g), which rounding noise flips where
+# g is near 0).
+MOVING = {"optimizer.schedule": (("constant", 1, 1e-3),), "optimizer.eps": 1e-4}
+
+
 def test_gradient_accumulation_equals_the_large_batch():
-    cfg = config()
+    cfg = config(**MOVING)
     model = train_loop.model_config(cfg)
     batch = batch_from(cfg)
     results = []
@@ -75,9 +82,15 @@ def test_gradient_accumulation_equals_the_large_batch():
         cfg.microbatches = m
         trainer = Trainer(model, train_loop.hyper(cfg))
         state = trainer.init_state(jax.random.key(0))
+        init = jax.device_get(state.params)
         state, metrics = trainer.train_step(state, batch)
         results.append((jax.device_get(state), jax.device_get(metrics)))
     (s1, m1), (s2, m2) = results
+    moved = [float(np.abs(a - b).max()) for a, b in zip(
+        jax.tree.leaves(s1.params), jax.tree.leaves(init), strict=True)]
+    # Every weight moved (the largest by about the learning rate), so the comparison below
+    # means something.
+    assert min(moved) > 0 and max(moved) > 5e-4
     # fp32 sums in another order: relative 1e-5 on the loss, 1e-4 on weights after one step.
     np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-5)
     np.testing.assert_allclose(m1["grad_norm"], m2["grad_norm"], rtol=1e-4)
@@ -89,7 +102,7 @@ def test_gradient_accumulation_equals_the_large_batch():
 
 
 def test_step_updates_bias_by_the_rule_and_skips_non_finite_steps():
-    cfg = config(inject_nonfinite_steps=(1,))
+    cfg = config(inject_nonfinite_steps=(1,), **MOVING)
     trainer = Trainer(train_loop.model_config(cfg), train_loop.hyper(cfg))
     state = trainer.init_state(jax.random.key(0))
     # The bias has no optimizer state: AdamW's moments mirror the params tree only.

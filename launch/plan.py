@@ -1,0 +1,467 @@
+"""Size a training job on a laptop: per-device memory for a config, a mesh and a device count.
+
+  python -m launch.plan --config=configs/deepseek_v3_671b.py --devices=2048
+  python -m launch.plan --config=configs/deepseek_v3_671b.py --devices=2048 \
+      --config.mesh.pipeline=16 --config.mesh.expert=64 --config.mesh.data=-1 \
+      --device_memory_gb=141
+
+Nothing is allocated and no accelerator is touched: shapes come from
+`dsv3_jax.abstract_variables` (jax.eval_shape) with their logical axes, shardings from the one
+logical-axis table (`dsv3_jax.sharding.spec`), and per-device shard shapes are plain arithmetic
+over the mesh sizes (ZeRO-1 placement from `sharding.zero1` on a jax AbstractMesh).
+
+Per device, in bytes (GB = 1e9):
+  parameters   fp32 shards of every parameter, plus the router bias (fp32, not trained).
+               A dimension is split over its mesh axes when they divide it, else replicated
+               (as the trainer does), except the MoE layer axis over `pipeline`: each stage
+               holds ceil(moe_layers / pipeline) layers. Dense layers, embedding, head, final
+               norm and the MTP modules are not split by `pipeline` (every stage holds them).
+  gradients    fp32, sharded like the parameters; twice that with microbatches > 1 (the
+               accumulated sum and the gradient of the current microbatch).
+  optimizer    AdamW mu and nu, fp32, sharded like the parameters plus ZeRO-1: `data` on the
+               first free dimension it divides (dsv3_jax.sharding.zero1).
+  activations  b = bytes of model.dtype; c = every intermediate of one layer per token;
+               s = what the remat policy keeps of it (below). Without a pipeline (P = 1), each
+               accumulation microbatch (`microbatches` of them) runs its forward and backward
+               before the next; tokens = batch_size / microbatches / (data x expert) x seq_len
+               per device, and with L_d dense and L_m MoE layers:
+                 saved   = tokens x [L_d s_dense + L_m s_moe + X]
+                 X       = mtp_depth (c_moe + 3 D b) + (2 + mtp_depth) D b: the MTP blocks are
+                           not rematerialized; the embedding, final and head inputs are kept
+                 working = tokens x max(2 c_dense, 2 c_moe + A) + one layer's weights in b
+                           bytes + the loss chunk (2 x rows x 512 x vocab fp32)
+               With a pipeline (dsv3_jax.pipeline: M = mesh.pipeline_microbatches, V repeats of
+               a circular schedule, else 1), embedding, dense layers, MTP and head run outside
+               the stages on rows split over every device; the MoE stack runs n = M V + P - 1
+               iterations of Lc = ceil(L_m / (P V)) layers on one pipeline microbatch, and the
+               backward (JAX's reverse of the loop, GPipe order) keeps every iteration's values:
+                 tokens_out = batch_size / microbatches / (P x data x expert) x seq_len
+                 tokens_in  = batch_size / microbatches / M / (data x expert) x seq_len
+                 saved   = tokens_out x [L_d s_dense + X] + n x tokens_in x (Lc s_moe + D b)
+                 working = max(tokens_out x 2 c_dense, tokens_in x (2 c_moe + A)) + one layer's
+                           weights in b bytes + the loss chunk; circular adds the stage's MoE
+                           weights once more (re-laid out for the ring every step)
+               s per policy:  full D b (the layer input); save_attention_out 2 D b;
+                 save_dots_no_batch D b + matmul outputs without batch dimensions (MLA
+                 projections, FFN, expert and router matmuls); save_dots that + attention
+                 scores and PV (xla attention); none D b + c.
+               c: norms, MLA projections and latents, attention (xla: [N, T] fp32 scores and
+                 probabilities per token; flash kernels: output and logsumexp), the FFN (dense:
+                 gate and up fp32, their product and the output in b; MoE: router 2 E fp32, K
+                 sorted rows of D, their SwiGLU (gate and up fp32), fp32 outputs K D, shared
+                 experts). The working set is the layer being
+                 differentiated (recomputed values and their gradients: 2 c) and A, the expert
+                 all-to-all buffers (capacity_factor x K x D per token: send and receive in b,
+                 results and their return in fp32) when expert > 1.
+Not counted: XLA's temporaries outside these terms (fusion buffers, the optimizer update's
+transients), the framework's reserve (leave ~5-10% of the device), and the tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import sys
+
+import flax.linen as nn
+import jax
+from absl import app, flags
+from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec
+from ml_collections import config_dict, config_flags
+
+import dsv3_jax
+from dsv3_jax import pipeline, sharding, train_loop
+from dsv3_jax.config import ModelConfig
+
+GB = 1e9
+HEADROOM = 0.9  # the plan fits when the total is at most this share of the device
+DEFAULT_DEVICE_MEMORY_GB = 141.0  # one H200
+LOSS_CHUNK = 512  # dsv3_jax.objective.cross_entropy_sum's default chunk of positions
+BACKENDS = ("gpu", "tpu")
+GROUPS = ("MoE layers", "dense layers", "embedding, head, final norm", "MTP modules",
+          "router bias (not trained)")
+
+
+@dataclasses.dataclass(frozen=True)
+class Pipeline:
+    """How the MoE stack is pipelined (dsv3_jax.pipeline); stages == 1: not at all."""
+
+    stages: int = 1
+    microbatches: int = 1  # mesh.pipeline_microbatches
+    repeats: int = 1  # V: rounds of the circular schedule (1 for GPipe)
+
+    @property
+    def iterations(self) -> int:
+        return self.microbatches * self.repeats + self.stages - 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Per-device bytes of one training job on one mesh."""
+
+    model: ModelConfig
+    mesh: dict[str, int]  # pipeline, data, expert
+    fsdp: bool
+    device_memory: float  # bytes
+    params: dict[str, int]  # per parameter group (fp32), router bias included
+    gradients: int
+    optimizer: int
+    activations: dict[str, int]  # saved, working
+    pipeline: Pipeline
+    assumptions: tuple[str, ...]
+    warnings: tuple[str, ...] = ()  # what the trainer refuses today, although it was sized
+
+    @property
+    def param_total(self) -> int:
+        return sum(self.params.values())
+
+    @property
+    def total(self) -> int:
+        return self.param_total + self.gradients + self.optimizer + sum(self.activations.values())
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= HEADROOM * self.device_memory
+
+
+# Shardings -------------------------------------------------------------------------------------
+def _axes(part) -> tuple[str, ...]:
+    return () if part is None else (part,) if isinstance(part, str) else tuple(part)
+
+
+def placed_spec(shape: tuple[int, ...], logical, mesh: dict[str, int],
+                fsdp: bool) -> PartitionSpec:
+    """The PartitionSpec of a leaf: the logical-axis table's, with dimensions the mesh axes do
+    not divide replicated (as the trainer does), except `pipeline`, which always splits."""
+    s = sharding.spec(tuple(logical), fsdp)
+    parts = []
+    for part, size in zip(list(s) + [None] * (len(shape) - len(s)), shape, strict=True):
+        axes = _axes(part)
+        n = math.prod(mesh[a] for a in axes)
+        parts.append(part if axes == ("pipeline",) or size % n == 0 else None)
+    return PartitionSpec(*parts)
+
+
+def shard_shape(shape: tuple[int, ...], spec: PartitionSpec,
+                mesh: dict[str, int]) -> tuple[int, ...]:
+    """One device's block of a leaf; a `pipeline` dimension splits into ceil(size / stages)."""
+    out = []
+    for part, size in zip(list(spec) + [None] * (len(shape) - len(spec)), shape, strict=True):
+        out.append(-(-size // math.prod(mesh[a] for a in _axes(part))))
+    return tuple(out)
+
+
+@functools.lru_cache(maxsize=8)
+def variable_leaves(model: ModelConfig) -> tuple:
+    """((path keys, logical names, shape), ...) of every variable; shapes only (eval_shape)."""
+    boxed = dsv3_jax.abstract_variables(model)
+    logical = jax.tree_util.tree_flatten_with_path(
+        nn.get_partition_spec(boxed), is_leaf=lambda x: isinstance(x, PartitionSpec))[0]
+    shapes = jax.tree.leaves(nn.meta.unbox(boxed))
+    return tuple((tuple(getattr(k, "key", str(k)) for k in path), tuple(names), leaf.shape)
+                 for (path, names), leaf in zip(logical, shapes, strict=True))
+
+
+def param_group(keys: tuple[str, ...]) -> str:
+    if keys[0] == "router_bias":
+        return GROUPS[4]
+    if keys[1] == "moe_layers":
+        return GROUPS[0]
+    if keys[1] == "dense_layers":
+        return GROUPS[1]
+    if keys[1].startswith("mtp_"):
+        return GROUPS[3]
+    return GROUPS[2]
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamBytes:
+    groups: dict[str, int]  # fp32 bytes per device by group (router bias included)
+    trainable: int  # fp32 bytes per device of the trained parameters
+    optimizer: int  # mu + nu with ZeRO-1
+    unsharded_by_data: dict[str, int]  # groups as a layer computes with them (fsdp gathered)
+
+
+def parameter_bytes(model: ModelConfig, mesh: dict[str, int], fsdp: bool) -> ParamBytes:
+    """Per-device bytes of every variable, its gradient and its AdamW state (all fp32)."""
+    abstract_mesh = AbstractMesh(tuple(mesh[a] for a in sharding.MESH_AXES), sharding.MESH_AXES)
+    groups = dict.fromkeys(GROUPS, 0)
+    gathered = dict.fromkeys(GROUPS, 0)
+    trainable = optimizer = 0
+    for keys, names, shape in variable_leaves(model):
+        spec = placed_spec(shape, names, mesh, fsdp)
+        nbytes = 4 * math.prod(shard_shape(shape, spec, mesh))
+        group = param_group(keys)
+        groups[group] += nbytes
+        gathered[group] += 4 * math.prod(
+            shard_shape(shape, placed_spec(shape, names, mesh, False), mesh))
+        if keys[0] != "params":
+            continue
+        trainable += nbytes
+        zero1 = sharding.zero1(NamedSharding(abstract_mesh, spec), shape).spec
+        optimizer += 2 * 4 * math.prod(shard_shape(shape, zero1, mesh))  # mu and nu
+    return ParamBytes({k: v for k, v in groups.items() if v}, trainable, optimizer, gathered)
+
+
+# Activations -----------------------------------------------------------------------------------
+def layer_values(c: ModelConfig, moe: bool, seq_len: int, b: int,
+                 flash: bool) -> dict[str, float]:
+    """Bytes per token of one layer's intermediates, by what keeps them:
+    `dots` (matmul outputs without batch dimensions), `batched` (attention scores and PV,
+    xla attention only), `other` (norms, latents, activations, sorted rows, ...)."""
+    D, N, T = c.dim, c.n_heads, seq_len
+    Q, R, Hr = c.q_lora_rank, c.kv_lora_rank, c.qk_rope_head_dim
+    Hqk, Hkv, Hv = c.qk_head_dim, c.qk_nope_head_dim + c.v_head_dim, c.v_head_dim
+    xla = not flash
+    dots = (Q + N * Hqk + (R + Hr) + N * Hkv + D) * b  # wq_a, wq_b, wkv_a, wkv_b, wo outputs
+    batched = (4 * N * T + N * Hv * b) if xla else 0  # fp32 scores [N, T] and PV outputs
+    other = (2 * D + Q + N * Hr + (R + Hr)) * b  # norms, q_norm, rotated q_rope, latents
+    other += N * T * b if xla else N * Hv * b + 4 * N  # probabilities; flash: output and lse
+    if moe:
+        K, F, E = c.n_activated_experts, c.moe_inter_dim, c.n_routed_experts
+        Fs = c.n_shared_experts * F
+        # fp32: router logits, expert gate / up / down and shared gate / up (SwiGLU
+        # accumulates in fp32); the shared experts' output in b.
+        dots += 4 * E + 4 * (2 * K * F + K * D) + 4 * 2 * Fs + D * b
+        other += 4 * E + K * D * b + K * F * b + Fs * b + D * b  # scores, sorted rows, silu*up
+    else:
+        dots += 4 * 2 * c.inter_dim + D * b  # fp32 gate / up, the output in b
+        other += c.inter_dim * b
+    return {"dots": dots, "batched": batched, "other": other}
+
+
+def saved_per_token(c: ModelConfig, values: dict[str, float], b: int) -> float:
+    """What the remat policy keeps of one layer for the backward pass, per token."""
+    D = c.dim
+    return {
+        "full": D * b,
+        "save_attention_out": 2 * D * b,
+        "save_dots_no_batch": D * b + values["dots"],
+        "save_dots": D * b + values["dots"] + values["batched"],
+        "none": D * b + sum(values.values()),
+    }[c.remat]
+
+
+def activation_bytes(c: ModelConfig, mesh: dict[str, int], batch_size: int, microbatches: int,
+                     seq_len: int, capacity_factor: float, pipe: Pipeline, layer_weights: int,
+                     flash: bool) -> dict[str, int]:
+    """Saved and working activation bytes per device (the module's formula).
+    layer_weights: fp32 bytes of the largest layer's weights as a device computes with them;
+    flash: the attention implementation keeps no [T, S] scores (pallas, cudnn)."""
+    b = 2 if c.dtype == "bfloat16" else 4
+    D, P = c.dim, pipe.stages
+    dense = layer_values(c, False, seq_len, b, flash)
+    moe = layer_values(c, True, seq_len, b, flash)
+    per_step = batch_size // microbatches
+    rows_out = per_step // (P * mesh["data"] * mesh["expert"])
+    extra = c.mtp_depth * (sum(moe.values()) + 3 * D * b) + (2 + c.mtp_depth) * D * b
+    exchange = (capacity_factor * c.n_activated_experts * D * (2 * b + 8)
+                if mesh["expert"] > 1 else 0)
+    if P == 1:
+        tokens = rows_out * seq_len
+        saved = tokens * (c.n_dense_layers * saved_per_token(c, dense, b)
+                          + c.n_moe_layers * saved_per_token(c, moe, b) + extra)
+        layer = max(2 * sum(dense.values()) * tokens, (2 * sum(moe.values()) + exchange) * tokens)
+    else:
+        tokens_out = rows_out * seq_len
+        tokens_in = per_step // pipe.microbatches // (mesh["data"] * mesh["expert"]) * seq_len
+        per_pass = -(-c.n_moe_layers // (P * pipe.repeats))
+        saved = (tokens_out * (c.n_dense_layers * saved_per_token(c, dense, b) + extra)
+                 + pipe.iterations * tokens_in * (per_pass * saved_per_token(c, moe, b) + D * b))
+        layer = max(2 * sum(dense.values()) * tokens_out,
+                    (2 * sum(moe.values()) + exchange) * tokens_in)
+    loss_chunk = 2 * rows_out * min(LOSS_CHUNK, seq_len) * c.vocab_size * 4
+    working = layer + layer_weights * b // 4 + loss_chunk
+    return {"saved": int(saved), "working": int(working)}
+
+
+# The plan ----------------------------------------------------------------------------------------
+def pipeline_of(cfg: config_dict.ConfigDict, stages: int) -> Pipeline:
+    """The pipeline settings of a run config (mesh.pipeline_microbatches / _schedule /
+    _repeats, as dsv3_jax.train_loop reads them)."""
+    if stages == 1:
+        return Pipeline()
+    mesh = cfg.mesh
+    circular = mesh.get("pipeline_schedule", "gpipe") == "circular"
+    return Pipeline(stages, mesh.get("pipeline_microbatches", 1),
+                    mesh.get("pipeline_repeats", 1) if circular else 1)
+
+
+def trainer_refusal(cfg: config_dict.ConfigDict, model: ModelConfig, stages: int) -> str | None:
+    """The trainer's own pipeline check (dsv3_jax.pipeline.check), as a message, or None."""
+    if stages == 1:
+        return None
+    try:
+        spec = train_loop.pipeline_spec(cfg, stages)
+        pipeline.check(spec, model.n_moe_layers, cfg.batch_size // cfg.microbatches)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def make_plan(cfg: config_dict.ConfigDict, devices: int,
+              device_memory_gb: float = DEFAULT_DEVICE_MEMORY_GB, backend: str = "gpu") -> Plan:
+    """The plan of run config `cfg` (configs/*.py) on `devices` devices of `backend` (gpu or
+    tpu: what model.*_impl="auto" resolves to). Raises ValueError, naming the value and what
+    would fit, for a mesh or batch that does not divide."""
+    if backend not in BACKENDS:
+        raise ValueError(f"--backend={backend!r} must be one of {', '.join(BACKENDS)}")
+    if not isinstance(devices, int) or devices < 1:
+        raise ValueError(f"--devices={devices!r} must be a positive integer")
+    if not device_memory_gb > 0:
+        raise ValueError(f"--device_memory_gb={device_memory_gb} must be positive")
+    if not cfg.mesh.capacity_factor > 0:
+        raise ValueError(f"mesh.capacity_factor={cfg.mesh.capacity_factor} must be positive")
+    model = train_loop.model_config(cfg)
+    shape = sharding.resolve_mesh_shape(cfg.mesh.pipeline, cfg.mesh.data, cfg.mesh.expert,
+                                        devices)
+    mesh = dict(zip(sharding.MESH_AXES, shape, strict=True))
+    sharding.check_fits(model, mesh, cfg.batch_size, cfg.microbatches)
+    pipe = pipeline_of(cfg, mesh["pipeline"])
+    per_step = cfg.batch_size // cfg.microbatches
+    if pipe.stages > 1 and per_step % (pipe.microbatches * mesh["data"] * mesh["expert"]):
+        raise ValueError(
+            f"batch_size={cfg.batch_size} / microbatches={cfg.microbatches} / "
+            f"mesh.pipeline_microbatches={pipe.microbatches} sequences do not divide over data "
+            f"x expert = {mesh['data'] * mesh['expert']}; raise batch_size or lower "
+            "mesh.pipeline_microbatches")
+    fsdp = bool(cfg.mesh.fsdp)
+    pb = parameter_bytes(model, mesh, fsdp)
+    P, moe_here = mesh["pipeline"], -(-model.n_moe_layers // mesh["pipeline"])
+    layer_weights = max(pb.unsharded_by_data.get(GROUPS[0], 0) // moe_here,
+                        pb.unsharded_by_data.get(GROUPS[1], 0) // max(model.n_dense_layers, 1))
+    attention, _ = model.implementations(backend)
+    activations = activation_bytes(model, mesh, cfg.batch_size, cfg.microbatches, cfg.seq_len,
+                                   cfg.mesh.capacity_factor, pipe, layer_weights,
+                                   flash=attention != "xla")
+    if pipe.repeats > 1:  # the circular layout is made inside the step (dsv3_jax.pipeline)
+        activations["working"] += pb.groups.get(GROUPS[0], 0)
+    if P == 1:
+        schedule = (f"no pipeline: {cfg.microbatches} accumulation microbatch(es), one at a "
+                    "time")
+    else:
+        per_pass = -(-model.n_moe_layers // (P * pipe.repeats))
+        schedule = (f"pipeline of {P} stages: {pipe.microbatches} pipeline microbatches, "
+                    f"{pipe.iterations} iterations of {per_pass} MoE layers whose values the "
+                    "backward keeps (GPipe order)")
+    assumptions = [
+        f"parameters: each stage holds ceil({model.n_moe_layers} / {P}) = {moe_here} MoE "
+        "layers; dense layers, embedding, head and MTP are replicated over the pipeline "
+        "(dsv3_jax.pipeline runs them outside the stages)",
+        f"activations: {schedule}; remat={model.remat}, attention={attention} "
+        f"({model.attention_impl} on {backend}), dtype={model.dtype}",
+    ]
+    if model.moe_impl == "dense":
+        assumptions.append("moe_impl=dense runs every expert on every token: far more "
+                           "activation memory than counted here (sorted rows)")
+    refusal = trainer_refusal(cfg, model, P)
+    return Plan(model=model, mesh=mesh, fsdp=fsdp, device_memory=device_memory_gb * GB,
+                params=pb.groups, gradients=pb.trainable * (2 if cfg.microbatches > 1 else 1),
+                optimizer=pb.optimizer, activations=activations, pipeline=pipe,
+                assumptions=tuple(assumptions),
+                warnings=() if refusal is None else (
+                    f"the trainer refuses this pipeline today: {refusal}",))
+
+
+ALTERNATIVES = (("--config.mesh.fsdp=True", "mesh", "fsdp", True),
+                ("--config.model.remat=full", "model", "remat", "full"),
+                ("--config.model.attention_impl=pallas", "model", "attention_impl", "pallas"))
+
+
+def alternatives(cfg: config_dict.ConfigDict, devices: int, device_memory_gb: float,
+                 backend: str = "gpu") -> list[tuple[str, Plan]]:
+    """Single flag changes that lower the total, with their plans."""
+    base = make_plan(cfg, devices, device_memory_gb, backend).total
+    out = []
+    for flag, section, field, value in ALTERNATIVES:
+        variant = cfg.copy_and_resolve_references()
+        with variant.unlocked():
+            variant[section][field] = value
+        plan = make_plan(variant, devices, device_memory_gb, backend)
+        if plan.total < base:
+            out.append((flag, plan))
+    return out
+
+
+def format_plan(plan: Plan) -> str:
+    """The report `python -m launch.plan` prints."""
+    m, c = plan.mesh, plan.model
+    counts = dsv3_jax.param_counts(c)
+    devices = math.prod(m.values())
+
+    def row(name: str, value: float, indent: int = 0) -> str:
+        return f"{' ' * indent}{name:<{56 - indent}}{value / GB:9.2f}"
+
+    if plan.fsdp:
+        opt = "sharded with the parameters"
+    elif m["data"] > 1:
+        opt = f"ZeRO-1 over data={m['data']}"
+    else:
+        opt = "data=1: not split"
+    grads = ", sum + current microbatch" if plan.gradients > plan.param_total else ""
+    lines = [
+        f"model {c.n_dense_layers} dense + {c.n_moe_layers} MoE layers, {c.n_routed_experts} "
+        f"experts: {counts['main'] / 1e9:.1f}B parameters ({counts['active'] / 1e9:.1f}B "
+        f"active per token) + MTP {(counts['total_released'] - counts['main']) / 1e9:.1f}B "
+        "as released",
+        f"mesh pipeline={m['pipeline']} x data={m['data']} x expert={m['expert']} = {devices} "
+        f"devices, fsdp={plan.fsdp}",
+        "assumptions:",
+        *(f"  - {a}" for a in plan.assumptions),
+        "",
+        f"{'per device':<56}{'GB':>9}",
+        row("parameters (fp32)", plan.param_total),
+        *(row(k, v, 2) for k, v in plan.params.items()),
+        row(f"gradients (fp32{grads})", plan.gradients),
+        row(f"optimizer (AdamW mu+nu fp32, {opt})", plan.optimizer),
+        row("activations", sum(plan.activations.values())),
+        row("saved for the backward", plan.activations["saved"], 2),
+        row("working set (one layer, its weights, loss chunk)", plan.activations["working"], 2),
+        row("total", plan.total),
+        row("device memory", plan.device_memory),
+    ]
+    share = plan.total / plan.device_memory
+    verdict = (f"fits: {share:.0%} of the device (a plan fits at <= {HEADROOM:.0%}: the rest is "
+               "for XLA's own buffers)" if plan.fits else
+               f"does NOT fit: {plan.total / GB:.1f} GB is {share:.0%} of the "
+               f"{plan.device_memory / GB:.0f} GB device (at most {HEADROOM:.0%} is usable)")
+    return "\n".join([*lines, verdict, *(f"warning: {w}" for w in plan.warnings)])
+
+
+def main() -> None:
+    """`python -m launch.plan`: flags are defined here, not on import, so tests can import the
+    module beside launch.train (both define --config)."""
+    jax.config.update("jax_platforms", "cpu")  # a plan never touches an accelerator
+    config = config_flags.DEFINE_config_file("config", None, "Training config file.",
+                                             lock_config=True)
+    devices = flags.DEFINE_integer("devices", None, "Devices of the job, all hosts together.")
+    memory = flags.DEFINE_float("device_memory_gb", DEFAULT_DEVICE_MEMORY_GB,
+                                "Memory of one device in GB (1e9 bytes); 141 for an H200.")
+    backend = flags.DEFINE_enum("backend", "gpu", BACKENDS,
+                                "The devices' kind: what model.attention_impl=auto runs.")
+    flags.mark_flags_as_required(["config", "devices"])
+
+    def run(argv):
+        if len(argv) > 1:
+            raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        try:
+            plan = make_plan(config.value, devices.value, memory.value, backend.value)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        print(format_plan(plan))
+        if plan.fits:
+            return
+        options = alternatives(config.value, devices.value, memory.value, backend.value)
+        for flag, p in options:
+            print(f"  with {flag}: {p.total / GB:.1f} GB{' (fits)' if p.fits else ''}")
+        print("  (parameters shrink with more devices on `expert` or `pipeline`, or fsdp over "
+              "`data`; activations with more microbatches, remat=full or a flash attention)")
+        sys.exit(1)
+
+    app.run(run)
+
+
+if __name__ == "__main__":
+    main()

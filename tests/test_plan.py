@@ -1,0 +1,154 @@
+"""launch.plan sizes a job without devices: the 671B model on 2048 GPUs against a hand count
+of its parameters, a mesh too small to fit, and meshes that cannot be built."""
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+import dsv3_jax
+from configs import deepseek_v3_671b, tiny
+from launch import plan as planner
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEVICES = 2048  # the paper's cluster: pipeline 16 x expert 64 x data 2
+
+
+def config_671b(**mesh):
+    cfg = deepseek_v3_671b.get_config()
+    # 16384 sequences (the paper's 15360 does not split over 2048 devices) in 8 accumulation
+    # steps of 16 pipeline microbatches: one sequence per device inside the stages.
+    cfg.batch_size, cfg.microbatches = 16384, 8
+    cfg.mesh.pipeline, cfg.mesh.expert, cfg.mesh.data, cfg.mesh.fsdp = 16, 64, -1, False
+    cfg.mesh.pipeline_microbatches = 16
+    for k, v in mesh.items():
+        cfg.mesh[k] = v
+    return cfg
+
+
+def hand_count(c):
+    """Parameters of one layer of each kind, from the architecture (SPEC.md): not from the code
+    under test. Checked against dsv3_jax.param_counts below."""
+    D, N, Q, R, Hr = c.dim, c.n_heads, c.q_lora_rank, c.kv_lora_rank, c.qk_rope_head_dim
+    attention = (D * Q + Q + Q * N * (c.qk_nope_head_dim + Hr)  # wq_a, q_norm, wq_b
+                 + D * (R + Hr) + R + R * N * (c.qk_nope_head_dim + c.v_head_dim)  # wkv_a/norm/b
+                 + N * c.v_head_dim * D)  # wo
+    norms = 2 * D
+    expert = 3 * D * c.moe_inter_dim
+    return {
+        "dense_layer": attention + norms + 3 * D * c.inter_dim,
+        "moe_layer_without_routed": attention + norms + D * c.n_routed_experts
+        + c.n_shared_experts * expert,
+        "expert": expert,
+        "embed_head_final": 2 * c.vocab_size * D + D,
+        "mtp_extra": 2 * D * D + 3 * D,  # eh_proj, enorm, hnorm, head_norm
+    }
+
+
+def test_671b_on_2048_gpus_matches_a_hand_count():
+    c = dsv3_jax.preset("deepseek_v3_671b")
+    h = hand_count(c)
+    moe_layer = h["moe_layer_without_routed"] + c.n_routed_experts * h["expert"]
+    counts = dsv3_jax.param_counts(c)
+    assert (c.n_dense_layers * h["dense_layer"] + c.n_moe_layers * moe_layer
+            + h["embed_head_final"]) == counts["main"]
+    assert counts["mtp"] - c.mtp_depth * 2 * c.vocab_size * c.dim == c.mtp_depth * (
+        moe_layer + h["mtp_extra"])
+
+    plan = planner.make_plan(config_671b(), DEVICES, 141)
+    assert plan.mesh == {"pipeline": 16, "data": 2, "expert": 64}
+    layers_per_stage = math.ceil(58 / 16)  # 4: stages hold ceil(L / P) MoE layers
+    local_experts = 256 // 64
+    expected = {  # fp32 elements per device; only the routed experts and MoE stack are split
+        "MoE layers": layers_per_stage * (h["moe_layer_without_routed"]
+                                          + local_experts * h["expert"]),
+        "dense layers": c.n_dense_layers * h["dense_layer"],
+        "embedding, head, final norm": h["embed_head_final"],
+        "MTP modules": c.mtp_depth * (h["moe_layer_without_routed"] + h["mtp_extra"]
+                                      + local_experts * h["expert"]),
+        "router bias (not trained)": (layers_per_stage + c.mtp_depth) * c.n_routed_experts,
+    }
+    assert plan.params == {k: 4 * v for k, v in expected.items()}
+    trained = 4 * (sum(expected.values()) - expected["router bias (not trained)"])
+    assert plan.gradients == 2 * trained  # 8 accumulation steps: the sum and the current one
+    # ZeRO-1: every leaf has a free dimension that data=2 divides, so mu + nu are halved.
+    assert plan.optimizer == 2 * trained // 2
+    # About 23 GB of fp32 parameters per device; with gradients and Adam 92 GB before
+    # activations (the numbers README's section quotes).
+    assert 22e9 < plan.param_total < 24e9
+    assert plan.activations["saved"] > 0 and plan.activations["working"] > 0
+    assert plan.fits and plan.total < 141e9
+    assert any("ceil(58 / 16) = 4 MoE layers" in a for a in plan.assumptions)
+
+
+def test_pipeline_activations_follow_the_iteration_count():
+    """Saved MoE values: n = M + P - 1 iterations of ceil(L/P) layers on tokens_in tokens, each
+    keeping its layer inputs (remat=full: D x bf16 per token) and the stage's state buffer."""
+    c = dsv3_jax.preset("deepseek_v3_671b")
+    m16 = planner.make_plan(config_671b(pipeline_microbatches=16), DEVICES)
+    m8 = planner.make_plan(config_671b(pipeline_microbatches=8), DEVICES)
+    tokens_in = {16: 2048 // 16 // 128 * 4096, 8: 2048 // 8 // 128 * 4096}
+    n = {16: 16 + 16 - 1, 8: 8 + 16 - 1}
+    per_token = (math.ceil(58 / 16) + 1) * c.dim * 2
+    assert m8.activations["saved"] - m16.activations["saved"] == per_token * (
+        n[8] * tokens_in[8] - n[16] * tokens_in[16])
+    assert (m16.params, m16.optimizer) == (m8.params, m8.optimizer)
+
+
+def test_remat_full_without_pipeline_saves_the_layer_inputs():
+    cfg = tiny.get_config()
+    cfg.model.mtp_depth, cfg.model.remat = 0, "full"
+    plan = planner.make_plan(cfg, 4)  # data=4: 16 sequences of 128 tokens, 4 per device
+    c = planner.train_loop.model_config(cfg)
+    tokens = 16 // 4 * 128
+    # fp32 (4 bytes): every layer's input, plus the embedding and the final norm's input.
+    assert plan.activations["saved"] == tokens * (c.n_layers + 2) * c.dim * 4
+
+
+def test_a_mesh_too_small_for_the_model_does_not_fit():
+    cfg = deepseek_v3_671b.get_config()
+    cfg.mesh.pipeline, cfg.mesh.expert, cfg.mesh.data = 1, 64, 1
+    plan = planner.make_plan(cfg, 64, 141)
+    assert not plan.fits
+    # 58 MoE layers of 4 experts each and everything else replicated: > 90 GB of fp32 params.
+    assert plan.param_total > 90e9
+    assert "does NOT fit" in planner.format_plan(plan)
+
+
+@pytest.mark.parametrize("mesh, devices, message", [
+    ({"pipeline": 4, "expert": 512}, 2048, r"expert=512 does not divide n_routed_experts=256; "
+                                           r"expert sizes that fit: \[1, 2, 4, 8, 16, 32, 64, "
+                                           r"128, 256\]"),
+    ({}, 2000, r"2000 devices do not divide into pipeline=16 x expert=64 = 1024"),
+    ({"pipeline": 64, "data": 1, "expert": 32}, 2048, r"pipeline=64 exceeds the 58 MoE layers"),
+])
+def test_meshes_that_cannot_be_built_are_refused(mesh, devices, message):
+    with pytest.raises(ValueError, match=message):
+        planner.make_plan(config_671b(**mesh), devices)
+
+
+def run_plan(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "launch.plan", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_command_line_reports_fits_does_not_fit_and_errors():
+    big = ["--config=configs/deepseek_v3_671b.py", "--config.batch_size=16384",
+           "--config.microbatches=8", "--config.mesh.pipeline_microbatches=16",
+           "--config.mesh.pipeline=16", "--config.mesh.fsdp=False"]
+    fits = run_plan(*big, f"--devices={DEVICES}")
+    assert fits.returncode == 0, fits.stderr[-2000:]
+    assert "mesh pipeline=16 x data=2 x expert=64 = 2048 devices" in fits.stdout
+    assert "ZeRO-1 over data=2" in fits.stdout and "\nfits: " in fits.stdout
+
+    small = run_plan("--config=configs/deepseek_v3_671b.py", "--config.mesh.pipeline=1",
+                     "--config.mesh.data=1", "--devices=64")
+    assert small.returncode == 1, small.stderr[-2000:]
+    assert "does NOT fit" in small.stdout
+
+    bad = run_plan(*big, "--config.mesh.expert=48", f"--devices={DEVICES}")
+    assert bad.returncode == 2
+    assert ("error: mesh: 2048 devices do not divide into pipeline=16 x expert=48 = 768"
+            in bad.stderr)
