@@ -79,6 +79,7 @@ class Checkpointer:
         """(step, state, data_state, meta) of the newest checkpoint that restores and verifies,
         or None. Bad ones are renamed `<step>.corrupt-<time>` with a logged reason."""
         for step in reversed(self.steps()):
+            error = None
             try:
                 restored = self.manager.restore(step, args=ocp.args.Composite(
                     state=ocp.args.PyTreeRestore(
@@ -88,9 +89,11 @@ class Checkpointer:
                 if not fingerprints_match(fingerprint(state), meta.get("fingerprint", [])):
                     raise ValueError("restored values do not match the fingerprint saved with "
                                      "them")
-                return step, state, restored["data"], meta
             except Exception as e:
-                self._set_aside(step, e)
+                error = e
+            if _all_processes_agree(error is None):
+                return step, state, restored["data"], meta
+            self._set_aside(step, error or RuntimeError("another process could not restore it"))
         return None
 
     def _set_aside(self, step: int, error: Exception) -> None:
@@ -100,8 +103,21 @@ class Checkpointer:
                   "previous checkpoint", src, type(error).__name__, str(error)[:300], dst)
         if jax.process_index() == 0:
             os.rename(src, dst)
+        if jax.process_count() > 1:  # every process re-lists the steps after the rename
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"set_aside_{step}")
         self.manager.close()
         self._open()
+
+
+def _all_processes_agree(ok: bool) -> bool:
+    """True only when `ok` holds on every process (all then use, or all skip, a checkpoint)."""
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
 
 
 def load_variables(path: str, abstract_variables: Any) -> tuple[Any, dict]:
