@@ -94,15 +94,34 @@ def kernel_class(name: str) -> str:
     return "unattributed: XLA fusion"
 
 
-def summarize(trace_dir: str, hlo_text: str) -> dict[str, float]:
-    """Seconds of device kernel time per part (over everything in the trace)."""
+COLLECTIVES = "collectives (NCCL; may overlap compute)"
+
+
+def attribute(event: dict, names: dict[str, str]) -> tuple[str, str]:
+    """(part, op_name or kernel name) of one kernel event."""
+    kernel = event.get("name", "")
+    if "nccl" in kernel.lower():
+        return COLLECTIVES, kernel
+    op_name = kernel_op_name(event, names)
+    if op_name is None:
+        return kernel_class(kernel), kernel
+    return part_of(op_name), op_name
+
+
+def summarize(trace_dir: str, hlo_text: str, top: int = 0):
+    """Seconds of device kernel time per part (over everything in the trace); with top > 0,
+    also the `top` (seconds, part, op_name) that take longest, summed over launches."""
     names = hlo_op_names(hlo_text)
     totals: dict[str, float] = defaultdict(float)
+    per_op: dict[tuple[str, str], float] = defaultdict(float)
     for event in device_kernels(load_events(trace_dir)):
-        op_name = kernel_op_name(event, names)
-        part = part_of(op_name) if op_name is not None else kernel_class(event.get("name", ""))
+        part, op = attribute(event, names)
         totals[part] += event.get("dur", 0) * 1e-6
-    return dict(totals)
+        per_op[part, op] += event.get("dur", 0) * 1e-6
+    if not top:
+        return dict(totals)
+    ranked = sorted(((t, part, op) for (part, op), t in per_op.items()), reverse=True)
+    return dict(totals), ranked[:top]
 
 
 def format_table(totals: dict[str, float], steps: int) -> str:

@@ -4,10 +4,15 @@ memory, and a per-part breakdown from a profile, for several settings side by si
   python -m benchmarks.train_step --config=configs/small.py
   python -m benchmarks.train_step --config=configs/small.py --settings=xla,pallas --steps=5
 
+  python -m benchmarks.train_step --config=configs/small.py --settings=pallas,ep2,pp2,ep4
+
 MFU = tokens/s x FLOPs per token (dsv3_jax/flops.py: 6 x active matmul parameters + causal
-attention) / the device's dense bf16 peak (989 TFLOP/s for an H100/H200). Each setting runs in
-its own process, so peak memory is its own and an out-of-memory setting does not stop the rest.
-Synthetic tokens (one document per row), batch and sequence length from the config.
+attention) / the device's dense bf16 peak (989 TFLOP/s for an H100/H200); tokens/s, TFLOP/s and
+MFU are per device. Each setting runs in its own process (on its first N GPUs), so peak memory
+is its own and an out-of-memory setting does not stop the rest. Multi-device settings scale
+weakly: the config's batch is per device, times N globally, with the same accumulation
+microbatches, so every device does the single-device step's work. Synthetic tokens (one
+document per row), sequence length from the config.
 """
 
 from __future__ import annotations
@@ -30,7 +35,9 @@ from ml_collections import config_flags
 from dsv3_jax import flops, train_loop
 from dsv3_jax.trainer import Trainer
 
-# name -> model/config overrides. "xla": cuDNN attention (v padded) + jax.lax.ragged_dot.
+# name -> config overrides ("devices": how many GPUs). "xla": cuDNN attention (v padded) +
+# jax.lax.ragged_dot; the rest use our Pallas kernels.
+_PALLAS = {"model.attention_impl": "pallas", "model.moe_impl": "pallas"}
 SETTINGS = {
     "xla": {"model.attention_impl": "cudnn", "model.moe_impl": "xla"},
     "pallas": {"model.attention_impl": "pallas", "model.moe_impl": "pallas"},
@@ -38,20 +45,33 @@ SETTINGS = {
                          "model.remat": "save_dots_no_batch"},
     "pallas_no_remat": {"model.attention_impl": "pallas", "model.moe_impl": "pallas",
                         "model.remat": "none"},
+    # Weak scaling (issue 4): the same per-device work on 2 and 4 GPUs.
+    "dp2": {**_PALLAS, "devices": 2, "mesh.data": 2},
+    "ep2": {**_PALLAS, "devices": 2, "mesh.data": 1, "mesh.expert": 2},
+    "ep4": {**_PALLAS, "devices": 4, "mesh.data": 1, "mesh.expert": 4},
+    "pp2": {**_PALLAS, "devices": 2, "mesh.data": 1, "mesh.pipeline": 2,
+            "mesh.pipeline_microbatches": 8},
+    "pp2_circular": {**_PALLAS, "devices": 2, "mesh.data": 1, "mesh.pipeline": 2,
+                     "mesh.pipeline_microbatches": 8, "mesh.pipeline_schedule": "circular",
+                     "mesh.pipeline_repeats": 2},
 }
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/small.py", "Training config.")
 _SETTINGS = flags.DEFINE_list("settings", ["xla", "pallas", "pallas_save_dots",
                                            "pallas_no_remat"], "Settings to compare.")
 _STEPS = flags.DEFINE_integer("steps", 6, "Timed steps per setting (after 2 warm-up steps).")
-_PROFILE = flags.DEFINE_bool("profile", True, "Profile the fastest setting for a breakdown.")
+_PROFILE = flags.DEFINE_list("profile", ["pallas"], "Settings to profile for a breakdown.")
 _ONE = flags.DEFINE_string("one", None, "Internal: run one setting in this process.")
 _TIMEOUT = flags.DEFINE_integer("timeout", 420, "Seconds per setting.")
+_CHILD_ENV: dict[str, str] = {}  # the environment the measured processes get
 
 
 def apply(cfg, overrides: dict):
     cfg = cfg.copy_and_resolve_references()
+    cfg.batch_size *= overrides.get("devices", 1)
     for key, value in overrides.items():
+        if key == "devices":
+            continue
         target = cfg
         *parents, leaf = key.split(".")
         for p in parents:
@@ -69,9 +89,11 @@ def synthetic_batch(cfg, vocab: int) -> dict:
 def measure(cfg, name: str, steps: int, profile_dir: str | None) -> dict:
     model = train_loop.model_config(cfg)
     train_loop.validate(cfg, model)
-    trainer = Trainer(model, train_loop.hyper(cfg))
+    parallel = train_loop.parallel_layout(cfg)
+    trainer = Trainer(model, train_loop.hyper(cfg), parallel)
     state = trainer.init_state(jax.random.key(0))
-    batch = synthetic_batch(cfg, model.vocab_size)
+    batch = trainer.place_batch(synthetic_batch(cfg, model.vocab_size))
+    n = jax.device_count()
     t0 = time.perf_counter()
     compiled = trainer.train_step.lower(state, batch).compile()
     compile_s = time.perf_counter() - t0
@@ -85,15 +107,19 @@ def measure(cfg, name: str, steps: int, profile_dir: str | None) -> dict:
         jax.block_until_ready(metrics["loss"])
         times.append(time.perf_counter() - t)
     step_s = statistics.median(times)
-    tokens = cfg.batch_size * cfg.seq_len
+    tokens = cfg.batch_size * cfg.seq_len / n  # per device
     per_token = flops.train_flops_per_token(model, cfg.seq_len)
     peak = flops.device_peak_flops() or float("nan")
-    stats = jax.local_devices()[0].memory_stats() or {}
+    stats = [d.memory_stats() or {} for d in jax.local_devices()]
+    pipe = parallel.pipeline if parallel else None
     result = {
-        "setting": name, "step_s": step_s, "step_spread_s": max(times) - min(times),
+        "setting": name, "devices": n, "mesh": dict(parallel.mesh.shape) if parallel else {},
+        "bubble": pipe.bubble_fraction() if pipe else 0.0,
+        "step_s": step_s, "step_spread_s": max(times) - min(times),
         "tokens_per_s": tokens / step_s, "model_tflops": tokens * per_token / step_s / 1e12,
-        "mfu": tokens * per_token / step_s / peak, "peak_gb": stats.get("peak_bytes_in_use", 0)
-        / 1e9, "compile_s": compile_s, "loss": float(metrics["loss"]),
+        "mfu": tokens * per_token / step_s / peak,
+        "peak_gb": max(st.get("peak_bytes_in_use", 0) for st in stats) / 1e9,
+        "compile_s": compile_s, "loss": float(metrics["loss"]),
         "attention": model.implementations(jax.default_backend())[0],
         "moe": model.implementations(jax.default_backend())[1], "remat": model.remat,
     }
@@ -108,8 +134,10 @@ def measure(cfg, name: str, steps: int, profile_dir: str | None) -> dict:
         hlo = compiled.as_text()
         with gzip.open(os.path.join(profile_dir, "step.hlo.txt.gz"), "wt") as f:
             f.write(hlo)
-        parts = profile_summary.summarize(profile_dir, hlo)
-        result["breakdown_ms"] = {k: 1e3 * v / 2 for k, v in parts.items()}
+        parts, top = profile_summary.summarize(profile_dir, hlo, top=12)
+        per_step = 1e3 / (2 * n)  # two steps on each of n devices
+        result["breakdown_ms"] = {k: per_step * v for k, v in parts.items()}
+        result["top_ms"] = [(round(per_step * t, 1), part, op[-90:]) for t, part, op in top]
     return result
 
 
@@ -121,6 +149,7 @@ def run_one(name: str, profile_dir: str | None) -> dict | None:
         profiled = _subprocess(name, profile_dir)
         if profiled:
             result["breakdown_ms"] = profiled["breakdown_ms"]
+            result["top_ms"] = profiled["top_ms"]
             result["profiled_step_s"] = profiled["step_s"]
     return result
 
@@ -130,7 +159,14 @@ def _subprocess(name: str, profile_dir: str | None) -> dict | None:
     args = [sys.executable, "-m", "benchmarks.train_step", f"--config={config_file}",
             f"--one={name}", f"--steps={_STEPS.value}"]
     args += [a for a in sys.argv[1:] if a.startswith("--config.")]
-    env = dict(os.environ, BENCH_PROFILE_DIR=profile_dir or "")
+    env = dict(_CHILD_ENV, BENCH_PROFILE_DIR=profile_dir or "")
+    devices = SETTINGS[name].get("devices", 1)
+    if devices > jax.device_count():
+        print(f"{name}: needs {devices} devices, this machine has {jax.device_count()}",
+              flush=True)
+        return None
+    if jax.default_backend() == "gpu":
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(devices))
     if profile_dir:
         env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer=").strip()
     try:
@@ -155,28 +191,47 @@ def main(argv):
               flush=True)
         return
     cfg = _CONFIG.value
-    print(f"{jax.devices()[0].device_kind}: {cfg.model.preset} batch {cfg.batch_size} x "
-          f"{cfg.seq_len} tokens, {cfg.microbatches} microbatches", flush=True)
+    # This parent only counts devices: it must not take GPU memory from the measured children.
+    _CHILD_ENV.update(os.environ)
+    os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+    print(f"{jax.device_count()} x {jax.devices()[0].device_kind}: {cfg.model.preset} batch "
+          f"{cfg.batch_size} x {cfg.seq_len} tokens per device, {cfg.microbatches} "
+          "microbatches", flush=True)
     results = []
     for name in _SETTINGS.value:
-        profile_dir = tempfile.mkdtemp(prefix=f"trace_{name}_") if _PROFILE.value else None
+        profile_dir = (tempfile.mkdtemp(prefix=f"trace_{name}_") if name in _PROFILE.value
+                       else None)
         r = run_one(name, profile_dir)
         if r:
             results.append(r)
             print(json.dumps(r), flush=True)
-    header = (f"{'setting':<20}{'attn':>8}{'moe':>8}{'remat':>20}{'step s':>9}{'tok/s':>10}"
-              f"{'TFLOP/s':>9}{'MFU':>7}{'peak GB':>9}")
+    header = (f"{'setting':<14}{'GPUs':>5}{'attn':>8}{'moe':>8}{'remat':>20}{'step s':>9}"
+              f"{'tok/s/GPU':>11}{'TFLOP/s':>9}{'MFU':>7}{'peak GB':>9}{'bubble':>8}")
     lines = [header]
     for r in results:
-        lines.append(f"{r['setting']:<20}{r['attention']:>8}{r['moe']:>8}{r['remat']:>20}"
-                     f"{r['step_s']:>9.3f}{r['tokens_per_s']:>10.0f}{r['model_tflops']:>9.1f}"
-                     f"{r['mfu']:>7.1%}{r['peak_gb']:>9.1f}")
+        lines.append(f"{r['setting']:<14}{r['devices']:>5}{r['attention']:>8}{r['moe']:>8}"
+                     f"{r['remat']:>20}{r['step_s']:>9.3f}{r['tokens_per_s']:>11.0f}"
+                     f"{r['model_tflops']:>9.1f}{r['mfu']:>7.1%}{r['peak_gb']:>9.1f}"
+                     f"{r['bubble']:>8.1%}")
+    single = next((r for r in results if r["devices"] == 1 and r["setting"] == "pallas"), None)
+    if single:
+        lines.append("\nweak scaling (tokens/s per GPU over the 1-GPU `pallas` setting's):")
+        for r in results:
+            if r["devices"] > 1:
+                eff = r["tokens_per_s"] / single["tokens_per_s"]
+                lines.append(f"  {r['setting']:<14}{r['devices']} GPUs {dict(r['mesh'])}: "
+                             f"{eff:.1%}" + (f" (pipeline bubble, schedule's theory: "
+                                             f"{r['bubble']:.1%})" if r["bubble"] else ""))
     for r in results:
         if "breakdown_ms" in r:
-            lines.append(f"\nbreakdown of {r['setting']} (ms per step, device kernels):")
+            lines.append(f"\nbreakdown of {r['setting']} (ms per step and device, device "
+                         "kernels):")
             total = sum(r["breakdown_ms"].values()) or 1.0
             for part, ms in sorted(r["breakdown_ms"].items(), key=lambda kv: -kv[1]):
                 lines.append(f"  {part:<30}{ms:>9.1f}{ms / total:>8.1%}")
+            lines.append("  longest operations (ms per step, part, op_name):")
+            for ms, part, op in r.get("top_ms", []):
+                lines.append(f"    {ms:>8.1f}  {part:<28} {op}")
     table = "\n".join(lines)
     print(table, flush=True)
     if os.environ.get("OUT"):

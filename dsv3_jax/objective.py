@@ -8,10 +8,12 @@ so gradient accumulation over microbatches gives exactly the large-batch gradien
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.model import head_logits
@@ -33,27 +35,91 @@ def targets_and_masks(tokens_bs, segment_ids_bs, depth: int):
     return inputs_bt, seg_bt, targets, masks
 
 
-def cross_entropy_sum(params, h_btd, targets_bt, mask_bt, chunk: int = 512):
-    """Sum over masked positions of -log p(target), chunked over T so the [B, T, V] fp32 logits
-    never exist at once (each chunk is recomputed in the backward pass)."""
+def cross_entropy_sum(params, h_btd, targets_bt, mask_bt, chunk: int = 512, parallel=None):
+    """Sum over masked positions of -log p(target) under the output head.
+
+    Fused and chunked over T: the [B, T, V] fp32 logits never exist at once, and when
+    differentiated the forward pass of each chunk also makes its gradients (softmax - one-hot
+    times the head, both ways), so the backward pass only scales them: the head's GEMMs run 3
+    times instead of 4 (forward, recompute, two gradients), and no [B, T, V] value is kept.
+    With a mesh it runs per device over the batch shards (`parallel.batch_axes`), so the head's
+    weight gradient is summed over devices once per call, not once per chunk.
+    """
+    ce = functools.partial(_fused_ce_sum, chunk=chunk)
+    if parallel is None:
+        return ce(params["head"], h_btd, targets_bt, mask_bt)
+    rows = PartitionSpec(parallel.batch_axes)
+
+    def local(w_dv, h_, t_, m_):
+        return ce(w_dv, h_, t_, m_)[None]
+
+    # check_vma=False: the transpose sums the replicated head's per-device cotangents over the
+    # batch axes (once, here), as in dsv3_jax.expert_parallel.
+    per_device = jax.shard_map(local, mesh=parallel.mesh, in_specs=(PartitionSpec(), rows, rows,
+                                                                   rows),
+                               out_specs=rows, check_vma=False)(
+        params["head"], h_btd, targets_bt, mask_bt)
+    return jnp.sum(per_device)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _fused_ce_sum(w_dv, h_btd, targets_bt, mask_bt, chunk):
+    return _ce_chunks(w_dv, h_btd, targets_bt, mask_bt, chunk, with_grads=False)[0]
+
+
+def _fused_ce_fwd(w_dv, h_btd, targets_bt, mask_bt, chunk):
+    total, dw_dv, dh_btd = _ce_chunks(w_dv, h_btd, targets_bt, mask_bt, chunk, with_grads=True)
+    return total, (dw_dv, dh_btd, jnp.zeros((0,), h_btd.dtype))  # the last: h's dtype
+
+
+def _fused_ce_bwd(chunk, residuals, ct):
+    dw_dv, dh_btd, like_h = residuals
+    return (ct * dw_dv, (ct * dh_btd).astype(like_h.dtype), None, None)
+
+
+_fused_ce_sum.defvjp(_fused_ce_fwd, _fused_ce_bwd)
+
+
+def _ce_chunks(w_dv, h_btd, targets_bt, mask_bt, chunk: int, with_grads: bool):
+    """(sum of -log p, and with_grads: d/dW fp32 [D, V], d/dh fp32 [B, T, D]), chunk by chunk.
+    GEMMs in h's dtype with fp32 accumulation and output, as `head_logits`."""
     B, T, D = h_btd.shape
+    V = w_dv.shape[1]
     chunk = min(chunk, T)
     n = -(-T // chunk)
     pad = n * chunk - T
-    h = jnp.pad(h_btd, [(0, 0), (0, pad), (0, 0)]).reshape(B, n, chunk, D).swapaxes(0, 1)
-    tg = jnp.pad(targets_bt, [(0, 0), (0, pad)]).reshape(B, n, chunk).swapaxes(0, 1)
-    mk = jnp.pad(mask_bt, [(0, 0), (0, pad)]).reshape(B, n, chunk).swapaxes(0, 1)
 
-    @jax.checkpoint
+    def chunks(x):  # [B, T, ...] -> [n, B, chunk, ...]; padded positions are masked off
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+        return x.reshape(B, n, chunk, *x.shape[2:]).swapaxes(0, 1)
+
+    w = w_dv.astype(h_btd.dtype)
+
     def one(carry, xs):
+        total, dw = carry
         h_c, t_c, m_c = xs
-        logits_bcv = head_logits(params, h_c)
-        logz = jax.nn.logsumexp(logits_bcv, axis=-1)
-        picked = jnp.take_along_axis(logits_bcv, t_c[..., None], axis=-1)[..., 0]
-        return carry + jnp.sum(jnp.where(m_c, logz - picked, 0.0)), None
+        logits_bcv = head_logits({"head": w}, h_c)
+        logz_bc = jax.nn.logsumexp(logits_bcv, axis=-1)
+        picked_bc = jnp.take_along_axis(logits_bcv, t_c[..., None], axis=-1)[..., 0]
+        total = total + jnp.sum(jnp.where(m_c, logz_bc - picked_bc, 0.0))
+        if not with_grads:
+            return (total, dw), None
+        # d(logz - picked)/dlogits = softmax - one_hot(target), on masked positions only.
+        one_hot = jnp.arange(V) == t_c[..., None]
+        dlogits = jnp.where(m_c[..., None], jnp.exp(logits_bcv - logz_bc[..., None])
+                            - one_hot, 0.0).astype(h_btd.dtype)
+        dh_c = jnp.einsum("BCV,DV->BCD", dlogits, w, preferred_element_type=jnp.float32)
+        dw = dw + jnp.einsum("BCD,BCV->DV", h_c, dlogits, preferred_element_type=jnp.float32)
+        return (total, dw), dh_c
 
-    total, _ = jax.lax.scan(one, jnp.zeros((), jnp.float32), (h, tg, mk))
-    return total
+    zero = jnp.zeros((), jnp.float32)
+    dw0 = jnp.zeros((D, V), jnp.float32) if with_grads else zero
+    (total, dw), dh = jax.lax.scan(
+        one, (zero, dw0), (chunks(h_btd), chunks(targets_bt), chunks(mask_bt)))
+    if not with_grads:
+        return total, None, None
+    dh_btd = dh.swapaxes(0, 1).reshape(B, n * chunk, D)[:, :T]
+    return total, dw, dh_btd
 
 
 def balance_loss_sum(cfg: ModelConfig, router_stats: dict[str, Any]) -> jax.Array:

@@ -1,6 +1,6 @@
 """Pipeline parallelism for the MoE stack: stages over the mesh's `pipeline` axis.
 
-Legend: P stages, V repeats (circular), Lc layers per stage and repeat (L = P*V*Lc MoE layers),
+Legend: P stages, V repeats (circular), L MoE layers in P*V chunks of at most Lc layers,
 M microbatches of b sequences, T tokens, D model dim, E experts.
 
 All stages run in one SPMD program: `jax.vmap(stage_fn, spmd_axis_name="pipeline")` over the
@@ -16,8 +16,13 @@ microbatch stream: microbatch g % M at repeat g // M; passes outside [0, M*V) ar
                  in layer order split contiguously over stages, so the circular layout is made
                  inside the step: (1 - 1/V) of the MoE weights move between stages per step (and
                  their gradients back). Worth it when activations, not weights, dominate.
+Uneven stages: when P*V does not divide L, chunks hold floor(L/(P*V)) or one more layer (the
+extra ones in the middle chunks, `chunk_sizes`); every chunk is padded to Lc with masked
+no-op slots (the slot computes, its output and statistics are discarded), which costs nothing in
+the lockstep schedule: an iteration takes as long as the fullest stage anyway.
 The backward pass is JAX's reverse of this loop (GPipe order: all forwards, then all backwards).
-Embedding, dense layers, head and MTP run outside the pipelined region.
+Embedding, dense layers, head and MTP run outside the pipelined region, split over every
+device (pipeline x data x expert) rather than placed on the first and last stages.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 SCHEDULES = ("gpipe", "circular")
 
@@ -53,18 +59,26 @@ def check(spec: PipelineSpec, n_layers: int, batch: int) -> None:
         raise ValueError(f"mesh.pipeline_schedule={spec.schedule!r} is not one of {SCHEDULES}")
     if spec.schedule == "circular" and spec.repeats < 2:
         raise ValueError(f"mesh.pipeline_repeats={spec.repeats}: circular needs at least 2")
-    if n_layers % spec.virtual_stages:
-        fits = [p for p in range(1, n_layers + 1) if n_layers % (p * (spec.virtual_stages //
-                                                                       spec.stages)) == 0]
+    if n_layers < spec.virtual_stages:
         raise ValueError(
-            f"{n_layers} MoE layers do not split into {spec.stages} stages x "
-            f"{spec.virtual_stages // spec.stages} repeats; pipeline sizes that fit: {fits}")
+            f"{n_layers} MoE layers cannot fill {spec.stages} stages x "
+            f"{spec.virtual_stages // spec.stages} repeats (at least one layer each); use "
+            f"mesh.pipeline <= {n_layers // (spec.virtual_stages // spec.stages)}")
     if batch % spec.microbatches:
         raise ValueError(f"{batch} sequences per step do not split into "
                          f"mesh.pipeline_microbatches={spec.microbatches}")
     if spec.schedule == "circular" and spec.microbatches < spec.stages:
         raise ValueError(f"circular pipelining needs mesh.pipeline_microbatches >= stages "
                          f"({spec.microbatches} < {spec.stages})")
+
+
+def chunk_sizes(n_layers: int, chunks: int) -> tuple[int, ...]:
+    """Layers per chunk (chunk c = v*P + p), in layer order: floor(L/chunks) each, and one more
+    for the `L % chunks` middle chunks (the first and last stages' neighbours in the model, the
+    embedding and the head, also run there in DeepSeek-V3's own placement)."""
+    base, extra = divmod(n_layers, chunks)
+    first = (chunks - extra) // 2
+    return tuple(base + (first <= c < first + extra) for c in range(chunks))
 
 
 def split_rows(x, m: int):
@@ -87,27 +101,42 @@ def run(layer_fn: Callable, weights, h_btd, aux: dict, spec: PipelineSpec):
     P, M = spec.stages, spec.microbatches
     V = spec.virtual_stages // P
     L = jax.tree.leaves(weights)[0].shape[0]
-    Lc = L // (P * V)
-
-    def stage_major(w):  # [L, ...] -> [P, V, Lc, ...]: chunk v*P + p on stage p
-        return w.reshape(V, P, Lc, *w.shape[1:]).swapaxes(0, 1)
-
-    stage_w = jax.tree.map(stage_major, weights)
+    sizes = chunk_sizes(L, P * V)
+    Lc = max(sizes)
+    starts = np.cumsum((0, *sizes[:-1]))
+    # Slot (p, v, j) runs layer starts[c] + j of chunk c = v*P + p, if j < sizes[c]; padded
+    # slots repeat the chunk's last layer and are masked off.
+    slot_layer = np.array([[[starts[v * P + p] + min(j, sizes[v * P + p] - 1) for j in range(Lc)]
+                            for v in range(V)] for p in range(P)])
+    slot_valid = np.array([[[j < sizes[v * P + p] for j in range(Lc)] for v in range(V)]
+                           for p in range(P)])
+    uneven = not slot_valid.all()
+    if uneven:
+        stage_w = jax.tree.map(lambda w: w[slot_layer], weights)
+    else:  # [L, ...] -> [P, V, Lc, ...] without a gather
+        stage_w = jax.tree.map(
+            lambda w: w.reshape(V, P, Lc, *w.shape[1:]).swapaxes(0, 1), weights)
+    valid_pvl = jnp.asarray(slot_valid)
     x_mbtd = split_rows(h_btd, M)
     aux_m = {k: split_rows(a, M) for k, a in aux.items()}
     b, T, D = x_mbtd.shape[1:]
 
-    def stage_fn(w_v, v, h, aux_b):
+    def stage_fn(w_v, valid_v, v, h, aux_b):
         w = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, v, 0, keepdims=False), w_v)
+        valid = jax.lax.dynamic_index_in_dim(valid_v, v, 0, keepdims=False)
 
-        def body(carry, layer_w):
-            return layer_fn(layer_w, carry, aux_b)
+        def body(carry, xs):
+            layer_w, ok = xs
+            new, stats = layer_fn(layer_w, carry, aux_b)
+            if not uneven:
+                return new, stats
+            return jnp.where(ok, new, carry), jax.tree.map(lambda a: jnp.where(ok, a, 0), stats)
 
-        return jax.lax.scan(body, h, w)
+        return jax.lax.scan(body, h, (w, valid))
 
     run_stages = jax.vmap(stage_fn, spmd_axis_name="pipeline")
     stats_shape = jax.eval_shape(
-        lambda: stage_fn(jax.tree.map(lambda a: a[0], stage_w), 0, x_mbtd[0],
+        lambda: stage_fn(jax.tree.map(lambda a: a[0], stage_w), valid_pvl[0], 0, x_mbtd[0],
                          {k: a[0] for k, a in aux_m.items()})[1])
     stages = jnp.arange(P)
 
@@ -119,7 +148,7 @@ def run(layer_fn: Callable, weights, h_btd, aux: dict, spec: PipelineSpec):
         first_in = jnp.where(v[0] == 0, x_mbtd[m[0]], circ[m[0]])
         state = state.at[0].set(first_in)
         aux_p = {k: a[m] for k, a in aux_m.items()}  # [P, b, ...]: each stage's microbatch
-        new, layer_stats = run_stages(stage_w, v, state, aux_p)
+        new, layer_stats = run_stages(stage_w, valid_pvl, v, state, aux_p)
         last, m_last, v_last = new[P - 1], m[P - 1], v[P - 1]
         circ = circ.at[m_last].set(jnp.where(active[P - 1], last, circ[m_last]))
         done = active[P - 1] & (v_last == V - 1)
@@ -139,8 +168,11 @@ def run(layer_fn: Callable, weights, h_btd, aux: dict, spec: PipelineSpec):
     n_iter = M * V + P - 1
     (_, _, out, stats), _ = jax.lax.scan(iteration, init, jnp.arange(n_iter))
 
+    # Slot (v, p, j) of the stats -> layer order, real slots only.
+    slot_of_layer = np.array([(c * Lc + j) for c in range(P * V) for j in range(sizes[c])])
+
     def layer_order(s):  # [V, P, Lc, M, b, ...] -> [L, B, ...]
-        s = s.reshape(L, M, *s.shape[4:])
-        return jax.vmap(merge_rows)(s)
+        s = s.reshape(V * P * Lc, M, *s.shape[4:])
+        return jax.vmap(merge_rows)(s if not uneven else s[slot_of_layer])
 
     return merge_rows(out), jax.tree.map(layer_order, stats)

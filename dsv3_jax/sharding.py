@@ -165,10 +165,20 @@ def opt_state_shardings(tx: optax.GradientTransformation, abstract_params, param
 
 
 def _drop_indivisible(s: PartitionSpec, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
-    """Replicate a dimension whose size the mesh axes do not divide (e.g. 3 dense layers)."""
-    parts = []
-    for part, size in zip(list(s) + [None] * (len(shape) - len(s)), shape, strict=True):
+    """A dimension the mesh axes do not divide is replicated (e.g. 3 dense layers over 2 data
+    shards), except `pipeline`: an MoE stack of L layers that P stages do not divide (uneven
+    stages) is split over `pipeline` on its largest free dimension that P divides instead, so
+    each stage still stores 1/P of it; dsv3_jax.pipeline gathers each stage's layers."""
+    parts = list(s) + [None] * (len(shape) - len(s))
+    displaced = []
+    for i, (part, size) in enumerate(zip(parts, shape, strict=True)):
         axes = () if part is None else (part,) if isinstance(part, str) else part
         n = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
-        parts.append(part if size % n == 0 else None)
+        if size % n:
+            parts[i] = None
+            displaced += [a for a in axes if a == "pipeline"]
+    for axis in displaced:
+        free = [i for i, p in enumerate(parts) if p is None and shape[i] % mesh.shape[axis] == 0]
+        if free:
+            parts[max(free, key=lambda i: shape[i])] = axis
     return PartitionSpec(*parts)

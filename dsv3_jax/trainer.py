@@ -127,10 +127,12 @@ class Trainer:
         out = dsv3_jax.forward(cfg, {"params": params, "router_bias": router_bias}, inputs_bt,
                                seg_bt, return_hidden=True, parallel=self.parallel)
         with jax.named_scope("loss_head"):
-            ce = objective.cross_entropy_sum(params, out.hidden, targets[0], masks[0]) / counts[0]
+            ce = objective.cross_entropy_sum(params, out.hidden, targets[0], masks[0],
+                                            parallel=self.parallel) / counts[0]
             mtp = jnp.zeros((), jnp.float32)
             for k, h_k in enumerate(out.mtp_hidden, start=1):
-                mtp += objective.cross_entropy_sum(params, h_k, targets[k], masks[k]) / (
+                mtp += objective.cross_entropy_sum(params, h_k, targets[k], masks[k],
+                                                  parallel=self.parallel) / (
                     counts[k] * cfg.mtp_depth)
         balance = objective.balance_loss_sum(cfg, out.router_stats) / self.hyper.batch_size
         return ce, mtp, balance, objective.expert_loads(out.router_stats)

@@ -30,6 +30,8 @@ Per device, in bytes (GB = 1e9):
                            not rematerialized; the embedding, final and head inputs are kept
                  working = tokens x max(2 c_dense, 2 c_moe + A) + one layer's weights in b
                            bytes + the loss chunk (2 x rows x 512 x vocab fp32)
+               Both add to saved the fused loss's gradients, kept from its forward pass:
+                 (1 + mtp_depth) x (D x vocab + tokens_out x D) fp32
                With a pipeline (dsv3_jax.pipeline: M = mesh.pipeline_microbatches, V repeats of
                a circular schedule, else 1), embedding, dense layers, MTP and head run outside
                the stages on rows split over every device; the MoE stack runs n = M V + P - 1
@@ -271,6 +273,9 @@ def activation_bytes(c: ModelConfig, mesh: dict[str, int], batch_size: int, micr
                  + pipe.iterations * tokens_in * (per_pass * saved_per_token(c, moe, b) + D * b))
         layer = max(2 * sum(dense.values()) * tokens_out,
                     (2 * sum(moe.values()) + exchange) * tokens_in)
+    # The fused loss (dsv3_jax.objective) keeps its head and hidden-state gradients, fp32, from
+    # the forward pass to the backward, for the main head and every MTP depth.
+    saved += (1 + c.mtp_depth) * (D * c.vocab_size + rows_out * seq_len * D) * 4
     loss_chunk = 2 * rows_out * min(LOSS_CHUNK, seq_len) * c.vocab_size * 4
     working = layer + layer_weights * b // 4 + loss_chunk
     return {"saved": int(saved), "working": int(working)}

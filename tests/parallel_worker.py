@@ -26,22 +26,32 @@ def step(cfg, parallel):
     return jax.device_get(state), jax.device_get(metrics)
 
 
-def main(cases):
-    cfg = tiny.get_config()
-    cfg.batch_size, cfg.seq_len, cfg.microbatches = 16, 32, 2
-    cfg.model.n_layers = 5  # 4 MoE layers: 2 or 4 pipeline stages, 2 repeats on 2 stages
-    # A larger Adam epsilon keeps the first update smooth in the gradient (with eps -> 0 it is
-    # sign(g), which flips for gradients at rounding-noise level).
-    cfg.optimizer.eps = 1e-4
-    # The tiny config warms up from a learning rate of 0; this moves the weights at step 1.
-    cfg.optimizer.schedule = (("constant", 1, 1e-3),)
+def reference(cfg):
+    """The single-device step, and whether it moved every weight (so comparisons mean
+    something)."""
     ref_state, ref_metrics = step(cfg, None)
     init = jax.device_get(Trainer(train_loop.model_config(cfg), train_loop.hyper(cfg))
                           .init_state(jax.random.key(0)).params)
     moved = [float(np.max(np.abs(a - b))) for a, b in zip(
         jax.tree.leaves(ref_state.params), jax.tree.leaves(init), strict=True)]
-    ref_moved = min(moved) > 0 and max(moved) > 5e-4
+    return ref_state, ref_metrics, min(moved) > 0 and max(moved) > 5e-4
+
+
+def main(cases):
+    cfg = tiny.get_config()
+    cfg.batch_size, cfg.seq_len, cfg.microbatches = 16, 32, 2
+    # A larger Adam epsilon keeps the first update smooth in the gradient (with eps -> 0 it is
+    # sign(g), which flips for gradients at rounding-noise level).
+    cfg.optimizer.eps = 1e-4
+    # The tiny config warms up from a learning rate of 0; this moves the weights at step 1.
+    cfg.optimizer.schedule = (("constant", 1, 1e-3),)
+    references = {}
     for case in cases:
+        # 1 dense + 4 MoE layers by default: 2 or 4 pipeline stages, 2 repeats on 2 stages.
+        cfg.model.n_layers = case.get("n_layers", 5)
+        if cfg.model.n_layers not in references:
+            references[cfg.model.n_layers] = reference(cfg)
+        ref_state, ref_metrics, ref_moved = references[cfg.model.n_layers]
         mesh_shape = case["mesh"]
         cfg.mesh.pipeline, cfg.mesh.data, cfg.mesh.expert = mesh_shape
         cfg.mesh.fsdp = case["fsdp"]

@@ -12,14 +12,15 @@ from dsv3_jax.config import TINY
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # (pipeline, data, expert); the pipelined cases run 2 microbatches through the stages. Full
-# parameter sharding and the circular schedule ride along on meshes the issue asks for, to keep
-# CI's compile count down: (1,2,4) and (2,2,2) shard parameters over data too.
+# parameter sharding, the circular schedule and uneven stages ride along on meshes the issue
+# asks for, to keep CI's compile count down: (1,2,4) and (2,2,2) shard parameters over data
+# too, and (4,2,1) splits 5 MoE layers into stages of 1, 2, 1 and 1 (4 MoE layers elsewhere).
 MESHES = [
     {"mesh": [1, 8, 1], "fsdp": False},
     {"mesh": [1, 2, 4], "fsdp": True},
     {"mesh": [1, 1, 8], "fsdp": False},
     {"mesh": [2, 2, 2], "fsdp": True, "schedule": "circular"},
-    {"mesh": [4, 2, 1], "fsdp": False, "schedule": "gpipe"},
+    {"mesh": [4, 2, 1], "fsdp": False, "schedule": "gpipe", "n_layers": 6},
 ]
 
 
@@ -34,12 +35,13 @@ def results():
 
 
 def _key(case):
-    return (tuple(case["mesh"]), case["fsdp"], case.get("schedule"))
+    return (tuple(case["mesh"]), case["fsdp"], case.get("schedule"), case.get("n_layers", 5))
 
 
 def _name(case):
     return "x".join(map(str, case["mesh"])) + ("-fsdp" if case["fsdp"] else "") + (
-        f"-{case['schedule']}" if "schedule" in case else "")
+        f"-{case['schedule']}" if "schedule" in case else "") + (
+        f"-{case['n_layers'] - 1}moe" if "n_layers" in case else "")
 
 
 @pytest.mark.parametrize("case", MESHES, ids=_name)
@@ -78,8 +80,9 @@ def test_models_that_do_not_divide_over_the_mesh_are_refused(mesh, batch, micro,
 def test_pipeline_settings_that_cannot_run_are_refused():
     from dsv3_jax import pipeline
 
-    with pytest.raises(ValueError, match=r"58 MoE layers do not split into 16 stages x 1"):
-        pipeline.check(pipeline.PipelineSpec(16, 32), 58, 64)
+    with pytest.raises(ValueError, match=r"3 MoE layers cannot fill 2 stages x 2 repeats"):
+        pipeline.check(pipeline.PipelineSpec(2, 4, "circular", 2), 3, 8)
+    pipeline.check(pipeline.PipelineSpec(16, 32), 58, 64)  # uneven stages are fine
     with pytest.raises(ValueError, match="circular needs at least 2"):
         pipeline.check(pipeline.PipelineSpec(2, 4, "circular", 1), 4, 8)
     with pytest.raises(ValueError, match=r"do not split into mesh\.pipeline_microbatches=3"):
@@ -95,3 +98,21 @@ def test_one_table_maps_logical_axes():
         sharding.PartitionSpec("pipeline", "expert", "data", None)
     with pytest.raises(ValueError, match="twice"):
         sharding.spec(("batch", "embed"), fsdp=True)
+
+
+def test_uneven_stages_balance_layers_and_still_split_storage():
+    import types
+
+    from dsv3_jax import pipeline
+
+    sizes = pipeline.chunk_sizes(58, 16)  # DeepSeek-V3's MoE stack over 16 stages
+    assert sum(sizes) == 58 and set(sizes) == {3, 4} and sizes[0] == sizes[-1] == 3
+    assert pipeline.chunk_sizes(8, 4) == (2, 2, 2, 2)
+    mesh = types.SimpleNamespace(shape={"pipeline": 4, "data": 2, "expert": 1})
+    # 5 layers of [E=16, D=64, F=32] experts: `pipeline` moves to the largest dimension it
+    # divides, so each of the 4 stages stores a quarter; `data` on 5 layers is just dropped.
+    placed = sharding._drop_indivisible(sharding.PartitionSpec("pipeline", None, None, None),
+                                        (5, 16, 64, 32), mesh)
+    assert placed == sharding.PartitionSpec(None, None, "pipeline", None)
+    assert sharding._drop_indivisible(sharding.PartitionSpec("data"), (5, 4), mesh) == \
+        sharding.PartitionSpec(None, None)
