@@ -43,6 +43,8 @@ SETTINGS = {
     "pallas": {"model.attention_impl": "pallas", "model.moe_impl": "pallas"},
     "pallas_save_dots": {"model.attention_impl": "pallas", "model.moe_impl": "pallas",
                          "model.remat": "save_dots_no_batch"},
+    "pallas_save_kernels": {"model.attention_impl": "pallas", "model.moe_impl": "pallas",
+                            "model.remat": "save_kernels"},
     "pallas_no_remat": {"model.attention_impl": "pallas", "model.moe_impl": "pallas",
                         "model.remat": "none"},
     # Weak scaling (issue 4): the same per-device work on 2 and 4 GPUs.

@@ -10,7 +10,8 @@ import dataclasses
 import math
 from typing import Any
 
-REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch", "save_attention_out")
+REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch", "save_attention_out",
+                  "save_kernels")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "pallas")
 MOE_IMPLS = ("auto", "dense", "xla", "pallas")
 DTYPES = ("float32", "bfloat16")

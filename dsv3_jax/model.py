@@ -18,11 +18,18 @@ from dsv3_jax.layers import MLP, RMSNorm, einsum_f32, normal, weight
 from dsv3_jax.moe import ROUTER_BIAS, ROUTER_STATS, MoE
 from dsv3_jax.sharding import Parallel
 
+KERNEL_RESIDUALS = "kernel_residuals"  # checkpoint_name of the Pallas kernels' saved values
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "save_dots": jax.checkpoint_policies.dots_saveable,
     "save_dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "save_attention_out": jax.checkpoint_policies.save_only_these_names("attention_out"),
+    # save_dots_no_batch, plus what our Pallas kernels keep for their backward (attention output
+    # and log-sum-exp; the sorted expert rows and the SwiGLU gate, up and product), so no
+    # forward kernel runs again in the backward pass.
+    "save_kernels": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        jax.checkpoint_policies.save_only_these_names(KERNEL_RESIDUALS)),
 }
 
 

@@ -46,7 +46,8 @@ Per device, in bytes (GB = 1e9):
                s per policy:  full D b (the layer input); save_attention_out 2 D b;
                  save_dots_no_batch D b + matmul outputs without batch dimensions (MLA
                  projections, FFN, expert and router matmuls); save_dots that + attention
-                 scores and PV (xla attention); none D b + c.
+                 scores and PV (xla attention); save_kernels save_dots_no_batch + what the
+                 Pallas kernels keep for their backward; none D b + c.
                c: norms, MLA projections and latents, attention (xla: [N, T] fp32 scores and
                  probabilities per token; flash kernels: output and logsumexp), the FFN (dense:
                  gate and up fp32, their product and the output in b; MoE: router 2 E fp32, K
@@ -230,7 +231,17 @@ def layer_values(c: ModelConfig, moe: bool, seq_len: int, b: int,
     else:
         dots += 4 * 2 * c.inter_dim + D * b  # fp32 gate / up, the output in b
         other += c.inter_dim * b
-    return {"dots": dots, "batched": batched, "other": other}
+    # What the Pallas kernels save for their backward (the "save_kernels" policy keeps it):
+    # attention output and log-sum-exp; sorted expert rows, SwiGLU gate, up and product.
+    kernels = (N * Hv * b + 4 * N) if flash else 0
+    if moe:
+        kernels += c.n_activated_experts * (D + 3 * c.moe_inter_dim) * b
+    return {"dots": dots, "batched": batched, "other": other, "kernels": kernels}
+
+
+def every_value(values: dict[str, float]) -> float:
+    """c: all of one layer's intermediates per token (the kernels' residuals are among them)."""
+    return values["dots"] + values["batched"] + values["other"]
 
 
 def saved_per_token(c: ModelConfig, values: dict[str, float], b: int) -> float:
@@ -241,7 +252,8 @@ def saved_per_token(c: ModelConfig, values: dict[str, float], b: int) -> float:
         "save_attention_out": 2 * D * b,
         "save_dots_no_batch": D * b + values["dots"],
         "save_dots": D * b + values["dots"] + values["batched"],
-        "none": D * b + sum(values.values()),
+        "save_kernels": D * b + values["dots"] + values["kernels"],
+        "none": D * b + every_value(values),
     }[c.remat]
 
 
@@ -257,22 +269,22 @@ def activation_bytes(c: ModelConfig, mesh: dict[str, int], batch_size: int, micr
     moe = layer_values(c, True, seq_len, b, flash)
     per_step = batch_size // microbatches
     rows_out = per_step // (P * mesh["data"] * mesh["expert"])
-    extra = c.mtp_depth * (sum(moe.values()) + 3 * D * b) + (2 + c.mtp_depth) * D * b
+    extra = c.mtp_depth * (every_value(moe) + 3 * D * b) + (2 + c.mtp_depth) * D * b
     exchange = (capacity_factor * c.n_activated_experts * D * (2 * b + 8)
                 if mesh["expert"] > 1 else 0)
     if P == 1:
         tokens = rows_out * seq_len
         saved = tokens * (c.n_dense_layers * saved_per_token(c, dense, b)
                           + c.n_moe_layers * saved_per_token(c, moe, b) + extra)
-        layer = max(2 * sum(dense.values()) * tokens, (2 * sum(moe.values()) + exchange) * tokens)
+        layer = max(2 * every_value(dense) * tokens, (2 * every_value(moe) + exchange) * tokens)
     else:
         tokens_out = rows_out * seq_len
         tokens_in = per_step // pipe.microbatches // (mesh["data"] * mesh["expert"]) * seq_len
         per_pass = -(-c.n_moe_layers // (P * pipe.repeats))
         saved = (tokens_out * (c.n_dense_layers * saved_per_token(c, dense, b) + extra)
                  + pipe.iterations * tokens_in * (per_pass * saved_per_token(c, moe, b) + D * b))
-        layer = max(2 * sum(dense.values()) * tokens_out,
-                    (2 * sum(moe.values()) + exchange) * tokens_in)
+        layer = max(2 * every_value(dense) * tokens_out,
+                    (2 * every_value(moe) + exchange) * tokens_in)
     # The fused loss (dsv3_jax.objective) keeps its head and hidden-state gradients, fp32, from
     # the forward pass to the backward, for the main head and every MTP depth.
     saved += (1 + c.mtp_depth) * (D * c.vocab_size + rows_out * seq_len * D) * 4

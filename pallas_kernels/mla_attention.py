@@ -23,6 +23,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 
 
 def visibility_mask(segment_ids_bt, T, S):
@@ -185,7 +186,9 @@ def _flash_fwd(q_nope, q_rope, k_nope, k_rope, v, seg_bt, scale, backend, config
     with jax.named_scope("mla_flash_fwd"):
         o, lse = module.forward(q_nope, q_rope, k_nope, k_rope, v, seg_bt, bounds, scale=scale,
                                 config=config, has_segments=has_segments, interpret=interpret)
-    return o, (q_nope, q_rope, k_nope, k_rope, v, seg_bt, o, lse)
+    # Named so a remat policy may keep them (dsv3_jax.model's "save_kernels").
+    o_saved, lse = (checkpoint_name(a, "kernel_residuals") for a in (o, lse))
+    return o, (q_nope, q_rope, k_nope, k_rope, v, seg_bt, o_saved, lse)
 
 
 def _flash_bwd(scale, backend, config, has_segments, interpret, residuals, do):

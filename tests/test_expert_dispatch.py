@@ -7,6 +7,8 @@ Tolerances (relative L2 error, ||out - ref|| / ||ref||):
   * fp32 (TPU kernels, fp32 products): < 1e-5 (summation order only; we see < 1e-6).
 """
 
+import contextlib
+import io
 import os
 
 # The Mosaic GPU interpreter parks XLA CPU threads on simulated barriers; with the CPU client's
@@ -153,10 +155,38 @@ def test_no_token_copies_beyond_the_matmul_operands():
     x, idx, w, wg, wu, wd = args
 
     def loss(x, w, wg, wu, wd):
-        y = ed.routed_experts(x, idx, w, wg, wu, wd, implementation="pallas_gpu",
+        y = ed.routed_experts(x, idx, w, wg, wu, wd, implementation="pallas_tpu",
                               interpret=True)
         return jnp.sum(y.astype(jnp.float32) * ct)
 
     jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))(x, w, wg, wu, wd).jaxpr
     md = _md_arrays(jaxpr, T * K)
     assert len(md) == 4, md
+
+
+def test_save_kernels_policy_keeps_the_kernel_residuals(monkeypatch):
+    """Under remat="save_kernels" the backward finds the sorted rows and the SwiGLU gate, up
+    and product saved (so no forward expert kernel runs again); under "full" it does not.
+    Traced only (interpret mode's callbacks cannot be rematerialized), as for an H200."""
+    from dsv3_jax.model import KERNEL_RESIDUALS, REMAT_POLICIES
+    from pallas_kernels import _gmm_gpu
+
+    monkeypatch.setattr(_gmm_gpu, "num_sms", lambda *a, **k: 132)  # H200; no GPU is queried
+
+    args, _ = _problem(jnp.bfloat16)
+    x, idx, w, wg, wu, wd = args
+
+    def saved_names(policy):
+        def layer(x, w, wg, wu, wd):
+            y = ed.routed_experts(x, idx, w, wg, wu, wd, implementation="pallas_gpu",
+                                  interpret=False)
+            return jnp.sum(y.astype(jnp.float32))
+
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):  # one line per saved value, with its name
+            jax.ad_checkpoint.print_saved_residuals(
+                jax.checkpoint(layer, policy=REMAT_POLICIES[policy]), x, w, wg, wu, wd)
+        return [line for line in out.getvalue().splitlines() if KERNEL_RESIDUALS in line]
+
+    assert len(saved_names("save_kernels")) == 4
+    assert saved_names("full") == []
