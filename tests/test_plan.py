@@ -103,8 +103,11 @@ def test_remat_full_without_pipeline_saves_the_layer_inputs():
     plan = planner.make_plan(cfg, 4)  # data=4: 16 sequences of 128 tokens, 4 per device
     c = planner.train_loop.model_config(cfg)
     tokens = 16 // 4 * 128
-    # fp32 (4 bytes): every layer's input, plus the embedding and the final norm's input.
-    assert plan.activations["saved"] == tokens * (c.n_layers + 2) * c.dim * 4
+    # fp32 (4 bytes): every layer's input, plus the embedding and the final norm's input, plus
+    # the fused loss's gradients kept from its forward pass (head [D, V] and hidden [tokens, D]).
+    layers = tokens * (c.n_layers + 2) * c.dim * 4
+    loss = (c.dim * c.vocab_size + tokens * c.dim) * 4
+    assert plan.activations["saved"] == layers + loss
 
 
 def test_a_mesh_too_small_for_the_model_does_not_fit():
