@@ -178,12 +178,12 @@ def test_save_kernels_policy_keeps_the_kernel_residuals(monkeypatch):
     args, _ = _problem(jnp.bfloat16)
     x, idx, w, wg, wu, wd = args
 
-    def saved_names(policy):
-        def layer(x, w, wg, wu, wd):
-            y = ed.routed_experts(x, idx, w, wg, wu, wd, implementation="pallas_gpu",
-                                  interpret=False)
-            return jnp.sum(y.astype(jnp.float32))
+    def layer(x, w, wg, wu, wd):
+        y = ed.routed_experts(x, idx, w, wg, wu, wd, implementation="pallas_gpu",
+                              interpret=False)
+        return jnp.sum(y.astype(jnp.float32))
 
+    def saved_names(policy):
         out = io.StringIO()
         with contextlib.redirect_stdout(out):  # one line per saved value, with its name
             jax.ad_checkpoint.print_saved_residuals(
@@ -192,3 +192,24 @@ def test_save_kernels_policy_keeps_the_kernel_residuals(monkeypatch):
 
     assert len(saved_names("save_kernels")) == 4
     assert saved_names("full") == []
+
+    def kernel_launches(fn):  # Mosaic GPU kernels in the traced forward + backward
+        def count(jaxpr):
+            n = 0
+            for eqn in jaxpr.eqns:
+                n += eqn.primitive.name == "custom_vmap_call"
+                for p in eqn.params.values():
+                    for q in p if isinstance(p, (tuple, list)) else (p,):
+                        sub = q if hasattr(q, "eqns") else getattr(q, "jaxpr", None)
+                        n += count(sub) if hasattr(sub, "eqns") else 0
+            return n
+
+        return count(jax.make_jaxpr(jax.grad(fn, argnums=(0, 1, 2, 3, 4)))(
+            x, w, wg, wu, wd).jaxpr)
+
+    def remat(policy):
+        return jax.checkpoint(layer, policy=REMAT_POLICIES[policy])
+
+    plain = kernel_launches(layer)
+    assert kernel_launches(remat("save_kernels")) == plain  # no forward kernel runs again
+    assert kernel_launches(remat("full")) > plain
