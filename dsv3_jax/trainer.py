@@ -64,7 +64,7 @@ class Trainer:
         self.bias_rate = optim.token_schedule(hyper.bias_rate)
         self.tokens_per_step = hyper.batch_size * hyper.seq_len
         if parallel is None:
-            self.state_sharding = self.batch_sharding = None
+            self.state_sharding = self.batch_sharding = self.grad_sharding = None
             self.init_state = jax.jit(self._init_state)
             self.state_from_variables = jax.jit(self._state_from_variables)
             self.train_step = jax.jit(self._train_step, donate_argnums=0)
@@ -79,6 +79,11 @@ class Trainer:
             step=replicated, params=var_sh["params"], router_bias=var_sh["router_bias"],
             opt_state=sharding.opt_state_shardings(self.tx, params, var_sh["params"]),
             nonfinite=replicated)
+        # Gradients are accumulated split like the optimizer state (ZeRO-2): each microbatch's
+        # partial sums are reduce-scattered rather than all-reduced, and the accumulator holds
+        # 1/data of them.
+        self.grad_sharding = jax.tree.map(lambda s, a: sharding.zero1(s, a.shape),
+                                          var_sh["params"], params)
         rows = NamedSharding(mesh, PartitionSpec(parallel.batch_axes, None))
         self.batch_sharding = {"tokens": rows, "segment_ids": rows}
         self.init_state = jax.jit(self._init_state, out_shardings=self.state_sharding)
@@ -164,12 +169,16 @@ class Trainer:
 
         def accumulate(acc, mb):
             (loss, aux), grads = grad_fn(state.params, *mb)
+            if self.grad_sharding is not None:
+                grads = jax.lax.with_sharding_constraint(grads, self.grad_sharding)
             return jax.tree.map(jnp.add, acc, (loss, aux, grads)), None
 
         zeros = jax.tree.map(jnp.zeros_like,
                              jax.eval_shape(grad_fn, state.params, split(tokens_bs)[0],
                                             split(seg_bs)[0]))
         zeros = (zeros[0][0], zeros[0][1], zeros[1])
+        if self.grad_sharding is not None:
+            zeros = (*zeros[:2], jax.lax.with_sharding_constraint(zeros[2], self.grad_sharding))
         (loss, (ce, mtp, bal, loads), grads), _ = jax.lax.scan(
             accumulate, zeros, (split(tokens_bs), split(seg_bs)))
 

@@ -16,8 +16,8 @@ Per device, in bytes (GB = 1e9):
                (as the trainer does), except the MoE layer axis over `pipeline`: each stage
                holds ceil(moe_layers / pipeline) layers. Dense layers, embedding, head, final
                norm and the MTP modules are not split by `pipeline` (every stage holds them).
-  gradients    fp32, sharded like the parameters; twice that with microbatches > 1 (the
-               accumulated sum and the gradient of the current microbatch).
+  gradients    fp32, sharded like the parameters; with microbatches > 1 also the accumulated
+               sum, sharded like one of the optimizer's moments (ZeRO-2, dsv3_jax.trainer).
   optimizer    AdamW mu and nu, fp32, sharded like the parameters plus ZeRO-1: `data` on the
                first free dimension it divides (dsv3_jax.sharding.zero1).
   activations  b = bytes of model.dtype; c = every intermediate of one layer per token;
@@ -374,7 +374,8 @@ def make_plan(cfg: config_dict.ConfigDict, devices: int,
                            "activation memory than counted here (sorted rows)")
     refusal = trainer_refusal(cfg, model, P)
     return Plan(model=model, mesh=mesh, fsdp=fsdp, device_memory=device_memory_gb * GB,
-                params=pb.groups, gradients=pb.trainable * (2 if cfg.microbatches > 1 else 1),
+                params=pb.groups,
+                gradients=pb.trainable + (pb.optimizer // 2 if cfg.microbatches > 1 else 0),
                 optimizer=pb.optimizer, activations=activations, pipeline=pipe,
                 assumptions=tuple(assumptions),
                 warnings=() if refusal is None else (
@@ -416,7 +417,7 @@ def format_plan(plan: Plan) -> str:
         opt = f"ZeRO-1 over data={m['data']}"
     else:
         opt = "data=1: not split"
-    grads = ", sum + current microbatch" if plan.gradients > plan.param_total else ""
+    grads = ", current microbatch + split sum" if plan.gradients > plan.param_total else ""
     lines = [
         f"model {c.n_dense_layers} dense + {c.n_moe_layers} MoE layers, {c.n_routed_experts} "
         f"experts: {counts['main'] / 1e9:.1f}B parameters ({counts['active'] / 1e9:.1f}B "
