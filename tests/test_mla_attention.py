@@ -203,3 +203,35 @@ def test_unknown_implementation_is_rejected():
 
 if __name__ == "__main__" and _WORKER_FLAG in sys.argv:
     _gpu_worker(GPU_CASES, _run_gpu_case)
+
+
+def test_save_kernels_policy_runs_the_forward_kernel_once():
+    """Attention followed by a matmul on its output (as in the model), under remat: with
+    "save_kernels" the traced forward + backward launch the forward kernel once, as without
+    remat; with "full" twice. Traced only, for an H200 (interpret mode cannot be remat'ed)."""
+    from dsv3_jax.layers import einsum_f32
+    from dsv3_jax.model import REMAT_POLICIES
+
+    args, _ = _inputs(0, 1, 128, 2, 128, 64, 128, jnp.bfloat16)
+    w = jnp.ones((2 * 128, 8), jnp.bfloat16)
+
+    def layer(*args):  # the output projection as the model's attention applies it
+        o = mla_attention(*args, None, scale=0.1, implementation="pallas_mosaic_gpu")
+        return jnp.sum(einsum_f32("BTF,FD->BTD", o.reshape(1, 128, -1), w))
+
+    def launches(fn):
+        def count(jaxpr):
+            n = 0
+            for eqn in jaxpr.eqns:
+                n += eqn.primitive.name == "custom_vmap_call"
+                for p in eqn.params.values():
+                    for q in p if isinstance(p, (tuple, list)) else (p,):
+                        sub = q if hasattr(q, "eqns") else getattr(q, "jaxpr", None)
+                        n += count(sub) if hasattr(sub, "eqns") else 0
+            return n
+
+        return count(jax.make_jaxpr(jax.grad(fn, argnums=range(5)))(*args).jaxpr)
+
+    plain = launches(layer)
+    assert launches(jax.checkpoint(layer, policy=REMAT_POLICIES["save_kernels"])) == plain
+    assert launches(jax.checkpoint(layer, policy=REMAT_POLICIES["full"])) == plain + 1
