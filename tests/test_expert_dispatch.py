@@ -23,6 +23,7 @@ import pytest
 
 from pallas_kernels import dispatch_gpu
 from pallas_kernels import expert_dispatch as ed
+from tests.kernel_trace import kernel_launches
 
 T, K, E, D, F = 40, 3, 6, 128, 64
 
@@ -193,23 +194,10 @@ def test_save_kernels_policy_keeps_the_kernel_residuals(monkeypatch):
     assert len(saved_names("save_kernels")) == 4
     assert saved_names("full") == []
 
-    def kernel_launches(fn):  # Mosaic GPU kernels in the traced forward + backward
-        def count(jaxpr):
-            n = 0
-            for eqn in jaxpr.eqns:
-                n += eqn.primitive.name == "custom_vmap_call"
-                for p in eqn.params.values():
-                    for q in p if isinstance(p, (tuple, list)) else (p,):
-                        sub = q if hasattr(q, "eqns") else getattr(q, "jaxpr", None)
-                        n += count(sub) if hasattr(sub, "eqns") else 0
-            return n
+    def launches(policy=None):
+        fn = layer if policy is None else jax.checkpoint(layer, policy=REMAT_POLICIES[policy])
+        return kernel_launches(fn, x, w, wg, wu, wd)
 
-        return count(jax.make_jaxpr(jax.grad(fn, argnums=(0, 1, 2, 3, 4)))(
-            x, w, wg, wu, wd).jaxpr)
-
-    def remat(policy):
-        return jax.checkpoint(layer, policy=REMAT_POLICIES[policy])
-
-    plain = kernel_launches(layer)
-    assert kernel_launches(remat("save_kernels")) == plain  # no forward kernel runs again
-    assert kernel_launches(remat("full")) > plain
+    plain = launches()
+    assert launches("save_kernels") == plain  # no forward kernel runs again
+    assert launches("full") > plain

@@ -25,6 +25,7 @@ import pytest
 
 from pallas_kernels import _mla_attention_mgpu, _mla_attention_tpu
 from pallas_kernels.mla_attention import mla_attention, segment_bounds
+from tests.kernel_trace import kernel_launches
 
 GRAD_NAMES = ("dq_nope", "dq_rope", "dk_nope", "dk_rope", "dv")
 # Smallest Mosaic GPU tiles (64 rows) so that short sequences span several blocks and CTAs.
@@ -219,19 +220,10 @@ def test_save_kernels_policy_runs_the_forward_kernel_once():
         o = mla_attention(*args, None, scale=0.1, implementation="pallas_mosaic_gpu")
         return jnp.sum(einsum_f32("BTF,FD->BTD", o.reshape(1, 128, -1), w))
 
-    def launches(fn):
-        def count(jaxpr):
-            n = 0
-            for eqn in jaxpr.eqns:
-                n += eqn.primitive.name == "custom_vmap_call"
-                for p in eqn.params.values():
-                    for q in p if isinstance(p, (tuple, list)) else (p,):
-                        sub = q if hasattr(q, "eqns") else getattr(q, "jaxpr", None)
-                        n += count(sub) if hasattr(sub, "eqns") else 0
-            return n
+    def launches(policy=None):
+        fn = layer if policy is None else jax.checkpoint(layer, policy=REMAT_POLICIES[policy])
+        return kernel_launches(fn, *args)
 
-        return count(jax.make_jaxpr(jax.grad(fn, argnums=range(5)))(*args).jaxpr)
-
-    plain = launches(layer)
-    assert launches(jax.checkpoint(layer, policy=REMAT_POLICIES["save_kernels"])) == plain
-    assert launches(jax.checkpoint(layer, policy=REMAT_POLICIES["full"])) == plain + 1
+    plain = launches()
+    assert launches("save_kernels") == plain
+    assert launches("full") == plain + 1

@@ -1,0 +1,21 @@
+"""Counting Pallas Mosaic GPU kernel launches in a traced function (no GPU needed)."""
+
+import jax
+
+
+def kernel_launches(fn, *args) -> int:
+    """Mosaic GPU kernels (each a `custom_vmap_call`) in the traced gradient of `fn` with
+    respect to every argument: the forward plus the backward pass."""
+    jaxpr = jax.make_jaxpr(jax.grad(fn, argnums=tuple(range(len(args)))))(*args).jaxpr
+    return _count(jaxpr)
+
+
+def _count(jaxpr) -> int:
+    n = 0
+    for eqn in jaxpr.eqns:
+        n += eqn.primitive.name == "custom_vmap_call"
+        for p in eqn.params.values():
+            for q in p if isinstance(p, (tuple, list)) else (p,):
+                sub = q if hasattr(q, "eqns") else getattr(q, "jaxpr", None)
+                n += _count(sub) if hasattr(sub, "eqns") else 0
+    return n
