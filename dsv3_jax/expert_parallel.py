@@ -124,25 +124,44 @@ def _local_expert_index(group_sizes_e, m, n_shards):
     return (e_m % (group_sizes_e.shape[0] // n_shards)).astype(jnp.int32)
 
 
+def _prepare(x_sorted_md, group_sizes_e, wg_, wu_, wd_, q, fsdp):
+    """What the forward and the backward share: the weights (gathered under fsdp), each sorted
+    row's expert index within its destination shard, and the rounds (sizes, starts, count)."""
+    weights = _gather_weights(wg_, wu_, wd_, fsdp)
+    local_e_m = _local_expert_index(group_sizes_e, x_sorted_md.shape[0],
+                                    jax.lax.axis_size("expert"))
+    return weights, local_e_m, _rounds(group_sizes_e, q)
+
+
+def _send(x_sorted_md, local_e_m, rounds, r, q, n_local):
+    """Round r's rows to their shards: (received rows [P, Q, D], their local experts [P, Q]
+    (padding: n_local), and this round's source rows and validity, for `_send_back`)."""
+    sizes_p, starts_p, _ = rounds
+    send_x, row_pq, valid_pq = _pack(x_sorted_md, starts_p, sizes_p, r, q, 0)
+    send_e, _, _ = _pack(local_e_m, starts_p, sizes_p, r, q, n_local)
+    return (jax.lax.all_to_all(send_x, "expert", 0, 0),
+            jax.lax.all_to_all(send_e, "expert", 0, 0), row_pq, valid_pq)
+
+
+def _send_back(out_md, values_pqd, row_pq, valid_pq):
+    """Return per-row results [P, Q, D] to the rows they came from, added into out_md."""
+    back = jax.lax.all_to_all(values_pqd, "expert", 0, 0)
+    back = jnp.where(valid_pq[..., None], back, 0.0).astype(out_md.dtype)
+    return out_md.at[row_pq.reshape(-1)].add(back.reshape(-1, out_md.shape[1]))
+
+
 def _forward(x_sorted_md, group_sizes_e, wg_, wu_, wd_, q, fsdp, impl):
-    n_shards = jax.lax.axis_size("expert")
-    E_ = wg_.shape[0]
-    M, D = x_sorted_md.shape
-    wg, wu, wd = _gather_weights(wg_, wu_, wd_, fsdp)
-    local_e_m = _local_expert_index(group_sizes_e, M, n_shards)
-    sizes_p, starts_p, n_rounds = _rounds(group_sizes_e, q)
+    (wg, wu, wd), local_e_m, rounds = _prepare(x_sorted_md, group_sizes_e, wg_, wu_, wd_, q,
+                                               fsdp)
 
     def one_round(r, out_md):
-        send_x, row_pq, valid_pq = _pack(x_sorted_md, starts_p, sizes_p, r, q, 0)
-        send_e, _, _ = _pack(local_e_m, starts_p, sizes_p, r, q, E_)
-        recv_x = jax.lax.all_to_all(send_x, "expert", 0, 0)
-        recv_e = jax.lax.all_to_all(send_e, "expert", 0, 0)
-        y_pqd = _local_experts(recv_x, recv_e, wg, wu, wd, impl)
-        back_pqd = jax.lax.all_to_all(y_pqd, "expert", 0, 0)
-        back_pqd = jnp.where(valid_pq[..., None], back_pqd, 0.0)
-        return out_md.at[row_pq.reshape(-1)].add(back_pqd.reshape(-1, D))
+        recv_x, recv_e, row_pq, valid_pq = _send(x_sorted_md, local_e_m, rounds, r, q,
+                                                 wg_.shape[0])
+        return _send_back(out_md, _local_experts(recv_x, recv_e, wg, wu, wd, impl), row_pq,
+                          valid_pq)
 
-    return jax.lax.fori_loop(0, n_rounds, one_round, jnp.zeros((M, D), jnp.float32))
+    return jax.lax.fori_loop(0, rounds[2], one_round,
+                             jnp.zeros(x_sorted_md.shape, jnp.float32))
 
 
 def _fwd(x_sorted_md, group_sizes_e, wg_, wu_, wd_, q, fsdp, impl):
@@ -152,30 +171,23 @@ def _fwd(x_sorted_md, group_sizes_e, wg_, wu_, wd_, q, fsdp, impl):
 
 def _bwd(q, fsdp, impl, residuals, d_out_md):
     x_sorted_md, group_sizes_e, wg_, wu_, wd_ = residuals
-    n_shards = jax.lax.axis_size("expert")
-    E_ = wg_.shape[0]
-    M, D = x_sorted_md.shape
-    wg, wu, wd = _gather_weights(wg_, wu_, wd_, fsdp)
-    local_e_m = _local_expert_index(group_sizes_e, M, n_shards)
-    sizes_p, starts_p, n_rounds = _rounds(group_sizes_e, q)
+    (wg, wu, wd), local_e_m, rounds = _prepare(x_sorted_md, group_sizes_e, wg_, wu_, wd_, q,
+                                               fsdp)
+    sizes_p, starts_p, n_rounds = rounds
 
     def one_round(r, carry):
         dx_md, dwg, dwu, dwd = carry
-        send_x, row_pq, valid_pq = _pack(x_sorted_md, starts_p, sizes_p, r, q, 0)
-        send_e, _, _ = _pack(local_e_m, starts_p, sizes_p, r, q, E_)
+        recv_x, recv_e, row_pq, valid_pq = _send(x_sorted_md, local_e_m, rounds, r, q,
+                                                 wg_.shape[0])
         send_dy, _, _ = _pack(d_out_md, starts_p, sizes_p, r, q, 0)
-        recv_x = jax.lax.all_to_all(send_x, "expert", 0, 0)
-        recv_e = jax.lax.all_to_all(send_e, "expert", 0, 0)
         recv_dy = jax.lax.all_to_all(send_dy, "expert", 0, 0)
         _, vjp = jax.vjp(lambda x, a, b, c: _local_experts(x, recv_e, a, b, c, impl),
                          recv_x, wg, wu, wd)
         dx_pqd, dwg_r, dwu_r, dwd_r = vjp(recv_dy)
-        back = jax.lax.all_to_all(dx_pqd, "expert", 0, 0)
-        back = jnp.where(valid_pq[..., None], back, 0.0).astype(dx_md.dtype)
-        dx_md = dx_md.at[row_pq.reshape(-1)].add(back.reshape(-1, D))
+        dx_md = _send_back(dx_md, dx_pqd, row_pq, valid_pq)
         return dx_md, dwg + dwg_r, dwu + dwu_r, dwd + dwd_r
 
-    zeros = (jnp.zeros((M, D), x_sorted_md.dtype), jnp.zeros_like(wg), jnp.zeros_like(wu),
+    zeros = (jnp.zeros_like(x_sorted_md), jnp.zeros_like(wg), jnp.zeros_like(wu),
              jnp.zeros_like(wd))
     dx_md, dwg, dwu, dwd = jax.lax.fori_loop(0, n_rounds, one_round, zeros)
     # Each data-parallel row saw different tokens. Sharded weights: reduce-scatter the gradient
