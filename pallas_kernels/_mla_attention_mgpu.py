@@ -37,20 +37,19 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels._mla_mgpu_common import (
+    COLS,
     COMPUTE_REGS,
     LOG2E,
     MEMORY_REGS,
+    ROWS,
     TRANSFORMS,
+    WGMMA,
     interpret_params,
     mma,
     mma_multi,
     row_vector,
     wgmma_zeros,
 )
-
-_WGMMA = plgpu.Layout.WGMMA
-_ROWS = plgpu.Layout.WGMMA.reduce(1)  # vector indexed by accumulator row
-_COLS = plgpu.Layout.WGMMA.reduce(0)  # vector indexed by accumulator column
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,8 +94,8 @@ def _bcast_cols(x_c, shape):
 
 def _visible(shape, row0, col0, *, rows_are_queries, seg_rows=None, seg_cols=None):
     """Causal (and same-segment) visibility of a [rows, cols] score tile in the WGMMA layout."""
-    rows = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=_WGMMA) + row0
-    cols = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=_WGMMA) + col0
+    rows = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=WGMMA) + row0
+    cols = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=WGMMA) + col0
     vis = rows >= cols if rows_are_queries else cols >= rows
     if seg_rows is not None:
         vis = vis & (_bcast_rows(seg_rows, shape) == _bcast_cols(seg_cols, shape))
@@ -145,7 +144,7 @@ def _forward_call(q_nope, q_rope, k_nope, k_rope, v, seg_bt, kv_lo_bc, *, scale:
             if has_segments:
                 plgpu.copy_gmem_to_smem(seg_ref.at[b, rows], segq_smem2.at[wg], q_bars.at[wg])
             plgpu.barrier_wait(q_bars.at[wg])
-            seg_q = (plgpu.load(segq_smem2.at[wg], layout=_ROWS) if has_segments else None)
+            seg_q = (plgpu.load(segq_smem2.at[wg], layout=ROWS) if has_segments else None)
             n_steps = pl.cdiv(q0 + bq, bkv) - kv_lo
             # Key blocks entirely below the diagonal need no mask (segments always need one).
             n_full = jnp.int32(0) if has_segments else lax.div(q0, jnp.int32(bkv))
@@ -160,7 +159,7 @@ def _forward_call(q_nope, q_rope, k_nope, k_rope, v, seg_bt, kv_lo_bc, *, scale:
                         (bq, bkv), interpret=interpret, between=schedule_barrier)
                 s = s * c
                 if masked:
-                    seg_k = (plgpu.load(segk_smem.at[slot], layout=_COLS)
+                    seg_k = (plgpu.load(segk_smem.at[slot], layout=COLS)
                              if has_segments else None)
                     vis = _visible((bq, bkv), q0, (kv_lo + i) * bkv, rows_are_queries=True,
                                    seg_rows=seg_q, seg_cols=seg_k)
@@ -329,9 +328,9 @@ def _backward_dq_call(q_nope, q_rope, k_nope, k_rope, v, do, lse2, delta, seg_bt
             if has_segments:
                 plgpu.copy_gmem_to_smem(seg_ref.at[b, rows], segq_smem2.at[wg], q_bars.at[wg])
             plgpu.barrier_wait(q_bars.at[wg])
-            lse = plgpu.load(lse_smem2.at[wg], layout=_ROWS)
-            delta = plgpu.load(delta_smem2.at[wg], layout=_ROWS)
-            seg_q = plgpu.load(segq_smem2.at[wg], layout=_ROWS) if has_segments else None
+            lse = plgpu.load(lse_smem2.at[wg], layout=ROWS)
+            delta = plgpu.load(delta_smem2.at[wg], layout=ROWS)
+            seg_q = plgpu.load(segq_smem2.at[wg], layout=ROWS) if has_segments else None
             n_steps = pl.cdiv(q0 + bq, bkv) - kv_lo
             n_full = jnp.int32(0) if has_segments else lax.div(q0, jnp.int32(bkv))
 
@@ -346,7 +345,7 @@ def _backward_dq_call(q_nope, q_rope, k_nope, k_rope, v, do, lse2, delta, seg_bt
                     interpret=interpret)
                 s = s * c
                 if masked:
-                    seg_k = (plgpu.load(segk_smem.at[slot], layout=_COLS)
+                    seg_k = (plgpu.load(segk_smem.at[slot], layout=COLS)
                              if has_segments else None)
                     vis = _visible((bq, bkv), q0, (kv_lo + i) * bkv, rows_are_queries=True,
                                    seg_rows=seg_q, seg_cols=seg_k)
@@ -461,7 +460,7 @@ def _backward_dkv_call(q_nope, q_rope, k_nope, k_rope, v, do, lse2, delta, seg_b
             if has_segments:
                 plgpu.copy_gmem_to_smem(seg_ref.at[b, rows], segk_smem2.at[wg], k_bars.at[wg])
             plgpu.barrier_wait(k_bars.at[wg])
-            seg_k = plgpu.load(segk_smem2.at[wg], layout=_ROWS) if has_segments else None
+            seg_k = plgpu.load(segk_smem2.at[wg], layout=ROWS) if has_segments else None
             n_steps = q_hi - lax.div(k0, jnp.int32(bq))
             # Query blocks wholly at or after the last key of this block need no mask.
             n_full = (jnp.int32(0) if has_segments
@@ -477,17 +476,17 @@ def _backward_dkv_call(q_nope, q_rope, k_nope, k_rope, v, do, lse2, delta, seg_b
                     interpret=interpret)
                 s_t = s_t * c
                 if masked:
-                    seg_q = (plgpu.load(segq_smem.at[slot], layout=_COLS)
+                    seg_q = (plgpu.load(segq_smem.at[slot], layout=COLS)
                              if has_segments else None)
                     vis = _visible((bkv, bq), k0, (q_hi - 1 - i) * bq, rows_are_queries=False,
                                    seg_rows=seg_k, seg_cols=seg_q)
                     s_t = jnp.where(vis, s_t, -jnp.inf)
-                lse = plgpu.load(lse_smem.at[slot], layout=_COLS)
+                lse = plgpu.load(lse_smem.at[slot], layout=COLS)
                 p_t = jnp.exp2(s_t - _bcast_cols(lse, s_t.shape))
                 dv, dp_t = mma_multi([([(p_t.astype(dtype), do_smem.at[slot])], dv),
                                       ([(v_smem, _t(do_smem.at[slot]))], (bkv, bq))],
                                      interpret=interpret)
-                delta = plgpu.load(delta_smem.at[slot], layout=_COLS)
+                delta = plgpu.load(delta_smem.at[slot], layout=COLS)
                 ds_t = (p_t * (dp_t - _bcast_cols(delta, dp_t.shape))).astype(dtype)
                 dkn, dkr = mma_multi([([(ds_t, qn_smem.at[slot])], dkn),
                                       ([(ds_t, qr_smem.at[slot])], dkr)], interpret=interpret)

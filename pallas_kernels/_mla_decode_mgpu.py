@@ -38,10 +38,13 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels._mla_mgpu_common import (
+    COLS,
     COMPUTE_REGS,
     LOG2E,
     MEMORY_REGS,
+    ROWS,
     TRANSFORMS,
+    WGMMA,
     interpret_params,
     mma,
     mma_multi,
@@ -49,9 +52,6 @@ from pallas_kernels._mla_mgpu_common import (
     wgmma_zeros,
 )
 
-_WGMMA = plgpu.Layout.WGMMA
-_ROWS = plgpu.Layout.WGMMA.reduce(1)  # vector indexed by accumulator row
-_COLS = plgpu.Layout.WGMMA.reduce(0)  # vector indexed by accumulator column
 ROWS_PER_CTA = 64  # one wgmma M tile
 NUM_SMS = 132  # H100 / H200
 
@@ -114,7 +114,7 @@ def _decode_call(q_lat, q_rope, kv_cache, lengths, row_limit, *, scale: float, n
                 plgpu.copy_gmem_to_smem(lim_ref.at[b, rows], lim_smem, q_bar)
 
             plgpu.barrier_wait(q_bar)
-            limit = plgpu.load(lim_smem, layout=_ROWS)
+            limit = plgpu.load(lim_smem, layout=ROWS)
             # Cache tiles wholly at or before the first new token's last visible row.
             n_full = jnp.clip((length - num_tokens + 1) // bkv - lo, 0, n)
 
@@ -127,7 +127,7 @@ def _decode_call(q_lat, q_rope, kv_cache, lengths, row_limit, *, scale: float, n
                          (qr_smem, _t(kr_smem.at[slot]))], (rows64, bkv), interpret=interpret)
                 s = s * c
                 if masked:
-                    pos = plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=_WGMMA)
+                    pos = plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=WGMMA)
                     pos = pos + (lo + i) * bkv
                     s = jnp.where(pos <= lax.broadcast_in_dim(limit, s.shape, [0]), s, -jnp.inf)
                 m_new = jnp.maximum(m, s.max(axis=1))
@@ -235,7 +235,7 @@ def _decode_few_rows_call(q_lat, q_rope, kv_cache, lengths, row_limit, *, scale:
             plgpu.copy_gmem_to_smem(qr_ref.at[b], qr_smem, q_bar)
             plgpu.copy_gmem_to_smem(lim_ref.at[b], lim_smem, q_bar)
             plgpu.barrier_wait(q_bar)
-            limit = plgpu.load(lim_smem, layout=_COLS)
+            limit = plgpu.load(lim_smem, layout=COLS)
             n_full = jnp.clip((length - num_tokens + 1) // bkv - lo, 0, n)
 
             def kv_step(i, carry, *, masked):
@@ -249,7 +249,7 @@ def _decode_few_rows_call(q_lat, q_rope, kv_cache, lengths, row_limit, *, scale:
                            (kr_smem.at[slot], _t(qr_smem))], (bkv, n_rows), interpret=interpret)
                 s_t = s_t * c
                 if masked:
-                    pos = plgpu.broadcasted_iota(jnp.int32, s_t.shape, 0, layout=_WGMMA)
+                    pos = plgpu.broadcasted_iota(jnp.int32, s_t.shape, 0, layout=WGMMA)
                     pos = pos + (lo + i) * bkv
                     s_t = jnp.where(pos <= lax.broadcast_in_dim(limit, s_t.shape, [1]), s_t,
                                     -jnp.inf)
@@ -269,8 +269,8 @@ def _decode_few_rows_call(q_lat, q_rope, kv_cache, lengths, row_limit, *, scale:
                 return o_lo, o_hi, m_new, l
 
             carry = (wgmma_zeros((Rh, n_rows)), wgmma_zeros((Rh, n_rows)),
-                     plgpu.layout_cast(jnp.full((n_rows,), -jnp.inf, jnp.float32), _COLS),
-                     plgpu.layout_cast(jnp.zeros((n_rows,), jnp.float32), _COLS))
+                     plgpu.layout_cast(jnp.full((n_rows,), -jnp.inf, jnp.float32), COLS),
+                     plgpu.layout_cast(jnp.zeros((n_rows,), jnp.float32), COLS))
             carry = lax.fori_loop(0, n_full, functools.partial(kv_step, masked=False), carry)
             o_lo, o_hi, m, l = lax.fori_loop(n_full, n, functools.partial(kv_step, masked=True),
                                              carry)

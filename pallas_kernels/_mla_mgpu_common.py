@@ -23,6 +23,9 @@ TRANSFORMS = (TILING, SWIZZLE)
 COMPUTE_REGS = 232  # setmaxnreg for the two compute warpgroups (2 * 232 + 40 fits 64K registers)
 MEMORY_REGS = 40
 SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
+WGMMA = plgpu.Layout.WGMMA
+ROWS = plgpu.Layout.WGMMA.reduce(1)  # vector indexed by accumulator row
+COLS = plgpu.Layout.WGMMA.reduce(0)  # vector indexed by accumulator column
 
 
 def mma_multi(groups: Sequence[tuple[Sequence[tuple], jax.Array | tuple[int, int]]], *,
@@ -79,12 +82,12 @@ def mma(terms: Sequence[tuple], init: jax.Array | tuple[int, int], *, interpret:
 
 def wgmma_zeros(shape: tuple[int, ...]) -> jax.Array:
     """fp32 zeros in the WGMMA register layout (rows split across the warpgroup)."""
-    return plgpu.layout_cast(jnp.zeros(shape, jnp.float32), plgpu.Layout.WGMMA)
+    return plgpu.layout_cast(jnp.zeros(shape, jnp.float32), WGMMA)
 
 
 def row_vector(value: float, n: int) -> jax.Array:
     """[n] fp32 vector indexed by accumulator row (layout of a row reduction)."""
-    return plgpu.layout_cast(jnp.full((n,), value, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+    return plgpu.layout_cast(jnp.full((n,), value, jnp.float32), ROWS)
 
 
 def check_dims(**dims: int) -> None:
