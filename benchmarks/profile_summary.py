@@ -108,9 +108,9 @@ def attribute(event: dict, names: dict[str, str]) -> tuple[str, str]:
     return part_of(op_name), op_name
 
 
-def summarize(trace_dir: str, hlo_text: str, top: int = 0):
-    """Seconds of device kernel time per part (over everything in the trace); with top > 0,
-    also the `top` (seconds, part, op_name) that take longest, summed over launches."""
+def summarize(trace_dir: str, hlo_text: str, top: int = 10):
+    """(seconds of device kernel time per part, over everything in the trace; the `top`
+    (seconds, part, op_name) that take longest, summed over launches)."""
     names = hlo_op_names(hlo_text)
     totals: dict[str, float] = defaultdict(float)
     per_op: dict[tuple[str, str], float] = defaultdict(float)
@@ -118,8 +118,6 @@ def summarize(trace_dir: str, hlo_text: str, top: int = 0):
         part, op = attribute(event, names)
         totals[part] += event.get("dur", 0) * 1e-6
         per_op[part, op] += event.get("dur", 0) * 1e-6
-    if not top:
-        return dict(totals)
     ranked = sorted(((t, part, op) for (part, op), t in per_op.items()), reverse=True)
     return dict(totals), ranked[:top]
 
@@ -136,7 +134,8 @@ def format_table(totals: dict[str, float], steps: int) -> str:
 def main(argv):
     del argv
     with open(flags.FLAGS.hlo) as f:
-        print(format_table(summarize(flags.FLAGS.trace_dir, f.read()), flags.FLAGS.trace_steps))
+        totals, _ = summarize(flags.FLAGS.trace_dir, f.read())
+    print(format_table(totals, flags.FLAGS.trace_steps))
 
 
 if __name__ == "__main__":  # flags only when run as a program: importers keep their own
