@@ -99,7 +99,7 @@ def _ce_chunks(w_dv, h_btd, targets_bt, mask_bt, chunk: int, with_grads: bool):
         total, dw = carry
         h_c, t_c, m_c = xs
         logits_bcv = head_logits({"head": w}, h_c)
-        logz_bc = jax.nn.logsumexp(logits_bcv, axis=-1)
+        logz_bc = logsumexp_one_pass(logits_bcv)
         picked_bc = jnp.take_along_axis(logits_bcv, t_c[..., None], axis=-1)[..., 0]
         total = total + jnp.sum(jnp.where(m_c, logz_bc - picked_bc, 0.0))
         if not with_grads:
@@ -120,6 +120,25 @@ def _ce_chunks(w_dv, h_btd, targets_bt, mask_bt, chunk: int, with_grads: bool):
         return total, None, None
     dh_btd = dh.swapaxes(0, 1).reshape(B, n * chunk, D)[:, :T]
     return total, dw, dh_btd
+
+
+def logsumexp_one_pass(x: jax.Array) -> jax.Array:
+    """log(sum(exp(x))) over the last axis, reading x once: an online (max, scaled sum)
+    reduction (as in flash attention) instead of a max pass and then a sum pass. x is the
+    [.., V] fp32 logits, the step's largest array, so each pass over it costs milliseconds."""
+    # A finite floor rather than -inf: XLA may combine two initial values, and -inf - -inf
+    # would make a NaN.
+    floor = jnp.asarray(jnp.finfo(x.dtype).min, x.dtype)
+
+    def combine(a, b):
+        (ma, sa), (mb, sb) = a, b
+        m = jnp.maximum(ma, mb)
+        scale = jnp.exp(-jnp.abs(ma - mb))  # exp(min - max): the smaller side's factor
+        return m, jnp.where(ma >= mb, sa + sb * scale, sb + sa * scale)
+
+    m, s = jax.lax.reduce((x, jnp.ones_like(x)), (floor, jnp.zeros((), x.dtype)), combine,
+                          (x.ndim - 1,))
+    return m + jnp.log(s)
 
 
 def balance_loss_sum(cfg: ModelConfig, router_stats: dict[str, Any]) -> jax.Array:
