@@ -17,8 +17,8 @@ from dsv3_jax.config import ModelConfig
 from dsv3_jax.layers import MLP, RMSNorm, einsum_f32, normal, weight
 from dsv3_jax.moe import ROUTER_BIAS, ROUTER_STATS, MoE
 from dsv3_jax.sharding import Parallel
+from pallas_kernels.residuals import KERNEL_RESIDUALS
 
-KERNEL_RESIDUALS = "kernel_residuals"  # checkpoint_name of the Pallas kernels' saved values
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "save_dots": jax.checkpoint_policies.dots_saveable,
@@ -31,6 +31,21 @@ REMAT_POLICIES = {
         jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
         jax.checkpoint_policies.save_only_these_names(KERNEL_RESIDUALS)),
 }
+
+# Weights that every use casts to the compute dtype first (the matmul weights; norms, the router
+# and the embedding/head are used in fp32). The trainer casts them once per step with
+# `cast_matmul_weights`, so the model's own casts become no-ops, instead of once per microbatch
+# and again under remat; the gradients are the same values (a cast's gradient is the cast back).
+MATMUL_WEIGHTS = frozenset({"wq", "wq_a", "wq_b", "wkv_a", "wkv_b", "wo", "w_gate", "w_up",
+                            "w_down", "eh_proj"})
+
+
+def cast_matmul_weights(cfg: ModelConfig, params):
+    """params with the MATMUL_WEIGHTS leaves in cfg.dtype (the rest unchanged)."""
+    def cast(path, w):
+        return w.astype(cfg.dtype) if path[-1].key in MATMUL_WEIGHTS else w
+
+    return jax.tree_util.tree_map_with_path(cast, params)
 
 
 class Block(nn.Module):

@@ -19,6 +19,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 import dsv3_jax
 from dsv3_jax import objective, optim, sharding
 from dsv3_jax.config import ModelConfig
+from dsv3_jax.model import cast_matmul_weights
 from dsv3_jax.sharding import Parallel
 
 
@@ -162,23 +163,28 @@ class Trainer:
 
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         M = h.microbatches
+        # The matmul weights in the compute dtype once per step, not once per microbatch (their
+        # gradients come back in that dtype and are summed in the master weights' fp32).
+        compute_params = cast_matmul_weights(self.model, state.params)
 
         def split(x):
             # Microbatch m takes rows m, m+M, ...: every device keeps an equal share of each.
             return x.reshape(x.shape[0] // M, M, *x.shape[1:]).swapaxes(0, 1)
 
-        def accumulate(acc, mb):
-            (loss, aux), grads = grad_fn(state.params, *mb)
+        def as_master(grads):
+            grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
             if self.grad_sharding is not None:
                 grads = jax.lax.with_sharding_constraint(grads, self.grad_sharding)
-            return jax.tree.map(jnp.add, acc, (loss, aux, grads)), None
+            return grads
 
-        zeros = jax.tree.map(jnp.zeros_like,
-                             jax.eval_shape(grad_fn, state.params, split(tokens_bs)[0],
-                                            split(seg_bs)[0]))
-        zeros = (zeros[0][0], zeros[0][1], zeros[1])
-        if self.grad_sharding is not None:
-            zeros = (*zeros[:2], jax.lax.with_sharding_constraint(zeros[2], self.grad_sharding))
+        def accumulate(acc, mb):
+            (loss, aux), grads = grad_fn(compute_params, *mb)
+            return jax.tree.map(jnp.add, acc, (loss, aux, as_master(grads))), None
+
+        (loss0, aux0), _ = jax.eval_shape(grad_fn, compute_params, split(tokens_bs)[0],
+                                          split(seg_bs)[0])
+        zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), (loss0, aux0, state.params))
+        zeros = (*zeros[:2], as_master(zeros[2]))
         (loss, (ce, mtp, bal, loads), grads), _ = jax.lax.scan(
             accumulate, zeros, (split(tokens_bs), split(seg_bs)))
 

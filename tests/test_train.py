@@ -229,3 +229,43 @@ def test_invalid_settings_are_refused_before_compiling(tmp_path, monkeypatch, ov
     with pytest.raises(ValueError, match=message):
         train_loop.run(config(**overrides), str(tmp_path / "run"), progress=False)
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_matmul_weights_cast_once_give_the_same_loss_and_gradients():
+    """The trainer casts the matmul weights to the compute dtype once per step; the loss and the
+    fp32 gradients must be those of the model casting them itself at every use."""
+    import jax.numpy as jnp
+
+    import dsv3_jax
+    from dsv3_jax import objective
+    from dsv3_jax.model import cast_matmul_weights
+
+    cfg = dsv3_jax.preset("tiny", dtype="bfloat16")
+    variables = dsv3_jax.init(cfg, jax.random.key(0))
+    params = variables["params"]
+    tokens = jax.random.randint(jax.random.key(1), (2, 33), 1, cfg.vocab_size)
+    inputs, seg, targets, masks = objective.targets_and_masks(tokens, jnp.ones_like(tokens), 0)
+
+    def loss(p):
+        out = dsv3_jax.forward(cfg, {**variables, "params": p}, inputs, seg, return_hidden=True)
+        return objective.cross_entropy_sum(p, out.hidden, targets[0], masks[0])
+
+    def master_grads(p):  # gradients w.r.t. p, in the fp32 of the master weights
+        value, grads = jax.value_and_grad(loss)(p)
+        return value, jax.tree.map(lambda g, w: g.astype(w.dtype), grads, params)
+
+    cast = cast_matmul_weights(cfg, params)
+    kept = sorted(jax.tree_util.keystr(k) for k, w in jax.tree_util.tree_leaves_with_path(cast)
+                  if w.dtype == jnp.float32)
+    # Only norms, the router, the embedding and the head stay fp32; every projection is cast.
+    assert all(re.search(r"\['(scale|router|embed|head)'\]$", k) for k in kept), kept
+    assert any(w.dtype == jnp.bfloat16 for w in jax.tree.leaves(cast))
+    want_loss, want = jax.jit(master_grads)(params)
+    got_loss, got = jax.jit(master_grads)(cast)
+    # The same bf16 operations in the same order: equal up to XLA's fusion choices (an fp32
+    # rounding or two).
+    np.testing.assert_allclose(got_loss, want_loss, rtol=1e-6)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want),
+                            strict=True):
+        assert a.dtype == jnp.float32
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7, err_msg=jax.tree_util.keystr(path))
