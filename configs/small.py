@@ -11,9 +11,9 @@ from configs import base
 def get_config():
     c = base.get_config()
     c.model.preset = "small"
-    # The fastest measured on one H200 (benchmarks/RESULTS.md): 43.3% MFU at 73 GB, vs 42.7%
-    # with "full" remat and 42.1% with "save_kernels" in the same run.
-    c.model.remat = "save_dots_no_batch"
+    # The fastest measured on one H200 (benchmarks/RESULTS.md, 2026-11-29): 45.2% MFU at 86 GB,
+    # vs 43.7% with "save_dots_no_batch" (75.6 GB) in the same run.
+    c.model.remat = "save_kernels"
     c.steps = 20000
     c.batch_size = 32
     c.microbatches = 4

@@ -23,7 +23,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.ad_checkpoint import checkpoint_name
+
+from pallas_kernels import residuals
 
 
 def visibility_mask(segment_ids_bt, T, S):
@@ -189,7 +190,7 @@ def _flash_fwd(q_nope, q_rope, k_nope, k_rope, v, seg_bt, scale, backend, config
     # Named so a remat policy may keep them (dsv3_jax.model's "save_kernels"). The output is
     # named where it leaves too: the layer's next matmul needs it as well, and an unnamed copy
     # would make the backward run this kernel again to get it.
-    o, lse = (checkpoint_name(a, "kernel_residuals") for a in (o, lse))
+    o, lse = residuals.saveable(o, lse)
     return o, (q_nope, q_rope, k_nope, k_rope, v, seg_bt, o, lse)
 
 

@@ -19,3 +19,21 @@ def _count(jaxpr) -> int:
                 sub = q if hasattr(q, "eqns") else getattr(q, "jaxpr", None)
                 n += _count(sub) if hasattr(sub, "eqns") else 0
     return n
+
+
+def named_value_sources(fn, *args, name: str) -> list[str]:
+    """For each value `checkpoint_name`d `name` in the traced `fn`, the primitive that made it."""
+    return _sources(jax.make_jaxpr(fn)(*args).jaxpr, name)
+
+
+def _sources(jaxpr, name: str) -> list[str]:
+    producer = {v: eqn.primitive.name for eqn in jaxpr.eqns for v in eqn.outvars}
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "name" and eqn.params.get("name") == name:
+            found.append(producer.get(eqn.invars[0], "input"))
+        for p in eqn.params.values():
+            for q in p if isinstance(p, (tuple, list)) else (p,):
+                sub = q if hasattr(q, "eqns") else getattr(q, "jaxpr", None)
+                found += _sources(sub, name) if hasattr(sub, "eqns") else []
+    return found

@@ -23,7 +23,7 @@ import pytest
 
 from pallas_kernels import dispatch_gpu
 from pallas_kernels import expert_dispatch as ed
-from tests.kernel_trace import kernel_launches
+from tests.kernel_trace import kernel_launches, named_value_sources
 
 T, K, E, D, F = 40, 3, 6, 128, 64
 
@@ -144,8 +144,8 @@ def _md_arrays(jaxpr, M):
         if subs and eqn.primitive.name != "custom_vmap_call":
             for sub in subs:
                 found += _md_arrays(sub, M)
-        elif eqn.primitive.name == "name":  # checkpoint_name: a remat marker, not a copy
-            continue
+        elif eqn.primitive.name in ("name", "optimization_barrier"):
+            continue  # a remat marker and an identity that XLA keeps in place: not copies
         elif any(getattr(v.aval, "shape", None) == (M, D) for v in eqn.outvars):
             found.append(eqn.primitive.name)
     return found
@@ -201,3 +201,8 @@ def test_save_kernels_policy_keeps_the_kernel_residuals(monkeypatch):
     plain = launches()
     assert launches("save_kernels") == plain  # no forward kernel runs again
     assert launches("full") > plain
+    # Each saved value leaves through an optimization barrier, never straight from a kernel:
+    # XLA's GPU dynamic-slice fusion would otherwise run the kernel a second time to write it
+    # into the layer scan's stacked residuals (pallas_kernels/residuals.py).
+    assert named_value_sources(layer, x, w, wg, wu, wd,
+                               name=KERNEL_RESIDUALS) == ["optimization_barrier"] * 4

@@ -25,7 +25,7 @@ import pytest
 
 from pallas_kernels import _mla_attention_mgpu, _mla_attention_tpu
 from pallas_kernels.mla_attention import mla_attention, segment_bounds
-from tests.kernel_trace import kernel_launches
+from tests.kernel_trace import kernel_launches, named_value_sources
 
 GRAD_NAMES = ("dq_nope", "dq_rope", "dk_nope", "dk_rope", "dv")
 # Smallest Mosaic GPU tiles (64 rows) so that short sequences span several blocks and CTAs.
@@ -211,7 +211,7 @@ def test_save_kernels_policy_runs_the_forward_kernel_once():
     "save_kernels" the traced forward + backward launch the forward kernel once, as without
     remat; with "full" twice. Traced only, for an H200 (interpret mode cannot be remat'ed)."""
     from dsv3_jax.layers import einsum_f32
-    from dsv3_jax.model import REMAT_POLICIES
+    from dsv3_jax.model import KERNEL_RESIDUALS, REMAT_POLICIES
 
     args, _ = _inputs(0, 1, 128, 2, 128, 64, 128, jnp.bfloat16)
     w = jnp.ones((2 * 128, 8), jnp.bfloat16)
@@ -227,3 +227,7 @@ def test_save_kernels_policy_runs_the_forward_kernel_once():
     plain = launches()
     assert launches("save_kernels") == plain
     assert launches("full") == plain + 1
+    # The output and log-sum-exp leave through an optimization barrier (see
+    # pallas_kernels/residuals.py: XLA would otherwise run the kernel twice in a layer scan).
+    assert named_value_sources(layer, *args, name=KERNEL_RESIDUALS) == (
+        ["optimization_barrier"] * 2)
