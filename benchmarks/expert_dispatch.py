@@ -193,6 +193,8 @@ def bench_gemm_shape(shape, tokamax, args, results: dict, sweep: bool, stages: b
         err = rel_err(outs["ours"], outs["xla"])
         row["err vs xla"] = err
         log(f"  check: ours vs xla forward rel L2 {err:.2e}")
+    if sweep and elapsed() < args.budget_s - 60:
+        sweep_configs(shape, lhs, rhs, ct, gs, flops, row, args)
     # Our three kernels one at a time (to see which stage limits fwd+bwd).
     if not stages:
         return
@@ -209,8 +211,6 @@ def bench_gemm_shape(shape, tokamax, args, results: dict, sweep: bool, stages: b
             f"{flops / t_drhs / 1e12:.1f} TFLOP/s")
     except Exception as e:
         log_error(f"{key} ours stages", e)
-    if sweep and elapsed() < args.budget_s - 60:
-        sweep_configs(shape, lhs, rhs, ct, gs, flops, row, args)
 
 
 def sweep_configs(shape, lhs, rhs, ct, gs, flops, row, args):
@@ -224,6 +224,11 @@ def sweep_configs(shape, lhs, rhs, ct, gs, flops, row, args):
         "64x256 snake-n8": C(tile_m=64, tile_n=256, wg_dim="m", grid_minor_dim="n",
                              grid_tile_width=8),
         "64x256 snake-m16": C(tile_m=64, tile_n=256, wg_dim="m", grid_tile_width=16),
+        "64x256 k128 s2": C(tile_m=64, tile_n=256, tile_k=128, wg_dim="m",
+                            max_concurrent_steps=2),
+        "64x256 epi128": C(tile_m=64, tile_n=256, wg_dim="m", epi_tile_n=128, epi_slots=1),
+        "64x256 s3 delay1": C(tile_m=64, tile_n=256, wg_dim="m", max_concurrent_steps=3,
+                              delay_release=1),
     }
     best = {}
     stop = min(elapsed() + args.sweep_s, args.budget_s - 45)
@@ -442,11 +447,14 @@ def main(argv=None):
     p.add_argument("--budget-s", type=float, default=220.0, help="wall-clock budget")
     p.add_argument("--sweep", action="store_true", help="also sweep tilings (DSV3 shapes)")
     p.add_argument("--sweep-s", type=float, default=30.0, help="time for each shape's sweep")
+    p.add_argument("--sweep-shapes", default="0,1",
+                   help="indexes of the DeepSeek-V3 GEMM shapes to sweep (comma-separated)")
     p.add_argument("--small-experts", type=int, default=64)
     p.add_argument("--small-rows", type=int, default=8 * 16384)
     p.add_argument("--small-k", type=int, default=2048)
     p.add_argument("--small-n", type=int, default=704)
-    p.add_argument("--small-tokens", type=int, default=16384, help="tokens of the small preset")
+    p.add_argument("--small-tokens", type=int, default=32768,
+                   help="tokens of one configs/small.py microbatch")
     p.add_argument("--skip-checks", action="store_true")
     p.add_argument("--dry-run", action="store_true", help="tiny shapes, interpreted on CPU")
     args = p.parse_args(argv)
@@ -483,7 +491,8 @@ def main(argv=None):
         if elapsed() > args.budget_s - 30:
             log(f"skipping {shape}: time budget")
             continue
-        bench_gemm_shape(shape, tokamax, args, results, sweep=args.sweep and i < 2,
+        swept = args.sweep and str(i) in args.sweep_shapes.split(",")
+        bench_gemm_shape(shape, tokamax, args, results, sweep=swept,
                          stages=i == 0)
         if i == 1:
             label = "T={} K={} E={} D={} F={}".format(*DSV3_LAYER)

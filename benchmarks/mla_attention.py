@@ -53,9 +53,11 @@ OURS_TRAIN_CONFIGS = {  # the alternative differs in the forward tiles only: tim
     "pallas kv64x3": _mla_attention_mgpu.Config(block_kv=64, max_concurrent_steps=3),
 }
 FWD_ONLY = ("pallas kv64x3",)
-OURS_DECODE_CONFIGS = {  # the second forces the row-major kernel where Tq * N <= 32
+OURS_DECODE_CONFIGS = {  # "row-major" forces the row-major kernel where Tq * N <= 32
     "pallas": _mla_decode_mgpu.Config(),
     "pallas row-major": _mla_decode_mgpu.Config(few_rows_max=0),
+    "pallas splits4": _mla_decode_mgpu.Config(num_splits=4),
+    "pallas splits8": _mla_decode_mgpu.Config(num_splits=8),
 }
 
 _LOG: list[str] = []

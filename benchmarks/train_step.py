@@ -36,17 +36,18 @@ from dsv3_jax import flops, train_loop
 from dsv3_jax.trainer import Trainer
 
 # name -> config overrides ("devices": how many GPUs). "xla": cuDNN attention (v padded) +
-# jax.lax.ragged_dot; the rest use our Pallas kernels.
+# jax.lax.ragged_dot; the rest use our Pallas kernels. "pallas" keeps the config's own
+# remat policy (for configs/small.py the fastest measured); the others vary it.
 _PALLAS = {"model.attention_impl": "pallas", "model.moe_impl": "pallas"}
 SETTINGS = {
     "xla": {"model.attention_impl": "cudnn", "model.moe_impl": "xla"},
-    "pallas": {"model.attention_impl": "pallas", "model.moe_impl": "pallas"},
-    "pallas_save_dots": {"model.attention_impl": "pallas", "model.moe_impl": "pallas",
-                         "model.remat": "save_dots_no_batch"},
-    "pallas_save_kernels": {"model.attention_impl": "pallas", "model.moe_impl": "pallas",
-                            "model.remat": "save_kernels"},
-    "pallas_no_remat": {"model.attention_impl": "pallas", "model.moe_impl": "pallas",
-                        "model.remat": "none"},
+    "pallas": _PALLAS,
+    "pallas_remat_full": {**_PALLAS, "model.remat": "full"},
+    "pallas_save_dots": {**_PALLAS, "model.remat": "save_dots_no_batch"},
+    "pallas_save_kernels": {**_PALLAS, "model.remat": "save_kernels"},
+    "pallas_no_remat": {**_PALLAS, "model.remat": "none"},
+    "pallas_mb2": {**_PALLAS, "microbatches": 2},
+    "pallas_save_kernels_mb2": {**_PALLAS, "model.remat": "save_kernels", "microbatches": 2},
     # Weak scaling (issue 4): the same per-device work on 2 and 4 GPUs.
     "dp2": {**_PALLAS, "devices": 2, "mesh.data": 2},
     "ep2": {**_PALLAS, "devices": 2, "mesh.data": 1, "mesh.expert": 2},
@@ -59,12 +60,15 @@ SETTINGS = {
 }
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/small.py", "Training config.")
-_SETTINGS = flags.DEFINE_list("settings", ["xla", "pallas", "pallas_save_dots",
-                                           "pallas_no_remat"], "Settings to compare.")
+_SETTINGS = flags.DEFINE_list("settings", ["xla", "pallas_remat_full", "pallas"],
+                              "Settings to compare.")
 _STEPS = flags.DEFINE_integer("steps", 6, "Timed steps per setting (after 2 warm-up steps).")
 _PROFILE = flags.DEFINE_list("profile", ["pallas"], "Settings to profile for a breakdown.")
 _ONE = flags.DEFINE_string("one", None, "Internal: run one setting in this process.")
 _TIMEOUT = flags.DEFINE_integer("timeout", 420, "Seconds per setting.")
+_TOP = flags.DEFINE_integer("top", 30, "Longest operations listed per profiled setting.")
+_TRACE_DIR = flags.DEFINE_string("trace_dir", None, "Keep the profiles (trace and compiled "
+                                 "HLO, one folder per setting) here; default a temp folder.")
 _CHILD_ENV: dict[str, str] = {}  # the environment the measured processes get
 
 
@@ -136,7 +140,7 @@ def measure(cfg, name: str, steps: int, profile_dir: str | None) -> dict:
         hlo = compiled.as_text()
         with gzip.open(os.path.join(profile_dir, "step.hlo.txt.gz"), "wt") as f:
             f.write(hlo)
-        parts, top = profile_summary.summarize(profile_dir, hlo, top=12)
+        parts, top = profile_summary.summarize(profile_dir, hlo, top=_TOP.value)
         per_step = 1e3 / (2 * n)  # two steps on each of n devices
         result["breakdown_ms"] = {k: per_step * v for k, v in parts.items()}
         result["top_ms"] = [(round(per_step * t, 1), part, op[-90:]) for t, part, op in top]
@@ -159,7 +163,7 @@ def run_one(name: str, profile_dir: str | None) -> dict | None:
 def _subprocess(name: str, profile_dir: str | None) -> dict | None:
     config_file = config_flags.get_config_filename(flags.FLAGS["config"])
     args = [sys.executable, "-m", "benchmarks.train_step", f"--config={config_file}",
-            f"--one={name}", f"--steps={_STEPS.value}"]
+            f"--one={name}", f"--steps={_STEPS.value}", f"--top={_TOP.value}"]
     args += [a for a in sys.argv[1:] if a.startswith("--config.")]
     env = dict(_CHILD_ENV, BENCH_PROFILE_DIR=profile_dir or "")
     devices = SETTINGS[name].get("devices", 1)
@@ -201,8 +205,13 @@ def main(argv):
           "microbatches", flush=True)
     results = []
     for name in _SETTINGS.value:
-        profile_dir = (tempfile.mkdtemp(prefix=f"trace_{name}_") if name in _PROFILE.value
-                       else None)
+        profile_dir = None
+        if name in _PROFILE.value:
+            if _TRACE_DIR.value:
+                profile_dir = os.path.join(_TRACE_DIR.value, name)
+                os.makedirs(profile_dir, exist_ok=True)
+            else:
+                profile_dir = tempfile.mkdtemp(prefix=f"trace_{name}_")
         r = run_one(name, profile_dir)
         if r:
             results.append(r)
