@@ -45,7 +45,8 @@ Per device, in bytes (GB = 1e9):
                            weights once more (re-laid out for the ring every step)
                s per policy:  full D b (the layer input); save_attention_out 2 D b;
                  save_dots_no_batch D b + matmul outputs without batch dimensions (MLA
-                 projections, FFN, expert and router matmuls); save_dots that + attention
+                 projections, dense and shared FFN, router; not the routed experts' grouped
+                 GEMMs, which are not dot_generals); save_dots that + attention
                  scores and PV (xla attention); save_kernels save_dots_no_batch + what the
                  Pallas kernels keep for their backward; none D b + c.
                c: norms, MLA projections and latents, attention (xla: [N, T] fp32 scores and
@@ -224,10 +225,12 @@ def layer_values(c: ModelConfig, moe: bool, seq_len: int, b: int,
     if moe:
         K, F, E = c.n_activated_experts, c.moe_inter_dim, c.n_routed_experts
         Fs = c.n_shared_experts * F
-        # fp32: router logits, expert gate / up / down and shared gate / up (SwiGLU
-        # accumulates in fp32); the shared experts' output in b.
-        dots += 4 * E + 4 * (2 * K * F + K * D) + 4 * 2 * Fs + D * b
+        # fp32: router logits and shared gate / up (SwiGLU accumulates in fp32); the shared
+        # experts' output in b. The routed experts' GEMMs are not dot_generals (ragged_dot or
+        # our kernels), so no dots policy saves them: their outputs (at most fp32) are `other`.
+        dots += 4 * E + 4 * 2 * Fs + D * b
         other += 4 * E + K * D * b + K * F * b + Fs * b + D * b  # scores, sorted rows, silu*up
+        other += 4 * (2 * K * F + K * D)  # routed gate / up / down outputs
     else:
         dots += 4 * 2 * c.inter_dim + D * b  # fp32 gate / up, the output in b
         other += c.inter_dim * b
