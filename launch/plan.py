@@ -16,8 +16,11 @@ Per device, in bytes (GB = 1e9):
                (as the trainer does), except the MoE layer axis over `pipeline`: each stage
                holds ceil(moe_layers / pipeline) layers. Dense layers, embedding, head, final
                norm and the MTP modules are not split by `pipeline` (every stage holds them).
-  gradients    fp32, sharded like the parameters; with microbatches > 1 also the accumulated
-               sum, sharded like one of the optimizer's moments (ZeRO-2, dsv3_jax.trainer).
+  gradients    sharded like the parameters: fp32; with microbatches > 1 one microbatch's
+               gradients as the backward makes them (the matmul weights, cast once per step by
+               dsv3_jax.model.cast_matmul_weights, in model.dtype; the rest fp32) plus the
+               accumulated fp32 sum, sharded like one of the optimizer's moments (ZeRO-2,
+               dsv3_jax.trainer).
   optimizer    AdamW mu and nu, fp32, sharded like the parameters plus ZeRO-1: `data` on the
                first free dimension it divides (dsv3_jax.sharding.zero1).
   activations  b = bytes of model.dtype; c = every intermediate of one layer per token;
@@ -77,6 +80,7 @@ from ml_collections import config_dict, config_flags
 import dsv3_jax
 from dsv3_jax import pipeline, sharding, train_loop
 from dsv3_jax.config import ModelConfig
+from dsv3_jax.model import MATMUL_WEIGHTS
 
 GB = 1e9
 HEADROOM = 0.9  # the plan fits when the total is at most this share of the device
@@ -110,6 +114,7 @@ class Plan:
     device_memory: float  # bytes
     params: dict[str, int]  # per parameter group (fp32), router bias included
     gradients: int
+    gradients_label: str  # what `gradients` holds
     optimizer: int
     activations: dict[str, int]  # saved, working
     pipeline: Pipeline
@@ -183,6 +188,7 @@ def param_group(keys: tuple[str, ...]) -> str:
 class ParamBytes:
     groups: dict[str, int]  # fp32 bytes per device by group (router bias included)
     trainable: int  # fp32 bytes per device of the trained parameters
+    microbatch_grads: int  # one microbatch's gradients (matmul weights in model.dtype)
     optimizer: int  # mu + nu with ZeRO-1
     unsharded_by_data: dict[str, int]  # groups as a layer computes with them (fsdp gathered)
 
@@ -192,7 +198,8 @@ def parameter_bytes(model: ModelConfig, mesh: dict[str, int], fsdp: bool) -> Par
     abstract_mesh = AbstractMesh(tuple(mesh[a] for a in sharding.MESH_AXES), sharding.MESH_AXES)
     groups = dict.fromkeys(GROUPS, 0)
     gathered = dict.fromkeys(GROUPS, 0)
-    trainable = optimizer = 0
+    trainable = optimizer = microbatch_grads = 0
+    compute_bytes = 2 if model.dtype == "bfloat16" else 4
     for keys, names, shape in variable_leaves(model):
         spec = placed_spec(shape, names, mesh, fsdp)
         nbytes = 4 * math.prod(shard_shape(shape, spec, mesh))
@@ -203,9 +210,14 @@ def parameter_bytes(model: ModelConfig, mesh: dict[str, int], fsdp: bool) -> Par
         if keys[0] != "params":
             continue
         trainable += nbytes
+        if keys[-1] in MATMUL_WEIGHTS:
+            microbatch_grads += nbytes // 4 * compute_bytes
+        else:
+            microbatch_grads += nbytes
         zero1 = sharding.zero1(NamedSharding(abstract_mesh, spec), shape).spec
         optimizer += 2 * 4 * math.prod(shard_shape(shape, zero1, mesh))  # mu and nu
-    return ParamBytes({k: v for k, v in groups.items() if v}, trainable, optimizer, gathered)
+    return ParamBytes({k: v for k, v in groups.items() if v}, trainable, microbatch_grads,
+                      optimizer, gathered)
 
 
 # Activations -----------------------------------------------------------------------------------
@@ -378,7 +390,10 @@ def make_plan(cfg: config_dict.ConfigDict, devices: int,
     refusal = trainer_refusal(cfg, model, P)
     return Plan(model=model, mesh=mesh, fsdp=fsdp, device_memory=device_memory_gb * GB,
                 params=pb.groups,
-                gradients=pb.trainable + (pb.optimizer // 2 if cfg.microbatches > 1 else 0),
+                gradients=(pb.microbatch_grads + pb.optimizer // 2 if cfg.microbatches > 1
+                           else pb.trainable),
+                gradients_label=(f"gradients (microbatch's, {model.dtype} matmuls; fp32 sum)"
+                                 if cfg.microbatches > 1 else "gradients (fp32)"),
                 optimizer=pb.optimizer, activations=activations, pipeline=pipe,
                 assumptions=tuple(assumptions),
                 warnings=() if refusal is None else (
@@ -420,7 +435,6 @@ def format_plan(plan: Plan) -> str:
         opt = f"ZeRO-1 over data={m['data']}"
     else:
         opt = "data=1: not split"
-    grads = ", current microbatch + split sum" if plan.gradients > plan.param_total else ""
     lines = [
         f"model {c.n_dense_layers} dense + {c.n_moe_layers} MoE layers, {c.n_routed_experts} "
         f"experts: {counts['main'] / 1e9:.1f}B parameters ({counts['active'] / 1e9:.1f}B "
@@ -434,7 +448,7 @@ def format_plan(plan: Plan) -> str:
         f"{'per device':<56}{'GB':>9}",
         row("parameters (fp32)", plan.param_total),
         *(row(k, v, 2) for k, v in plan.params.items()),
-        row(f"gradients (fp32{grads})", plan.gradients),
+        row(plan.gradients_label, plan.gradients),
         row(f"optimizer (AdamW mu+nu fp32, {opt})", plan.optimizer),
         row("activations", sum(plan.activations.values())),
         row("saved for the backward", plan.activations["saved"], 2),
