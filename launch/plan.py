@@ -61,7 +61,9 @@ Per device, in bytes (GB = 1e9):
                  all-to-all buffers (capacity_factor x K x D per token: send and receive in b,
                  results and their return in fp32) when expert > 1.
 Not counted: XLA's temporaries outside these terms (fusion buffers, the optimizer update's
-transients), the framework's reserve (leave ~5-10% of the device), and the tokens.
+transients; with data > 1, a gradient leaf's fp32 copy where it is reduce-scattered before
+being added to the sum: up to the largest stacked leaf, e.g. one expert weight stack), the
+framework's reserve (leave ~5-10% of the device), and the tokens.
 """
 
 from __future__ import annotations
