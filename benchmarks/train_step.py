@@ -69,7 +69,6 @@ _TIMEOUT = flags.DEFINE_integer("timeout", 420, "Seconds per setting.")
 _TOP = flags.DEFINE_integer("top", 30, "Longest operations listed per profiled setting.")
 _TRACE_DIR = flags.DEFINE_string("trace_dir", None, "Keep the profiles (trace and compiled "
                                  "HLO, one folder per setting) here; default a temp folder.")
-_CHILD_ENV: dict[str, str] = {}  # the environment the measured processes get
 
 
 def apply(cfg, overrides: dict):
@@ -147,12 +146,12 @@ def measure(cfg, name: str, steps: int, profile_dir: str | None) -> dict:
     return result
 
 
-def run_one(name: str, profile_dir: str | None) -> dict | None:
+def run_one(name: str, profile_dir: str | None, env: dict[str, str]) -> dict | None:
     """Time one setting in a fresh process; with a profile_dir, profile it in another one with
     CUDA-graph command buffers off, so every kernel names its HLO instruction."""
-    result = _subprocess(name, None)
+    result = _subprocess(name, None, env)
     if result and profile_dir:
-        profiled = _subprocess(name, profile_dir)
+        profiled = _subprocess(name, profile_dir, env)
         if profiled:
             result["breakdown_ms"] = profiled["breakdown_ms"]
             result["top_ms"] = profiled["top_ms"]
@@ -160,12 +159,14 @@ def run_one(name: str, profile_dir: str | None) -> dict | None:
     return result
 
 
-def _subprocess(name: str, profile_dir: str | None) -> dict | None:
+def _subprocess(name: str, profile_dir: str | None, env: dict[str, str]) -> dict | None:
+    """One setting in a child process with environment `env` (plus the profile and GPU
+    selection); its RESULT line, or None if it failed or timed out."""
     config_file = config_flags.get_config_filename(flags.FLAGS["config"])
     args = [sys.executable, "-m", "benchmarks.train_step", f"--config={config_file}",
             f"--one={name}", f"--steps={_STEPS.value}", f"--top={_TOP.value}"]
     args += [a for a in sys.argv[1:] if a.startswith("--config.")]
-    env = dict(_CHILD_ENV, BENCH_PROFILE_DIR=profile_dir or "")
+    env = dict(env, BENCH_PROFILE_DIR=profile_dir or "")
     devices = SETTINGS[name].get("devices", 1)
     if devices > jax.device_count():
         print(f"{name}: needs {devices} devices, this machine has {jax.device_count()}",
@@ -198,7 +199,7 @@ def main(argv):
         return
     cfg = _CONFIG.value
     # This parent only counts devices: it must not take GPU memory from the measured children.
-    _CHILD_ENV.update(os.environ)
+    child_env = dict(os.environ)
     os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
     print(f"{jax.device_count()} x {jax.devices()[0].device_kind}: {cfg.model.preset} batch "
           f"{cfg.batch_size} x {cfg.seq_len} tokens per device, {cfg.microbatches} "
@@ -212,7 +213,7 @@ def main(argv):
                 os.makedirs(profile_dir, exist_ok=True)
             else:
                 profile_dir = tempfile.mkdtemp(prefix=f"trace_{name}_")
-        r = run_one(name, profile_dir)
+        r = run_one(name, profile_dir, child_env)
         if r:
             results.append(r)
             print(json.dumps(r), flush=True)
