@@ -1,7 +1,7 @@
 """MLA training attention: Pallas kernels (Mosaic GPU and Mosaic TPU, interpret mode) vs the
 plain-JAX reference, forward and gradients through the custom_vjp; and the Mosaic GPU kernels
 lowered for CUDA at the benchmark shapes (layouts, SMEM budget) without a GPU. The Mosaic GPU
-interpret-mode cases run in one child process (see run_gpu_interpret_worker).
+interpret-mode cases run in one child process (tests/gpu_interpret.py).
 
 Tolerances are relative Frobenius errors against the reference evaluated on fp32-upcast inputs:
   - bf16 operands (any Mosaic GPU run, whose wgmmas take bf16; TPU with bf16 inputs): the kernels
@@ -12,11 +12,7 @@ Tolerances are relative Frobenius errors against the reference evaluated on fp32
 from __future__ import annotations
 
 import functools
-import json
-import os
-import subprocess
 import sys
-import traceback
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +21,7 @@ import pytest
 
 from pallas_kernels import _mla_attention_mgpu, _mla_attention_tpu
 from pallas_kernels.mla_attention import mla_attention, segment_bounds
+from tests import gpu_interpret
 from tests.kernel_trace import kernel_launches, named_value_sources
 
 GRAD_NAMES = ("dq_nope", "dq_rope", "dk_nope", "dk_rope", "dv")
@@ -32,43 +29,6 @@ GRAD_NAMES = ("dq_nope", "dq_rope", "dk_nope", "dk_rope", "dv")
 GPU_SMALL = _mla_attention_mgpu.Config(block_q=64, block_kv=64, block_q_dq=64, block_kv_dq=64,
                                        block_q_dkv=64, block_kv_dkv=64)
 TPU_SMALL = _mla_attention_tpu.Config(block_q=128, block_kv=128)
-
-
-_WORKER_FLAG = "--gpu-interpret-worker"
-_RESULT_MARKER = "GPU_INTERPRET_RESULTS "
-
-
-def run_gpu_interpret_worker(test_file: str) -> dict[str, str]:
-    """Runs this module's GPU_CASES in a child process with 4 host devices; {case: "ok" or error}.
-
-    The Mosaic GPU interpreter runs each warpgroup's program on XLA:CPU's thread pool, which has
-    one thread per core or per host device, whichever is more. On a 2-core machine a kernel with
-    three warpgroups deadlocks once two of them block on a barrier before the third has started
-    (seen here with the default tiles). Four host devices give the pool four threads; the child
-    process keeps that setting away from the other tests.
-    """
-    root = os.path.dirname(os.path.dirname(os.path.abspath(test_file)))
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
-    env["JAX_PLATFORMS"] = "cpu"
-    proc = subprocess.run([sys.executable, test_file, _WORKER_FLAG], env=env, cwd=root,
-                          capture_output=True, text=True, timeout=900)
-    for line in proc.stdout.splitlines():
-        if line.startswith(_RESULT_MARKER):
-            return json.loads(line[len(_RESULT_MARKER):])
-    return {"<worker>": f"worker exited {proc.returncode}:\n{proc.stderr[-3000:]}"}
-
-
-def _gpu_worker(cases, run_case) -> None:
-    results = {}
-    for name in cases:
-        try:
-            run_case(name)
-            results[name] = "ok"
-        except Exception:  # reported by the parent's test of this case
-            results[name] = traceback.format_exc()[-3000:]
-    print(_RESULT_MARKER + json.dumps(results), flush=True)
 
 
 def _rel(a, b) -> float:
@@ -145,12 +105,12 @@ def _run_gpu_case(name):
 
 @pytest.fixture(scope="module")
 def gpu_interpret_results():
-    return run_gpu_interpret_worker(__file__)
+    return gpu_interpret.run_worker(__file__)
 
 
 @pytest.mark.parametrize("name", list(GPU_CASES))
 def test_mosaic_gpu_matches_reference(name, gpu_interpret_results):
-    result = gpu_interpret_results.get(name, gpu_interpret_results.get("<worker>"))
+    result = gpu_interpret.case_result(gpu_interpret_results, name)
     assert result == "ok", result
 
 
@@ -202,8 +162,8 @@ def test_unknown_implementation_is_rejected():
         mla_attention(*args, scale=0.1, implementation="flash")
 
 
-if __name__ == "__main__" and _WORKER_FLAG in sys.argv:
-    _gpu_worker(GPU_CASES, _run_gpu_case)
+if __name__ == "__main__" and gpu_interpret.WORKER_FLAG in sys.argv:
+    gpu_interpret.worker_main(GPU_CASES, _run_gpu_case)
 
 
 def test_save_kernels_policy_runs_the_forward_kernel_once():

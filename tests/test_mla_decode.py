@@ -15,12 +15,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_mla_attention import _WORKER_FLAG, _gpu_worker, run_gpu_interpret_worker
 
 from pallas_kernels import _mla_decode_mgpu, _mla_decode_tpu
 from pallas_kernels.mla_attention import reference as attention_reference
 from pallas_kernels.mla_decode import mla_decode
 from pallas_kernels.mla_decode import reference as decode_reference
+from tests import gpu_interpret
 
 
 def _rel(a, b) -> float:
@@ -55,7 +55,7 @@ def _check(implementation, config, B, Tq, N, R, L, lengths, dtype):
 # two new tokens (MTP verification), several key splits merged by log-sum-exp, and the real
 # 512-wide latent with 128 heads (two 64-row groups per sequence). Tq * N <= 32 takes the
 # transposed few-rows kernel unless few_rows_max=0 forces the row-major one. Run in a child
-# process with 4 host devices (see test_mla_attention.run_gpu_interpret_worker).
+# process with 4 host devices (see tests/gpu_interpret.py).
 GPU_CASES = {  # B, Tq, N, R, L, lengths, splits, few_rows_max, dtype
     "few-rows-N16": (2, 1, 16, 128, 200, [200, 7], None, 32, jnp.bfloat16),
     "few-rows-Tq2-splits3-f32": (2, 2, 8, 128, 300, [3, 290], 3, 32, jnp.float32),
@@ -72,12 +72,12 @@ def _run_gpu_case(name):
 
 @pytest.fixture(scope="module")
 def gpu_interpret_results():
-    return run_gpu_interpret_worker(__file__)
+    return gpu_interpret.run_worker(__file__)
 
 
 @pytest.mark.parametrize("name", list(GPU_CASES))
 def test_mosaic_gpu_matches_reference(name, gpu_interpret_results):
-    result = gpu_interpret_results.get(name, gpu_interpret_results.get("<worker>"))
+    result = gpu_interpret.case_result(gpu_interpret_results, name)
     assert result == "ok", result
 
 
@@ -136,5 +136,5 @@ def _absorbed_and_expanded(key):
     return o_absorbed, o_expanded
 
 
-if __name__ == "__main__" and _WORKER_FLAG in sys.argv:
-    _gpu_worker(GPU_CASES, _run_gpu_case)
+if __name__ == "__main__" and gpu_interpret.WORKER_FLAG in sys.argv:
+    gpu_interpret.worker_main(GPU_CASES, _run_gpu_case)
