@@ -10,14 +10,20 @@ def kernel_launches(fn, *args) -> int:
     return _count(jaxpr)
 
 
+def sub_jaxprs(eqn):
+    """The jaxprs an equation calls (jit, custom_vjp, scan, cond branches, a kernel's body)."""
+    for p in eqn.params.values():
+        for q in p if isinstance(p, (tuple, list)) else (p,):
+            sub = q if hasattr(q, "eqns") else getattr(q, "jaxpr", None)
+            if hasattr(sub, "eqns"):
+                yield sub
+
+
 def _count(jaxpr) -> int:
     n = 0
     for eqn in jaxpr.eqns:
         n += eqn.primitive.name == "custom_vmap_call"
-        for p in eqn.params.values():
-            for q in p if isinstance(p, (tuple, list)) else (p,):
-                sub = q if hasattr(q, "eqns") else getattr(q, "jaxpr", None)
-                n += _count(sub) if hasattr(sub, "eqns") else 0
+        n += sum(_count(sub) for sub in sub_jaxprs(eqn))
     return n
 
 
@@ -32,8 +38,6 @@ def _sources(jaxpr, name: str) -> list[str]:
     for eqn in jaxpr.eqns:
         if eqn.primitive.name == "name" and eqn.params.get("name") == name:
             found.append(producer.get(eqn.invars[0], "input"))
-        for p in eqn.params.values():
-            for q in p if isinstance(p, (tuple, list)) else (p,):
-                sub = q if hasattr(q, "eqns") else getattr(q, "jaxpr", None)
-                found += _sources(sub, name) if hasattr(sub, "eqns") else []
+        for sub in sub_jaxprs(eqn):
+            found += _sources(sub, name)
     return found

@@ -23,7 +23,7 @@ import pytest
 
 from pallas_kernels import dispatch_gpu
 from pallas_kernels import expert_dispatch as ed
-from tests.kernel_trace import kernel_launches, named_value_sources
+from tests.kernel_trace import kernel_launches, named_value_sources, sub_jaxprs
 
 T, K, E, D, F = 40, 3, 6, 128, 64
 
@@ -139,8 +139,7 @@ def _md_arrays(jaxpr, M):
     kernel, wrapped in custom_vmap_call, counts as one primitive)."""
     found = []
     for eqn in jaxpr.eqns:
-        subs = [p if hasattr(p, "eqns") else p.jaxpr for p in eqn.params.values()
-                if hasattr(p, "eqns") or hasattr(getattr(p, "jaxpr", None), "eqns")]
+        subs = list(sub_jaxprs(eqn))
         if subs and eqn.primitive.name != "custom_vmap_call":
             for sub in subs:
                 found += _md_arrays(sub, M)
