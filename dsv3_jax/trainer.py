@@ -17,7 +17,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 import dsv3_jax
-from dsv3_jax import objective, optim, sharding
+from dsv3_jax import objective, optim, pipeline, sharding
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.model import cast_matmul_weights
 from dsv3_jax.sharding import Parallel
@@ -167,9 +167,8 @@ class Trainer:
         # gradients come back in that dtype and are summed in the master weights' fp32).
         compute_params = cast_matmul_weights(self.model, state.params)
 
-        def split(x):
-            # Microbatch m takes rows m, m+M, ...: every device keeps an equal share of each.
-            return x.reshape(x.shape[0] // M, M, *x.shape[1:]).swapaxes(0, 1)
+        def split(x):  # microbatch m takes rows m, m+M, ...: each device keeps a share of each
+            return pipeline.split_rows(x, M)
 
         def as_master(grads):
             grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
