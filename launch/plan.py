@@ -195,13 +195,18 @@ class ParamBytes:
     unsharded_by_data: dict[str, int]  # groups as a layer computes with them (fsdp gathered)
 
 
+def dtype_bytes(model: ModelConfig) -> int:
+    """Bytes per value of the compute dtype (activations, cast matmul weights)."""
+    return 2 if model.dtype == "bfloat16" else 4
+
+
 def parameter_bytes(model: ModelConfig, mesh: dict[str, int], fsdp: bool) -> ParamBytes:
     """Per-device bytes of every variable, its gradient and its AdamW state (all fp32)."""
     abstract_mesh = AbstractMesh(tuple(mesh[a] for a in sharding.MESH_AXES), sharding.MESH_AXES)
     groups = dict.fromkeys(GROUPS, 0)
     gathered = dict.fromkeys(GROUPS, 0)
     trainable = optimizer = microbatch_grads = 0
-    compute_bytes = 2 if model.dtype == "bfloat16" else 4
+    compute_bytes = dtype_bytes(model)
     for keys, names, shape in variable_leaves(model):
         spec = placed_spec(shape, names, mesh, fsdp)
         nbytes = 4 * math.prod(shard_shape(shape, spec, mesh))
@@ -280,7 +285,7 @@ def activation_bytes(c: ModelConfig, mesh: dict[str, int], batch_size: int, micr
     """Saved and working activation bytes per device (the module's formula).
     layer_weights: fp32 bytes of the largest layer's weights as a device computes with them;
     flash: the attention implementation keeps no [T, S] scores (pallas, cudnn)."""
-    b = 2 if c.dtype == "bfloat16" else 4
+    b = dtype_bytes(c)
     D, P = c.dim, pipe.stages
     dense = layer_values(c, False, seq_len, b, flash)
     moe = layer_values(c, True, seq_len, b, flash)
