@@ -198,6 +198,10 @@ def main(argv):
               flush=True)
         return
     cfg = _CONFIG.value
+    unknown = [n for n in (*_SETTINGS.value, *_PROFILE.value) if n and n not in SETTINGS]
+    if unknown:
+        raise app.UsageError(f"--settings/--profile: unknown setting(s) {unknown}; known: "
+                             f"{', '.join(SETTINGS)}")
     # This parent only counts devices: it must not take GPU memory from the measured children.
     child_env = dict(os.environ)
     os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
