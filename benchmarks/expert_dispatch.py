@@ -448,7 +448,8 @@ def main(argv=None):
     p.add_argument("--sweep", action="store_true", help="also sweep tilings (DSV3 shapes)")
     p.add_argument("--sweep-s", type=float, default=30.0, help="time for each shape's sweep")
     p.add_argument("--sweep-shapes", default="0,1",
-                   help="indexes of the DeepSeek-V3 GEMM shapes to sweep (comma-separated)")
+                   help="indexes of the GEMM shapes to sweep, comma-separated, in the order "
+                        "benchmarked: DeepSeek-V3's, then the small preset's gate/up and down")
     p.add_argument("--small-experts", type=int, default=64)
     p.add_argument("--small-rows", type=int, default=8 * 16384)
     p.add_argument("--small-k", type=int, default=2048)
@@ -467,6 +468,14 @@ def main(argv=None):
         DSV3_LAYER = (64, 4, 4, 128, 128)
         args.small_experts, args.small_rows, args.small_k, args.small_n = 3, 300, 128, 64
         args.small_tokens = 40
+    n_shapes = len(DSV3_SHAPES) + 2  # + small_config_shapes
+    try:
+        sweep_shapes = {int(i) for i in args.sweep_shapes.split(",") if i.strip()}
+    except ValueError:
+        p.error(f"--sweep-shapes={args.sweep_shapes!r}: expected comma-separated integers")
+    if any(not 0 <= i < n_shapes for i in sweep_shapes):
+        p.error(f"--sweep-shapes={args.sweep_shapes!r}: shape indexes run from 0 to "
+                f"{n_shapes - 1}")
     if OUT_DIR:
         os.makedirs(OUT_DIR, exist_ok=True)
     device = f"{jax.devices()[0].device_kind}, jax {jax.__version__}"
@@ -491,7 +500,7 @@ def main(argv=None):
         if elapsed() > args.budget_s - 30:
             log(f"skipping {shape}: time budget")
             continue
-        swept = args.sweep and str(i) in args.sweep_shapes.split(",")
+        swept = args.sweep and i in sweep_shapes
         bench_gemm_shape(shape, tokamax, args, results, sweep=swept,
                          stages=i == 0)
         if i == 1:
