@@ -216,19 +216,19 @@ def bench_gemm_shape(shape, tokamax, args, results: dict, sweep: bool, stages: b
 def sweep_configs(shape, lhs, rhs, ct, gs, flops, row, args):
     """Forward / d_lhs / d_rhs tilings; the best goes in the table's 'best' columns."""
     C, T = _gmm_gpu.GmmConfig, _gmm_gpu.TgmmConfig
-    fwd_cfgs = {
-        "64x256 wg-m": C(tile_m=64, tile_n=256, wg_dim="m"),
-        "128x128 wg-n": C(tile_m=128, tile_n=128, wg_dim="n"),
-        "128x128 wg-m": C(tile_m=128, tile_n=128, wg_dim="m"),
-        "64x256 delay1": C(tile_m=64, tile_n=256, wg_dim="m", delay_release=1),
-        "64x256 snake-n8": C(tile_m=64, tile_n=256, wg_dim="m", grid_minor_dim="n",
-                             grid_tile_width=8),
-        "64x256 snake-m16": C(tile_m=64, tile_n=256, wg_dim="m", grid_tile_width=16),
-        "64x256 k128 s2": C(tile_m=64, tile_n=256, tile_k=128, wg_dim="m",
-                            max_concurrent_steps=2),
-        "64x256 epi128": C(tile_m=64, tile_n=256, wg_dim="m", epi_tile_n=128, epi_slots=1),
-        "64x256 s3 delay1": C(tile_m=64, tile_n=256, wg_dim="m", max_concurrent_steps=3,
-                              delay_release=1),
+    fwd_cfgs = {  # "eN": epilogue chunks of N columns; "sN": N pipeline stages
+        "64x256 e128 s3": C(tile_m=64, tile_n=256, wg_dim="m", epi_tile_n=128,
+                            max_concurrent_steps=3),
+        "64x256 e64 s3": C(tile_m=64, tile_n=256, wg_dim="m", max_concurrent_steps=3),
+        "64x256 e64 s4 1slot": C(tile_m=64, tile_n=256, wg_dim="m", epi_slots=1),
+        "128x128 wg-n e64 s3": C(tile_m=128, tile_n=128, wg_dim="n", epi_slots=1,
+                                 max_concurrent_steps=3),
+        "64x256 e128 s3 delay1": C(tile_m=64, tile_n=256, wg_dim="m", epi_tile_n=128,
+                                   max_concurrent_steps=3, delay_release=1),
+        "64x256 e128 s3 snake-n8": C(tile_m=64, tile_n=256, wg_dim="m", epi_tile_n=128,
+                                     max_concurrent_steps=3, grid_minor_dim="n"),
+        "64x256 e128 s3 w16": C(tile_m=64, tile_n=256, wg_dim="m", epi_tile_n=128,
+                                max_concurrent_steps=3, grid_tile_width=16),
     }
     best = {}
     stop = min(elapsed() + args.sweep_s, args.budget_s - 45)

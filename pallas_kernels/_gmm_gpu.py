@@ -22,8 +22,11 @@ split into bf16 parts (see grouped_matmul.py).
 Row tiles of `gmm` start at their group's first row rounded down to a multiple of 8 (TMA into
 swizzled tiles needs 8-aligned row offsets), not at multiples of the tile, so a group wastes at
 most one partial tile; a tile that would run past the last row is shifted back to end at row M,
-and only its rows of the group are stored (a ladder of power-of-two TMA stores from a staging
-buffer, double-buffered so the next chunk's conversion overlaps the stores). `tgmm` walks
+and only its rows of the group are stored. A warpgroup whose rows all belong to the tile's group
+(most of them) stages its output through a swizzled SMEM tile (bank-conflict-free stores from
+registers) and stores it with one TMA copy per chunk; one with some rows of other groups stages
+through an unswizzled tile and stores only its rows, as a ladder of power-of-two TMA stores
+(swizzled tiles can only be copied in whole 8-row groups). `tgmm` walks
 contraction blocks of C rows aligned to multiples of C; a block that straddles a group boundary
 is masked (a select, so NaN in rows of other groups or in padding cannot leak in).
 
@@ -52,6 +55,8 @@ ROW_ALIGN = 8
 # Usable dynamic shared memory per CTA on Hopper (227 KiB), less a margin for barriers.
 _SMEM_BYTES = 227 * 1024 - 2048
 _MEMORY_REGISTERS = 40
+# Columns per chunk of the row-by-row (unswizzled) epilogue.
+_PLAIN_N = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,8 +66,10 @@ class GmmConfig:
     The two compute warpgroups each own a (tile_m, tile_n) accumulator; `wg_dim` says whether
     they sit side by side along rows ("m": CTA tile 2*tile_m x tile_n) or columns ("n": CTA tile
     tile_m x 2*tile_n). `grid_minor_dim`/`grid_tile_width` shape the snake order of the tiles.
-    The epilogue converts the accumulator in (tile_m, epi_tile_n) chunks through `epi_slots`
-    staging buffers per warpgroup (2 lets a chunk's TMA store overlap the next conversion).
+    The epilogue of a warpgroup whose rows all belong to the tile's group converts the
+    accumulator in (tile_m, epi_tile_n) chunks through `epi_slots` swizzled staging tiles (2 lets a
+    chunk's TMA store overlap the next conversion); other warpgroups go through one unswizzled
+    (tile_m, 64) tile per output dtype, a chunk at a time.
     """
 
     tile_m: int = 64
@@ -202,9 +209,10 @@ def gmm_smem_bytes(op: str, cfg: GmmConfig, dtype, out_dtypes: Sequence) -> int:
     n_a, n_b, _, _, _ = _OPS[op]
     isz = jnp.dtype(dtype).itemsize
     stage = (n_a * cfg.cta_m * cfg.tile_k + n_b * cfg.tile_k * cfg.cta_n) * isz
-    epi = sum(2 * cfg.epi_slots * cfg.tile_m * cfg.epi_tile_n * jnp.dtype(d).itemsize
-              for d in out_dtypes)
-    return cfg.max_concurrent_steps * stage + epi
+    swizzled = sum(2 * cfg.epi_slots * cfg.tile_m * cfg.epi_tile_n * jnp.dtype(d).itemsize
+                   for d in out_dtypes)
+    plain = sum(2 * cfg.tile_m * _PLAIN_N * jnp.dtype(d).itemsize for d in set(out_dtypes))
+    return cfg.max_concurrent_steps * stage + swizzled + plain
 
 
 def fit_gmm_config(op: str, cfg: GmmConfig, dtype, out_dtypes: Sequence) -> GmmConfig:
@@ -254,7 +262,7 @@ def gmm(lhs: Sequence[jax.Array], rhs: Sequence[jax.Array], group_sizes: jax.Arr
     cfg = fit_gmm_config(op, cfg, dtype, out_dtypes)
     tm, tn, tk, epi = cfg.tile_m, cfg.tile_n, cfg.tile_k, cfg.epi_tile_n
     cta_m, cta_n = cfg.cta_m, cfg.cta_n
-    if tn % epi or tm & (tm - 1):
+    if tn % epi or tn % _PLAIN_N or tm & (tm - 1):
         raise ValueError(f"gmm: shapes M={M} K={K} N={N} do not fit the tiling {cfg}")
     k_iters = -(-K // tk)
     n_iters = -(-N // cta_n)
@@ -298,10 +306,12 @@ def gmm(lhs: Sequence[jax.Array], rhs: Sequence[jax.Array], group_sizes: jax.Arr
             pl.run_scoped,
             allocs=make_pipeline(ignore, ignore, zero, zero, zero)
             .get_allocations(*a_gmems, *b_gmems),
-            out_smems=[plgpu.SMEM((2, cfg.epi_slots, tm, epi), d) for d in out_dtypes],
+            swz_smems=[plgpu.SMEM((2, cfg.epi_slots, tm, epi), d, transforms=_transforms(epi, d))
+                       for d in out_dtypes],
+            plain_smems={str(d): plgpu.SMEM((2, tm, _PLAIN_N), d) for d in set(out_dtypes)},
             collective_axes="wg",
         )
-        def _scope(allocs, out_smems):
+        def _scope(allocs, swz_smems, plain_smems):
             @plgpu.nd_loop((num_row_tiles * n_iters,), collective_axes="sm")
             def _tile_loop(loop_info):
                 mi, ni = plgpu.planar_snake(loop_info.index[0], (num_row_tiles, n_iters),
@@ -337,37 +347,56 @@ def gmm(lhs: Sequence[jax.Array], rhs: Sequence[jax.Array], group_sizes: jax.Arr
                             row_base, col_base = 0, n0 + wg * tn
                         r_lo = jnp.clip(lo - row_base, 0, tm)
                         r_hi = jnp.clip(hi - row_base, 0, tm)
-                        for c in range(tn // epi):
-                            cols = slice(c * epi, (c + 1) * epi)
+
+                        def out_values(c0, width):  # every output's columns [c0, c0 + width)
+                            cols = slice(c0, c0 + width)
                             if op == "swiglu":
                                 gate, up = vals[0][:, cols], vals[1][:, cols]
-                                chunk = [_silu_mul(gate, up), gate, up]
-                            else:
-                                chunk = [v[:, cols] for v in epilogue(vals)]
-                            # One bulk-copy group per chunk: the staging slot written now was
-                            # last read by the group `epi_slots` chunks back (any group of the
-                            # previous tile for the first chunk).
-                            slot = c % cfg.epi_slots
-                            plgpu.wait_smem_to_gmem(0 if c == 0 else cfg.epi_slots - 1,
-                                                    wait_read_only=True)
-                            for j, o_smem in enumerate(out_smems):
-                                dt = out_dtypes[j]
+                                return [_silu_mul(gate, up), gate, up]
+                            return [v[:, cols] for v in epilogue(vals)]
 
-                                @pl.when(is_tail)
-                                def _(o_smem=o_smem, dt=dt, slot=slot):
-                                    o_smem[wg, slot] = _zeros_like_tile((tm, epi), dt)
+                        @pl.when((r_lo == 0) & (r_hi == tm) & ~is_tail)
+                        def _whole():  # all rows in the group: one swizzled tile copy per chunk
+                            for c in range(tn // epi):
+                                # One bulk-copy group per chunk: the slot written now was last
+                                # read by the group `epi_slots` chunks back (any earlier group
+                                # for the first chunk).
+                                slot = c % cfg.epi_slots
+                                plgpu.wait_smem_to_gmem(0 if c == 0 else cfg.epi_slots - 1,
+                                                        wait_read_only=True)
+                                for j, v in enumerate(out_values(c * epi, epi)):
+                                    swz_smems[j][wg, slot] = v.astype(out_dtypes[j])
+                                plgpu.commit_smem()
+                                for j, o_gmem in enumerate(o_gmems):
+                                    plgpu.copy_smem_to_gmem(
+                                        swz_smems[j].at[wg, slot],
+                                        o_gmem.at[pl.ds(start + row_base, tm),
+                                                  pl.ds(col_base + c * epi, epi)],
+                                        commit_group=False)
+                                plgpu.commit_smem_to_gmem_group()
 
-                                @pl.when(~is_tail)
-                                def _(o_smem=o_smem, dt=dt, v=chunk[j], slot=slot):
-                                    o_smem[wg, slot] = v.astype(dt)
+                        @pl.when((r_lo != 0) | (r_hi != tm) | is_tail)
+                        def _rows():  # only the group's rows (zeros past the last group)
+                            for c in range(tn // _PLAIN_N):
+                                for j, v in enumerate(out_values(c * _PLAIN_N, _PLAIN_N)):
+                                    dt = out_dtypes[j]
+                                    o_smem = plain_smems[str(dt)]
+                                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-                            plgpu.commit_smem()
-                            for j, o_smem in enumerate(out_smems):
-                                _store_rows(
-                                    o_smem.at[wg, slot],
-                                    o_gmems[j].at[:, pl.ds(col_base + c * epi, epi)],
-                                    r_lo, start + row_base + r_lo, r_hi - r_lo, tm)
-                            plgpu.commit_smem_to_gmem_group()
+                                    @pl.when(is_tail)
+                                    def _(o_smem=o_smem, dt=dt):
+                                        o_smem[wg] = _zeros_like_tile((tm, _PLAIN_N), dt)
+
+                                    @pl.when(~is_tail)
+                                    def _(o_smem=o_smem, dt=dt, v=v):
+                                        o_smem[wg] = v.astype(dt)
+
+                                    plgpu.commit_smem()
+                                    _store_rows(o_smem.at[wg],
+                                                o_gmems[j].at[:, pl.ds(col_base + c * _PLAIN_N,
+                                                                       _PLAIN_N)],
+                                                r_lo, start + row_base + r_lo, r_hi - r_lo, tm)
+                                    plgpu.commit_smem_to_gmem_group()
 
                 @pl.when(hi > lo)
                 def _():

@@ -113,16 +113,22 @@ def pallas_options(implementation: str = "pallas", interpret: bool = False,
                          tpu=tpu_config or _gmm_tpu.TpuConfig())
 
 
-def _default_gmm_config(op: str) -> _gmm_gpu.GmmConfig:
-    """CTA tile 128 x 256 (two 64 x 256 warpgroup tiles): 604 / 581 TFLOP/s forward on the
-    DeepSeek-V3 shapes on one H200 (benchmarks/expert_dispatch.py). 128 x 128 warpgroup tiles
-    ran on the device only for (8, 16384, 2048, 1408), where the forward was slow (149)."""
+def _default_gmm_config(op: str, k: int) -> _gmm_gpu.GmmConfig:
+    """CTA tile 128 x 256, from benchmarks/expert_dispatch.py's sweeps on one H200
+    (benchmarks/RESULTS.md), each filling the 227 KiB of shared memory with pipeline stages and
+    the epilogue's staging tiles (see `_gmm_gpu.gmm_smem_bytes`). For a short contraction
+    (k <= 4096: the epilogue is a larger share of each tile) two 128 x 128 warpgroup tiles side
+    by side along N measured faster, for a long one two 64 x 256 tiles stacked along M."""
     if op == "swiglu":  # two accumulators (gate, up) per warpgroup: 64 x 128 each
-        return _gmm_gpu.GmmConfig(tile_m=64, tile_n=128, wg_dim="m", max_concurrent_steps=3)
+        return _gmm_gpu.GmmConfig(tile_m=64, tile_n=128, wg_dim="m", max_concurrent_steps=3,
+                                  epi_slots=1)
     if op == "mm2":  # four operand tiles per step: half the K step keeps 4 stages
         return _gmm_gpu.GmmConfig(tile_m=64, tile_n=256, tile_k=32, wg_dim="m",
-                                  max_concurrent_steps=4)
-    return _gmm_gpu.GmmConfig(tile_m=64, tile_n=256, wg_dim="m")
+                                  max_concurrent_steps=4, epi_slots=1)
+    if k <= 4096:
+        return _gmm_gpu.GmmConfig(tile_m=128, tile_n=128, wg_dim="n", max_concurrent_steps=3,
+                                  epi_slots=1)
+    return _gmm_gpu.GmmConfig(tile_m=64, tile_n=256, wg_dim="m", max_concurrent_steps=3)
 
 
 def _split_bf16(x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -151,7 +157,7 @@ def gmm(lhs: Sequence[jax.Array], rhs: Sequence[jax.Array], group_sizes: jax.Arr
     if not _is_16bit(dtype):
         return _gmm_split_f32(lhs, rhs, group_sizes, op=op, rhs_layout=rhs_layout,
                               out_dtypes=out_dtypes, options=options)
-    cfg = getattr(options.gpu, op) or _default_gmm_config(op)
+    cfg = getattr(options.gpu, op) or _default_gmm_config(op, lhs[0].shape[1])
     with _gmm_gpu.interpret_context(options.interpret):
         return _gmm_gpu.gmm(lhs, rhs, group_sizes, op=op, rhs_layout=rhs_layout,
                             out_dtypes=out_dtypes, cfg=cfg, interpret=options.interpret)

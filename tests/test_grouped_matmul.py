@@ -46,6 +46,19 @@ def _group_sizes(rng, M, G, *, empty=(), tail=0):
     return jnp.asarray(sizes)
 
 
+def _epilogue_paths(gs, M, cfg):
+    """Which of the GPU kernel's two epilogue paths the warpgroups of this case take."""
+    G = gs.shape[0]
+    paths = set()
+    for g, _, lo, hi in np.asarray(_gmm_gpu.row_tiles(gs, M, cfg.cta_m)).T:
+        for wg in range(2):
+            base = wg * cfg.tile_m if cfg.wg_dim == "m" else 0
+            r_lo, r_hi = np.clip(lo - base, 0, cfg.tile_m), np.clip(hi - base, 0, cfg.tile_m)
+            if r_hi > r_lo or (g == G and hi > lo):
+                paths.add("whole" if (r_lo, r_hi) == (0, cfg.tile_m) and g < G else "rows")
+    return paths
+
+
 def _operands(seed, M, K, N, G, dtype):
     k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
     lhs = jax.random.normal(k1, (M, K), jnp.float32).astype(dtype)
@@ -77,12 +90,17 @@ def test_row_tiles_cover_every_row_once():
 def test_kernel_variants_bf16(impl, op):
     """Every fused variant, on ragged shapes with empty groups and rows past the last group."""
     M, K, N, G = 200, 96, 160, 5
-    rng = np.random.default_rng(1)
-    gs = _group_sizes(rng, M, G, empty=(0, 3), tail=13)
+    # Empty groups 0 and 3, 13 rows past the last group; group 2 fills a whole 128-row tile.
+    gs = jnp.array([0, 8, 150, 0, 29], jnp.int32)
     lhs, rhs, _ = _operands(1, M, K, N, G, jnp.bfloat16)
     lhs2, rhs2, _ = _operands(2, M, K, N, G, jnp.bfloat16)
     ref = gm.reference(lhs, rhs, gs, preferred_element_type=jnp.float32)
     options = gm.pallas_options(impl, interpret=True)
+    if impl == "pallas_gpu":
+        # The GPU kernel stores a warpgroup's output with whole swizzled-tile copies when all its
+        # rows are in the tile's group, else row by row: this case must take both paths.
+        assert _epilogue_paths(gs, M, gm._default_gmm_config(op.split("_")[0], K)) == {
+            "whole", "rows"}
 
     def run(lhs_list, rhs_list, op_name, layout, n_out):
         return jax.jit(lambda a, b: gm.gmm(a, b, gs, op=op_name, rhs_layout=layout,
