@@ -176,19 +176,36 @@ def bench_gemm_shape(shape, tokamax, args, results: dict, sweep: bool, stages: b
     row = results.setdefault(key, {})
     outs = {}
     kinds = ["ours", "xla"] + (["tokamax"] if tokamax is not None else [])
+    fns = {}
     for kind in kinds:
         try:
-            fwd, fwd_bwd = gmm_fns(kind, tokamax)
-            slow = kind == "xla"
-            t = median_time(fwd, lhs, rhs, gs, warmup=1, iters=3 if slow else 10)
-            row[f"{kind} fwd"] = flops / t / 1e12
-            outs[kind] = fwd(lhs, rhs, gs)
-            log(f"  {kind:8s} fwd      {flops / t / 1e12:7.1f} TFLOP/s  ({t * 1e3:.2f} ms)")
-            t = median_time(fwd_bwd, lhs, rhs, gs, ct, warmup=1, iters=3 if slow else 8)
-            row[f"{kind} fwd+bwd"] = 3 * flops / t / 1e12
-            log(f"  {kind:8s} fwd+bwd  {3 * flops / t / 1e12:7.1f} TFLOP/s  ({t * 1e3:.2f} ms)")
+            fns[kind] = gmm_fns(kind, tokamax)
+            outs[kind] = fns[kind][0](lhs, rhs, gs)
         except Exception as e:
             log_error(f"{key} {kind}", e)
+    # --repeats > 1: ours and tokamax timed in turn that many times (XLA once); the table takes
+    # each one's median and the log gives the spread, which on a shared machine is wide.
+    samples: dict[str, list[float]] = {}
+    for rep in range(args.repeats):
+        for kind, (fwd, fwd_bwd) in fns.items():
+            if kind == "xla" and rep:
+                continue
+            try:
+                slow = kind == "xla"
+                t = median_time(fwd, lhs, rhs, gs, warmup=1, iters=3 if slow else 10)
+                samples.setdefault(f"{kind} fwd", []).append(flops / t / 1e12)
+                log(f"  {kind:8s} fwd      {flops / t / 1e12:7.1f} TFLOP/s  ({t * 1e3:.2f} ms)")
+                t = median_time(fwd_bwd, lhs, rhs, gs, ct, warmup=1, iters=3 if slow else 8)
+                samples.setdefault(f"{kind} fwd+bwd", []).append(3 * flops / t / 1e12)
+                log(f"  {kind:8s} fwd+bwd  {3 * flops / t / 1e12:7.1f} TFLOP/s  "
+                    f"({t * 1e3:.2f} ms)")
+            except Exception as e:
+                log_error(f"{key} {kind}", e)
+    for name, vals in samples.items():
+        row[name] = statistics.median(vals)
+        if len(vals) > 1:
+            log(f"  {name}: median {statistics.median(vals):.1f}, min {min(vals):.1f}, "
+                f"max {max(vals):.1f} over {len(vals)} timings")
     if "ours" in outs and "xla" in outs:
         err = rel_err(outs["ours"], outs["xla"])
         row["err vs xla"] = err
@@ -456,6 +473,11 @@ def main(argv=None):
     p.add_argument("--small-n", type=int, default=704)
     p.add_argument("--small-tokens", type=int, default=32768,
                    help="tokens of one configs/small.py microbatch")
+    p.add_argument("--shapes", default=None,
+                   help="indexes of the GEMM shapes to benchmark (default: all), as for "
+                        "--sweep-shapes; the MoE layer runs with shape 1")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="time ours and tokamax this many times in turn; report the median")
     p.add_argument("--skip-checks", action="store_true")
     p.add_argument("--dry-run", action="store_true", help="tiny shapes, interpreted on CPU")
     args = p.parse_args(argv)
@@ -469,13 +491,21 @@ def main(argv=None):
         args.small_experts, args.small_rows, args.small_k, args.small_n = 3, 300, 128, 64
         args.small_tokens = 40
     n_shapes = len(DSV3_SHAPES) + 2  # + small_config_shapes
-    try:
-        sweep_shapes = {int(i) for i in args.sweep_shapes.split(",") if i.strip()}
-    except ValueError:
-        p.error(f"--sweep-shapes={args.sweep_shapes!r}: expected comma-separated integers")
-    if any(not 0 <= i < n_shapes for i in sweep_shapes):
-        p.error(f"--sweep-shapes={args.sweep_shapes!r}: shape indexes run from 0 to "
-                f"{n_shapes - 1}")
+
+    def shape_indexes(flag: str, text: str) -> set[int]:
+        try:
+            idx = {int(i) for i in text.split(",") if i.strip()}
+        except ValueError:
+            p.error(f"{flag}={text!r}: expected comma-separated integers")
+        if any(not 0 <= i < n_shapes for i in idx):
+            p.error(f"{flag}={text!r}: shape indexes run from 0 to {n_shapes - 1}")
+        return idx
+
+    sweep_shapes = shape_indexes("--sweep-shapes", args.sweep_shapes)
+    run_shapes = (set(range(n_shapes)) if args.shapes is None
+                  else shape_indexes("--shapes", args.shapes))
+    if args.repeats < 1:
+        p.error(f"--repeats={args.repeats}: must be at least 1")
     if OUT_DIR:
         os.makedirs(OUT_DIR, exist_ok=True)
     device = f"{jax.devices()[0].device_kind}, jax {jax.__version__}"
@@ -497,6 +527,8 @@ def main(argv=None):
         check_small(checks)
     shapes = DSV3_SHAPES + small_config_shapes(args)
     for i, shape in enumerate(shapes):
+        if i not in run_shapes:
+            continue
         if elapsed() > args.budget_s - 30:
             log(f"skipping {shape}: time budget")
             continue
