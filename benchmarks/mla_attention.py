@@ -58,6 +58,7 @@ OURS_DECODE_CONFIGS = {  # "row-major" forces the row-major kernel where Tq * N 
     "pallas row-major": _mla_decode_mgpu.Config(few_rows_max=0),
     "pallas splits4": _mla_decode_mgpu.Config(num_splits=4),
     "pallas splits8": _mla_decode_mgpu.Config(num_splits=8),
+    "pallas pingpong": _mla_decode_mgpu.Config(pingpong=True),
 }
 
 _LOG: list[str] = []
