@@ -1,6 +1,7 @@
 """Grouped GEMM and routed-expert block on the accelerator: ours vs XLA ragged_dot vs tokamax.
 
-  python -m benchmarks.expert_dispatch [--budget-s 220] [--sweep]
+  python -m benchmarks.expert_dispatch [--budget-s 220] [--sweep [--sweep-shapes 0,1]]
+      [--shapes 0,1] [--repeats 3] [--skip-checks]
 
 One run prints, for each (G, M, K, N): TFLOP/s of the forward and of forward+backward (counted
 as 3x the forward FLOPs: d_lhs and d_rhs) for XLA `jax.lax.ragged_dot`, tokamax `ragged_dot`
@@ -10,7 +11,9 @@ permute, SwiGLU experts, un-permute, combine) forward+backward, ours vs the same
 ragged_dot. It checks ours against XLA first (small shapes, then every benchmark output). The
 side-by-side table comes last and is also written to $OUT/expert_dispatch.md when $OUT is set
 (logs and tracebacks beside it). Timing: warm-up calls, then the median of timed calls, each
-ended by block_until_ready. Sections run in priority order under a wall-clock budget.
+ended by block_until_ready; with --repeats R, ours and tokamax are timed R times in turn and the
+table gives the medians (the log, the spread). Sections run in priority order under a
+wall-clock budget.
 """
 
 from __future__ import annotations

@@ -355,7 +355,9 @@ def gmm(lhs: Sequence[jax.Array], rhs: Sequence[jax.Array], group_sizes: jax.Arr
                                 return [_silu_mul(gate, up), gate, up]
                             return [v[:, cols] for v in epilogue(vals)]
 
-                        @pl.when((r_lo == 0) & (r_hi == tm) & ~is_tail)
+                        whole = (r_lo == 0) & (r_hi == tm) & ~is_tail
+
+                        @pl.when(whole)
                         def _whole():  # all rows in the group: one swizzled tile copy per chunk
                             for c in range(tn // epi):
                                 # One bulk-copy group per chunk: the slot written now was last
@@ -375,7 +377,7 @@ def gmm(lhs: Sequence[jax.Array], rhs: Sequence[jax.Array], group_sizes: jax.Arr
                                         commit_group=False)
                                 plgpu.commit_smem_to_gmem_group()
 
-                        @pl.when((r_lo != 0) | (r_hi != tm) | is_tail)
+                        @pl.when(~whole)
                         def _rows():  # only the group's rows (zeros past the last group)
                             for c in range(tn // _PLAIN_N):
                                 for j, v in enumerate(out_values(c * _PLAIN_N, _PLAIN_N)):
