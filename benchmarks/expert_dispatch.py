@@ -12,13 +12,16 @@ ragged_dot. It checks ours against XLA first (small shapes, then every benchmark
 side-by-side table comes last and is also written to $OUT/expert_dispatch.md when $OUT is set
 (logs and tracebacks beside it). Timing: warm-up calls, then the median of timed calls, each
 ended by block_until_ready; with --repeats R, ours and tokamax are timed R times in turn and the
-table gives the medians (the log, the spread). Sections run in priority order under a
-wall-clock budget.
+table gives the medians (the log, the spread). Each timing logs the SM clock, board power and
+how often the power cap was active (benchmarks/gpu_clocks.py): on an H200 a busy grouped GEMM
+draws the 700 W limit and the clock drops, which moves a kernel's figure between runs. Sections
+run in priority order under a wall-clock budget.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib.util
 import os
@@ -33,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.gpu_clocks import ClockSampler
 from pallas_kernels import _gmm_gpu
 from pallas_kernels import expert_dispatch as ed
 from pallas_kernels import grouped_matmul as gm
@@ -71,17 +75,19 @@ def elapsed() -> float:
     return time.perf_counter() - _T0
 
 
-def median_time(fn, *args, warmup: int = 2, iters: int = 10) -> float:
-    """Median seconds of fn(*args), each call ended by block_until_ready."""
+def median_time(fn, *args, warmup: int = 2, iters: int = 10, clocks=None) -> float:
+    """Median seconds of fn(*args), each call ended by block_until_ready; `clocks` (a
+    gpu_clocks.ClockSampler) samples the GPU during the timed calls."""
     if INTERPRET:
         warmup, iters = 1, 1
     for _ in range(warmup):
         jax.block_until_ready(fn(*args))
     times = []
-    for _ in range(iters):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t)
+    with clocks or contextlib.nullcontext():
+        for _ in range(iters):
+            t = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            times.append(time.perf_counter() - t)
     return statistics.median(times)
 
 
@@ -195,13 +201,20 @@ def bench_gemm_shape(shape, tokamax, args, results: dict, sweep: bool, stages: b
                 continue
             try:
                 slow = kind == "xla"
-                t = median_time(fwd, lhs, rhs, gs, warmup=1, iters=3 if slow else 10)
+                clocks = ClockSampler()
+                t = median_time(fwd, lhs, rhs, gs, warmup=1, iters=3 if slow else 10,
+                                clocks=clocks)
                 samples.setdefault(f"{kind} fwd", []).append(flops / t / 1e12)
-                log(f"  {kind:8s} fwd      {flops / t / 1e12:7.1f} TFLOP/s  ({t * 1e3:.2f} ms)")
-                t = median_time(fwd_bwd, lhs, rhs, gs, ct, warmup=1, iters=3 if slow else 8)
+                if clocks.sm_mhz is not None:
+                    samples.setdefault(f"{kind} fwd MHz", []).append(clocks.sm_mhz)
+                log(f"  {kind:8s} fwd      {flops / t / 1e12:7.1f} TFLOP/s  ({t * 1e3:.2f} ms)"
+                    f"  {clocks.summary()}")
+                clocks = ClockSampler()
+                t = median_time(fwd_bwd, lhs, rhs, gs, ct, warmup=1, iters=3 if slow else 8,
+                                clocks=clocks)
                 samples.setdefault(f"{kind} fwd+bwd", []).append(3 * flops / t / 1e12)
                 log(f"  {kind:8s} fwd+bwd  {3 * flops / t / 1e12:7.1f} TFLOP/s  "
-                    f"({t * 1e3:.2f} ms)")
+                    f"({t * 1e3:.2f} ms)  {clocks.summary()}")
             except Exception as e:
                 log_error(f"{key} {kind}", e)
     for name, vals in samples.items():
@@ -442,9 +455,11 @@ def fmt(v):
 
 def table(results: dict, layers: dict, checks: dict, device: str) -> str:
     cols = ["xla fwd", "xla fwd+bwd", "tokamax fwd", "tokamax fwd+bwd", "ours fwd",
-            "ours fwd+bwd", "ours dlhs", "ours drhs", "best fwd", "best dlhs", "best drhs",
-            "err vs xla"]
+            "ours fwd+bwd", "tokamax fwd MHz", "ours fwd MHz", "ours dlhs", "ours drhs",
+            "best fwd", "best dlhs", "best drhs", "err vs xla"]
     lines = [f"## Grouped GEMM, bf16, TFLOP/s ({device}; fwd+bwd counts 3x forward FLOPs)", "",
+             "MHz: mean SM clock over the timed forward calls (NVML); below the 1980 MHz boost "
+             "when the board runs at its power cap.", "",
              "| shape | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 1)]
     for key, row in results.items():
         lines.append(f"| {key} | " + " | ".join(fmt(row.get(c)) for c in cols) + " |")

@@ -4,6 +4,7 @@ Run on the accelerator (one H200):  python -m benchmarks.mla_attention
   --budget-s S   stop starting new measurements after S seconds (what was skipped is printed)
   --no-check     skip the on-GPU correctness check against the plain-JAX reference
   --only NAME    "training" or "decode"
+  --profile      also profile the decode: the Pallas kernel's device time vs the ops around it
 Prints, per shape, TFLOP/s of cuDNN (v padded to 192), tokamax (when importable), naive XLA (where
 its [B, N, T, S] scores fit) and ours ("pallas"), forward and forward+backward; for decode, TFLOP/s
 and GB/s of cache read of the XLA absorbed form and ours. Ends with one side-by-side table, also
@@ -11,7 +12,9 @@ written to $OUT/mla_attention_table.txt when OUT is set (and the full log as it 
 
 FLOPs (useful work, as BASELINES.md): training forward 2 B T^2 N (192 + 128) / 2 (causal half),
 forward+backward 3.5x that; decode 2 B Tq N L (R + Hr) + 2 B Tq N L R. Times: median over groups of
-calls (each group long enough to hide launch gaps) after a warm-up, block_until_ready.
+calls (each group long enough to hide launch gaps) after a warm-up, block_until_ready; a decode
+"call" is one of DECODE_CALLS calls (different queries, one cache) jitted together, so that the
+figure is device time, ops around the kernel included, and not Python dispatch.
 Baselines get their inputs pre-packed (q/k concatenated to 192, k_rope broadcast to every head,
 v padded), so packing is not timed against them; ours takes the split MLA inputs as the model
 holds them.
@@ -20,10 +23,12 @@ holds them.
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import os
 import statistics
 import sys
+import tempfile
 import time
 import traceback
 import types
@@ -47,6 +52,10 @@ DECODE_SHAPES = [(64, 4096, 128, 1), (64, 4096, 16, 1), (64, 4096, 128, 2),
 CHECK_ATTENTION_SHAPES = [(2, 320, 4, False), (1, 1000, 3, True)]  # B T N segments
 CHECK_DECODE_SHAPES = [(3, 1000, 128, 1, None), (2, 700, 16, 2, None),
                        (2, 4096, 128, 1, 3)]  # B L N Tq splits
+# Decode calls per timed executable: one call is tens of microseconds of device work, about what
+# Python dispatch of one jitted call costs here, so each timing runs this many calls (different
+# queries, the same cache) in one executable, as a model's decode step runs the kernel.
+DECODE_CALLS = 8
 XLA_SCORE_BYTES_LIMIT = 20e9  # naive XLA materializes fp32 [B, N, T, S] scores (and more in bwd)
 OURS_TRAIN_CONFIGS = {  # the alternative differs in the forward tiles only: timed forward only
     "pallas": _mla_attention_mgpu.Config(),
@@ -100,6 +109,7 @@ class Row:
 
 
 ROWS: list[Row] = []
+PROFILE_ROWS: list[tuple[str, float, float, float, int]] = []  # where, kernel, other, span, bytes
 
 
 def _rel_err(a, b) -> float:
@@ -261,46 +271,87 @@ def bench_training(shapes, budget_s: float) -> None:
 # ----------------------------------------------------------------------------------------------
 # Decode
 # ----------------------------------------------------------------------------------------------
-def bench_decode(shapes, budget_s: float) -> None:
+def device_breakdown(fn, args, calls: int = 20) -> tuple[dict[str, float], float]:
+    """Profile `calls` back-to-back calls: ({kernel name: device us per call}, device span per
+    call in us, first kernel start to last kernel end, so launch gaps included)."""
+    from benchmarks import profile_summary
+    jax.block_until_ready(fn(*args))
+    with tempfile.TemporaryDirectory() as trace_dir:
+        jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
+        for _ in range(calls):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        jax.profiler.stop_trace()
+        events = profile_summary.device_kernels(profile_summary.load_events(trace_dir))
+    per_kernel: dict[str, float] = collections.defaultdict(float)
+    for e in events:
+        per_kernel[e.get("name", "?")] += e.get("dur", 0) / calls
+    span = (max(e["ts"] + e.get("dur", 0) for e in events) - min(e["ts"] for e in events)
+            if events else 0.0)
+    return dict(per_kernel), span / calls
+
+
+def log_breakdown(where: str, per_kernel: dict[str, float], span_us: float, nbytes: int):
+    """One line per profiled candidate: the Pallas kernel's own time and GB/s, the rest."""
+    ours = {k: v for k, v in per_kernel.items() if "mosaic" in k.lower()}
+    rest = sorted(((v, k) for k, v in per_kernel.items() if k not in ours), reverse=True)
+    kernel_us = sum(ours.values())
+    busy = sum(per_kernel.values())
+    parts = f"Pallas kernel {kernel_us:.1f} us ({nbytes / kernel_us / 1e3:.0f} GB/s), " \
+        if kernel_us else ""
+    log(f"[decode profile {where}] {parts}other kernels {busy - kernel_us:.1f} us ("
+        + ", ".join(f"{k[:40]} {v:.1f}" for v, k in rest[:4])
+        + f"), device busy {busy:.1f} us, span {span_us:.1f} us per call")
+    PROFILE_ROWS.append((where, kernel_us, busy - kernel_us, span_us, nbytes))
+
+
+def bench_decode(shapes, budget_s: float, profile: bool = False) -> None:
     tokamax = _tokamax()
     for B, L, N, Tq in shapes:
         shape = f"B{B} L{L} N{N} Tq{Tq}"
-        ks = jax.random.split(jax.random.key(1), 3)
-        ql = jax.random.normal(ks[0], (B, Tq, N, R), jnp.bfloat16)
-        qr = jax.random.normal(ks[1], (B, Tq, N, HR), jnp.bfloat16)
-        kv = jax.random.normal(ks[2], (B, L, R + HR), jnp.bfloat16)
+        ks = jax.random.split(jax.random.key(1), 2 * DECODE_CALLS + 1)
+        # Different queries per call, so that XLA cannot merge the calls of one timed executable.
+        qls = [jax.random.normal(k, (B, Tq, N, R), jnp.bfloat16) for k in ks[:DECODE_CALLS]]
+        qrs = [jax.random.normal(k, (B, Tq, N, HR), jnp.bfloat16)
+               for k in ks[DECODE_CALLS:2 * DECODE_CALLS]]
+        kv = jax.random.normal(ks[-1], (B, L, R + HR), jnp.bfloat16)
         lengths = jnp.full((B,), L, jnp.int32)
         flops = 2 * B * Tq * N * L * (R + HR) + 2 * B * Tq * N * L * R
-        candidates: list[tuple[str, Callable, tuple]] = [
-            ("xla", lambda *a: mla_decode(*a, scale=DECODE_SCALE, implementation="xla"),
-             (ql, qr, kv, lengths))]
+        calls = [(ql, qr, kv, lengths) for ql, qr in zip(qls, qrs, strict=True)]
+        candidates: list[tuple[str, Callable, list[tuple]]] = [
+            ("xla", lambda *a: mla_decode(*a, scale=DECODE_SCALE, implementation="xla"), calls)]
         for name, config in OURS_DECODE_CONFIGS.items():
             if config.few_rows_max == 0 and Tq * N > _mla_decode_mgpu.Config().few_rows_max:
                 continue  # same kernel as "pallas"
             candidates.append((name, lambda *a, c=config: mla_decode(
-                *a, scale=DECODE_SCALE, implementation="pallas", config=c), (ql, qr, kv, lengths)))
+                *a, scale=DECODE_SCALE, implementation="pallas", config=c), calls))
         if tokamax is not None:
             # tokamax has no GPU MLA decode; try its attention in the GQA form (one kv head).
-            q576 = jnp.concatenate([ql, qr], -1)
+            k_gqa, v_gqa = kv[:, :, None, :], kv[:, :, None, :R]
             candidates.append(("tokamax mosaic (gqa)", lambda q, k, vv:
                                tokamax.dot_product_attention(q, k, vv, scale=DECODE_SCALE,
                                                              implementation="mosaic"),
-                               (q576, kv[:, :, None, :], kv[:, :, None, :R])))
-        for name, fn, args in candidates:
+                               [(jnp.concatenate([ql, qr], -1), k_gqa, v_gqa)
+                                for ql, qr in zip(qls, qrs, strict=True)]))
+        for name, fn, fn_calls in candidates:
             if time.perf_counter() - _T0 > budget_s:
                 ROWS.append(Row("decode", shape, name, {"TFLOP/s": "skip (time)", "GB/s": ""}))
                 continue
             try:
-                t = timeit(jax.jit(fn), *args)
+                step = jax.jit(lambda cs, fn=fn: [fn(*a) for a in cs])
+                t = timeit(step, fn_calls) / len(fn_calls)
                 tf, gb = flops / t / 1e12, kv.nbytes / t / 1e9
                 log(f"[decode {shape}] {name}: {t * 1e6:.1f} us, {tf:.0f} TFLOP/s, {gb:.0f} GB/s")
                 ROWS.append(Row("decode", shape, name, {"us": f"{t * 1e6:.1f}",
                                                         "TFLOP/s": f"{tf:.0f}",
                                                         "GB/s": f"{gb:.0f}"}))
+                if profile and name in ("xla", "pallas"):
+                    log_breakdown(f"{shape} {name}", *device_breakdown(jax.jit(fn), fn_calls[0]),
+                                  kv.nbytes)
             except Exception as e:
                 log(f"[decode {shape}] {name}: ERROR {e!r}"[:1500])
                 ROWS.append(Row("decode", shape, name, {"TFLOP/s": "error", "GB/s": ""}))
-        del ql, qr, kv
+        del qls, qrs, kv, calls
 
 
 def table() -> str:
@@ -315,6 +366,14 @@ def table() -> str:
         for r in rows:
             lines.append(f"{r.shape:<22}{r.impl:<24}"
                          + "".join(f"{r.cols.get(c, ''):>14}" for c in cols))
+    if PROFILE_ROWS:
+        head = (f"{'decode profile':<34}{'kernel us':>10}{'kernel GB/s':>12}{'other us':>10}"
+                f"{'span us':>10}")
+        lines += ["", "== decode device time per call (jax.profiler; span includes gaps)", head,
+                  "-" * len(head)]
+        for where, kernel, other, span, nbytes in PROFILE_ROWS:
+            gbs = f"{nbytes / kernel / 1e3:.0f}" if kernel else "-"
+            lines.append(f"{where:<34}{kernel:>10.1f}{gbs:>12}{other:>10.1f}{span:>10.1f}")
     return "\n".join(lines)
 
 
@@ -323,6 +382,10 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=1e9)
     parser.add_argument("--no-check", action="store_true")
     parser.add_argument("--only", choices=("training", "decode"))
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile xla and pallas decode: device time of the Pallas "
+                             "kernel vs the ops around it (run with XLA_FLAGS="
+                             "--xla_gpu_enable_command_buffer= to see each kernel)")
     args = parser.parse_args()
     log(f"devices: {jax.devices()}  jax {jax.__version__}")
     if not args.no_check:
@@ -335,7 +398,10 @@ def main() -> None:
     for name, fn, shapes in jobs:
         if args.only in (None, name):
             try:
-                fn(shapes, args.budget_s)
+                if fn is bench_decode:
+                    fn(shapes, args.budget_s, profile=args.profile)
+                else:
+                    fn(shapes, args.budget_s)
             except Exception:
                 log(f"{name} benchmark aborted:\n{traceback.format_exc()}"[:3000])
     text = table()
