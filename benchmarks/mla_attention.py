@@ -4,6 +4,7 @@ Run on the accelerator (one H200):  python -m benchmarks.mla_attention
   --budget-s S   stop starting new measurements after S seconds (what was skipped is printed)
   --no-check     skip the on-GPU correctness check against the plain-JAX reference
   --only NAME    "training" or "decode"
+  --decode-shapes I,J   only these DECODE_SHAPES (indexes)
   --profile      also profile the decode: the Pallas kernel's device time vs the ops around it
 Prints, per shape, TFLOP/s of cuDNN (v padded to 192), tokamax (when importable), naive XLA (where
 its [B, N, T, S] scores fit) and ours ("pallas"), forward and forward+backward; for decode, TFLOP/s
@@ -67,7 +68,6 @@ OURS_DECODE_CONFIGS = {  # "row-major" forces the row-major kernel where Tq * N 
     "pallas row-major": _mla_decode_mgpu.Config(few_rows_max=0),
     "pallas splits4": _mla_decode_mgpu.Config(num_splits=4),
     "pallas splits8": _mla_decode_mgpu.Config(num_splits=8),
-    "pallas pingpong": _mla_decode_mgpu.Config(pingpong=True),
 }
 
 _LOG: list[str] = []
@@ -271,9 +271,9 @@ def bench_training(shapes, budget_s: float) -> None:
 # ----------------------------------------------------------------------------------------------
 # Decode
 # ----------------------------------------------------------------------------------------------
-def device_breakdown(fn, args, calls: int = 20) -> tuple[dict[str, float], float]:
-    """Profile `calls` back-to-back calls: ({kernel name: device us per call}, device span per
-    call in us, first kernel start to last kernel end, so launch gaps included)."""
+def device_breakdown(fn, *args, calls: int = 5) -> tuple[dict[str, float], float]:
+    """Profile `calls` back-to-back calls of fn: ({kernel name: device us per call}, device span
+    per call in us, first kernel start to last kernel end, so launch gaps included)."""
     from benchmarks import profile_summary
     jax.block_until_ready(fn(*args))
     with tempfile.TemporaryDirectory() as trace_dir:
@@ -339,15 +339,17 @@ def bench_decode(shapes, budget_s: float, profile: bool = False) -> None:
                 continue
             try:
                 step = jax.jit(lambda cs, fn=fn: [fn(*a) for a in cs])
-                t = timeit(step, fn_calls) / len(fn_calls)
+                t = timeit(step, fn_calls, min_group_s=2e-2) / len(fn_calls)
                 tf, gb = flops / t / 1e12, kv.nbytes / t / 1e9
                 log(f"[decode {shape}] {name}: {t * 1e6:.1f} us, {tf:.0f} TFLOP/s, {gb:.0f} GB/s")
                 ROWS.append(Row("decode", shape, name, {"us": f"{t * 1e6:.1f}",
                                                         "TFLOP/s": f"{tf:.0f}",
                                                         "GB/s": f"{gb:.0f}"}))
                 if profile and name in ("xla", "pallas"):
-                    log_breakdown(f"{shape} {name}", *device_breakdown(jax.jit(fn), fn_calls[0]),
-                                  kv.nbytes)
+                    per_kernel, span = device_breakdown(step, fn_calls)
+                    log_breakdown(f"{shape} {name}",
+                                  {k: v / len(fn_calls) for k, v in per_kernel.items()},
+                                  span / len(fn_calls), kv.nbytes)
             except Exception as e:
                 log(f"[decode {shape}] {name}: ERROR {e!r}"[:1500])
                 ROWS.append(Row("decode", shape, name, {"TFLOP/s": "error", "GB/s": ""}))
@@ -382,19 +384,28 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=1e9)
     parser.add_argument("--no-check", action="store_true")
     parser.add_argument("--only", choices=("training", "decode"))
+    parser.add_argument("--decode-shapes", default=None,
+                        help="indexes into DECODE_SHAPES to run, comma-separated (default: all)")
     parser.add_argument("--profile", action="store_true",
                         help="also profile xla and pallas decode: device time of the Pallas "
                              "kernel vs the ops around it (run with XLA_FLAGS="
                              "--xla_gpu_enable_command_buffer= to see each kernel)")
     args = parser.parse_args()
+    decode_shapes = DECODE_SHAPES
+    if args.decode_shapes is not None:
+        try:
+            decode_shapes = [DECODE_SHAPES[int(i)] for i in args.decode_shapes.split(",")]
+        except (ValueError, IndexError):
+            parser.error(f"--decode-shapes={args.decode_shapes!r}: expected comma-separated "
+                         f"indexes from 0 to {len(DECODE_SHAPES) - 1}")
     log(f"devices: {jax.devices()}  jax {jax.__version__}")
     if not args.no_check:
         log(f"correctness check: {'ALL PASS' if check_correctness() else 'FAILURES (see above)'}")
     # The shapes with targets first, so that a time budget cuts the others.
     jobs = [("training", bench_training, TRAIN_SHAPES[:1]), ("decode", bench_decode,
-                                                            DECODE_SHAPES[:2]),
+                                                            decode_shapes[:2]),
             ("training", bench_training, TRAIN_SHAPES[1:]), ("decode", bench_decode,
-                                                             DECODE_SHAPES[2:])]
+                                                             decode_shapes[2:])]
     for name, fn, shapes in jobs:
         if args.only in (None, name):
             try:

@@ -16,7 +16,11 @@ q c^T + q_rope k_rope^T itself, runs the online softmax and multiplies P by its 
 Forming the scores twice costs 1.5x the useful QK^T tensor work; splitting them between the
 warpgroups (K-split with an exchange of partial scores through SMEM) needs 64 KB more SMEM than
 the 227 KB a CTA has once Q (72 KB) and two 64-row cache tiles (2 x 72 KB) are resident, and
-64-row cache tiles are the smallest a wgmma with K = block_kv accepts.
+64-row cache tiles are the smallest a wgmma with K = block_kv accepts. Two schedules measured
+slower on the H200 (2026-11-29) and were removed: the warpgroups taking turns (ping-pong), and
+one warpgroup forming each tile's scores, alternating, sharing P over the tile's k_rope slot
+(214 vs 163 us of kernel time at B64 L4096 H128): with two cache slots the shorter step puts the
+next tile's load latency on the critical path.
 
 Transposed (_decode_few_rows_call, Tq * N <= 32, e.g. 16 heads): the cache tile is wgmma's
 64-row side and the query rows its N side, so padding 16 rows to 64 costs no tensor work; see its
@@ -65,10 +69,6 @@ class Config:
     num_splits: int | None = None
     # Tq * N <= this uses the transposed kernel (_decode_few_rows_call); 0 disables it.
     few_rows_max: int = 32
-    # Row-major kernel: the two compute warpgroups take turns (a schedule barrier, as in the
-    # training forward), so one's softmax runs while the other's wgmmas do. Not yet measured on
-    # the device, hence off.
-    pingpong: bool = False
 
 
 def compute_dtype(dtype) -> jnp.dtype:
@@ -96,14 +96,9 @@ def _decode_call(q_lat, q_rope, kv_cache, lengths, row_limit, *, scale: float, n
     rows64 = ROWS_PER_CTA
 
     def kernel(ql_ref, qr_ref, kv_ref, len_ref, lim_ref, o_ref, lse_ref, *, q_smem, qr_smem,
-               lim_smem, lse_smem, c_smem, kr_smem, q_bar, kv_bars, kv_free, done_bar, sched):
+               lim_smem, lse_smem, c_smem, kr_smem, q_bar, kv_bars, kv_free, done_bar):
         b, g, sp, wg = (lax.axis_index("batch"), lax.axis_index("rows"),
                         lax.axis_index("split"), lax.axis_index("wg"))
-
-        def schedule_barrier():
-            plgpu.barrier_arrive(sched)
-            plgpu.barrier_wait(sched)
-
         length = len_ref[b]
         lo = sp * blocks_per_split
         hi = jnp.minimum(lo + blocks_per_split, pl.cdiv(length, bkv))
@@ -126,8 +121,6 @@ def _decode_call(q_lat, q_rope, kv_cache, lengths, row_limit, *, scale: float, n
             limit = plgpu.load(lim_smem, layout=ROWS)
             # Cache tiles wholly at or before the first new token's last visible row.
             n_full = jnp.clip((length - num_tokens + 1) // bkv - lo, 0, n)
-            if config.pingpong:  # warpgroup 1 starts one turn behind
-                pl.when(wg == 1)(schedule_barrier)
 
             def kv_step(i, carry, *, masked):
                 acc, m, l = carry
@@ -135,8 +128,7 @@ def _decode_call(q_lat, q_rope, kv_cache, lengths, row_limit, *, scale: float, n
                 plgpu.barrier_wait(kv_bars.at[slot])
                 s = mma([(q_smem.at[0], _t(c_smem.at[slot, 0])),
                          (q_smem.at[1], _t(c_smem.at[slot, 1])),
-                         (qr_smem, _t(kr_smem.at[slot]))], (rows64, bkv), interpret=interpret,
-                        between=schedule_barrier if config.pingpong else None)
+                         (qr_smem, _t(kr_smem.at[slot]))], (rows64, bkv), interpret=interpret)
                 s = s * c
                 if masked:
                     pos = plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=WGMMA)
@@ -147,14 +139,7 @@ def _decode_call(q_lat, q_rope, kv_cache, lengths, row_limit, *, scale: float, n
                 p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
                 l = l * alpha + p.sum(axis=1)
                 acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-                p16 = p.astype(dtype)
-                if config.pingpong:
-                    # Softmax done (the barrier keeps it before the arrive); then wait until the
-                    # other warpgroup has issued its score wgmmas.
-                    acc, l, m_new, p16 = lax.optimization_barrier((acc, l, m_new, p16))
-                    plgpu.barrier_arrive(sched)
-                    plgpu.barrier_wait(sched)
-                acc = mma([(p16, c_smem.at[slot, wg])], acc, interpret=interpret)
+                acc = mma([(p.astype(dtype), c_smem.at[slot, wg])], acc, interpret=interpret)
                 plgpu.barrier_arrive(kv_free.at[slot])
                 return acc, m_new, l
 
@@ -162,8 +147,6 @@ def _decode_call(q_lat, q_rope, kv_cache, lengths, row_limit, *, scale: float, n
                      row_vector(0.0, rows64))
             carry = lax.fori_loop(0, n_full, functools.partial(kv_step, masked=False), carry)
             acc, m, l = lax.fori_loop(n_full, n, functools.partial(kv_step, masked=True), carry)
-            if config.pingpong:  # warpgroup 0's last turn: every schedule phase gets both arrivals
-                pl.when(wg == 0)(schedule_barrier)
             # An empty split (cache shorter than its range) writes zeros with lse2 = -inf.
             l_safe = jnp.where(l == 0.0, 1.0, l)
             # Both warpgroups read both Q halves; stage the output in them only once both are done.
@@ -200,7 +183,6 @@ def _decode_call(q_lat, q_rope, kv_cache, lengths, row_limit, *, scale: float, n
         kv_bars=plgpu.Barrier(num_arrivals=3, num_barriers=stages),
         kv_free=plgpu.Barrier(num_arrivals=2, num_barriers=stages),
         done_bar=plgpu.Barrier(num_arrivals=2),
-        sched=plgpu.Barrier(num_arrivals=2),
     )
     call = plgpu.kernel(
         kernel,

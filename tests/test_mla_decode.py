@@ -56,21 +56,18 @@ def _check(implementation, config, B, Tq, N, R, L, lengths, dtype):
 # 512-wide latent with 128 heads (two 64-row groups per sequence). Tq * N <= 32 takes the
 # transposed few-rows kernel unless few_rows_max=0 forces the row-major one. Run in a child
 # process with 4 host devices (see tests/gpu_interpret.py).
-# "pingpong": the row-major kernel's two compute warpgroups taking turns, with an empty split
-# (sequence 2's second one) where neither runs a step.
-GPU_CASES = {  # B, Tq, N, R, L, lengths, splits, few_rows_max, dtype, pingpong
-    "few-rows-N16": (2, 1, 16, 128, 200, [200, 7], None, 32, jnp.bfloat16, False),
-    "few-rows-Tq2-splits3-f32": (2, 2, 8, 128, 300, [3, 290], 3, 32, jnp.float32, False),
-    "row-major-Tq2-splits2": (2, 2, 8, 128, 150, [150, 4], 2, 0, jnp.bfloat16, False),
-    "row-major-N128-R512": (1, 1, 128, 512, 130, [130], 1, 32, jnp.bfloat16, False),
-    "row-major-Tq2-splits2-pingpong": (2, 2, 8, 128, 150, [150, 4], 2, 0, jnp.bfloat16, True),
+GPU_CASES = {  # B, Tq, N, R, L, lengths, splits, few_rows_max, dtype
+    "few-rows-N16": (2, 1, 16, 128, 200, [200, 7], None, 32, jnp.bfloat16),
+    "few-rows-Tq2-splits3-f32": (2, 2, 8, 128, 300, [3, 290], 3, 32, jnp.float32),
+    "row-major-Tq2-splits2": (2, 2, 8, 128, 150, [150, 4], 2, 0, jnp.bfloat16),
+    "row-major-N128-R512": (1, 1, 128, 512, 130, [130], 1, 32, jnp.bfloat16),
+    "row-major-6-and-5-tiles-f32": (2, 1, 8, 128, 330, [330, 260], 1, 0, jnp.float32),
 }
 
 
 def _run_gpu_case(name):
-    B, Tq, N, R, L, lengths, splits, few_rows_max, dtype, pingpong = GPU_CASES[name]
-    config = _mla_decode_mgpu.Config(num_splits=splits, few_rows_max=few_rows_max,
-                                     pingpong=pingpong)
+    B, Tq, N, R, L, lengths, splits, few_rows_max, dtype = GPU_CASES[name]
+    config = _mla_decode_mgpu.Config(num_splits=splits, few_rows_max=few_rows_max)
     _check("pallas_mosaic_gpu", config, B, Tq, N, R, L, lengths, dtype)
 
 
@@ -97,10 +94,10 @@ def test_mosaic_tpu_matches_reference(B, Tq, N, L, lengths, dtype):
            dtype)
 
 
-@pytest.mark.parametrize("B, L, N, Tq, pingpong", [
-    (64, 4096, 128, 1, False), (64, 4096, 16, 2, False), (3, 1001, 128, 1, False),
-    (2, 700, 16, 2, False), (64, 4096, 128, 1, True)])
-def test_mosaic_gpu_lowers_for_cuda_at_benchmark_shape(B, L, N, Tq, pingpong):
+@pytest.mark.parametrize("B, L, N, Tq", [
+    (64, 4096, 128, 1), (64, 4096, 16, 2), (3, 1001, 128, 1), (2, 700, 16, 2),
+    (64, 4096, 128, 2)])
+def test_mosaic_gpu_lowers_for_cuda_at_benchmark_shape(B, L, N, Tq):
     """Layout inference, TMA tiling and the SMEM budget pass for the real 512 + 64 cache (no GPU
     needed): the row-major kernel (128 heads) and the few-rows kernel (16 heads, 2 tokens), at
     the benchmark shapes and at capacities that are not multiples of the 8-row TMA tile (which
@@ -108,7 +105,7 @@ def test_mosaic_gpu_lowers_for_cuda_at_benchmark_shape(B, L, N, Tq, pingpong):
     S = jax.ShapeDtypeStruct
     args = (S((B, Tq, N, 512), jnp.bfloat16), S((B, Tq, N, 64), jnp.bfloat16),
             S((B, L, 576), jnp.bfloat16), S((B,), jnp.int32))
-    config = _mla_decode_mgpu.Config(pingpong=pingpong)
+    config = _mla_decode_mgpu.Config()
     fn = lambda *a: mla_decode(*a, scale=0.1, implementation="pallas_mosaic_gpu",  # noqa: E731
                                config=config)
     text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
