@@ -8,7 +8,8 @@ Run on the accelerator (one H200):  python -m benchmarks.mla_attention
   --profile      also profile the decode: the Pallas kernel's device time vs the ops around it
 Prints, per shape, TFLOP/s of cuDNN (v padded to 192), tokamax (when importable), naive XLA (where
 its [B, N, T, S] scores fit) and ours ("pallas"), forward and forward+backward; for decode, TFLOP/s
-and GB/s of cache read of the XLA absorbed form and ours. Ends with one side-by-side table, also
+and GB/s of cache read of the XLA absorbed form and ours, with the mean SM clock during each
+timing (benchmarks/gpu_clocks.py; the card lowers it at its power cap). Ends with one table, also
 written to $OUT/mla_attention_table.txt when OUT is set (and the full log as it goes).
 
 FLOPs (useful work, as BASELINES.md): training forward 2 B T^2 N (192 + 128) / 2 (causal half),
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import dataclasses
 import os
 import statistics
@@ -41,6 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.gpu_clocks import ClockSampler
 from pallas_kernels import _mla_attention_mgpu, _mla_decode_mgpu
 from pallas_kernels.mla_attention import mla_attention
 from pallas_kernels.mla_decode import mla_decode
@@ -85,19 +88,22 @@ def log(msg: str) -> None:
             f.write(msg + "\n")
 
 
-def timeit(fn: Callable, *args, groups: int = 7, min_group_s: float = 2e-3) -> float:
-    """Median seconds per call over `groups` groups of back-to-back calls, after a warm-up."""
+def timeit(fn: Callable, *args, groups: int = 7, min_group_s: float = 2e-3,
+           clocks: ClockSampler | None = None) -> float:
+    """Median seconds per call over `groups` groups of back-to-back calls, after a warm-up;
+    `clocks` samples the GPU's SM clock and power cap during the timed groups."""
     jax.block_until_ready(fn(*args))
     t = time.perf_counter()
     jax.block_until_ready(fn(*args))
     once = time.perf_counter() - t
     per_group = max(1, int(min_group_s / max(once, 1e-6)))
     times = []
-    for _ in range(groups):
-        t = time.perf_counter()
-        for _ in range(per_group):
-            out = fn(*args)
-        jax.block_until_ready(out)
+    with clocks or contextlib.nullcontext():
+        for _ in range(groups):
+            t = time.perf_counter()
+            for _ in range(per_group):
+                out = fn(*args)
+            jax.block_until_ready(out)
         times.append((time.perf_counter() - t) / per_group)
     return statistics.median(times)
 
@@ -259,10 +265,12 @@ def bench_training(shapes, budget_s: float) -> None:
                     else:
                         f = jax.jit(jax.grad(lambda *a, fn=fn: fn(*a).astype(jnp.float32).sum(),
                                              argnums=tuple(range(len(args)))))
-                    t = timeit(f, *args)
+                    clocks = ClockSampler()
+                    t = timeit(f, *args, clocks=clocks)
                     rate = (flops if what == "fwd" else 3.5 * flops) / t / 1e12
                     cols[what] = f"{rate:.0f}"
-                    log(f"[train {shape}] {name} {what}: {t * 1e3:.3f} ms, {rate:.0f} TFLOP/s")
+                    log(f"[train {shape}] {name} {what}: {t * 1e3:.3f} ms, {rate:.0f} TFLOP/s  "
+                        f"{clocks.summary()}")
                 except Exception as e:
                     cols[what] = "error"
                     log(f"[train {shape}] {name} {what}: ERROR {e!r}"[:1500])
@@ -341,12 +349,14 @@ def bench_decode(shapes, budget_s: float, profile: bool = False) -> None:
                 continue
             try:
                 step = jax.jit(lambda cs, fn=fn: [fn(*a) for a in cs])
-                t = timeit(step, fn_calls, min_group_s=2e-2) / len(fn_calls)
+                clocks = ClockSampler()
+                t = timeit(step, fn_calls, min_group_s=2e-2, clocks=clocks) / len(fn_calls)
                 tf, gb = flops / t / 1e12, kv.nbytes / t / 1e9
-                log(f"[decode {shape}] {name}: {t * 1e6:.1f} us, {tf:.0f} TFLOP/s, {gb:.0f} GB/s")
-                ROWS.append(Row("decode", shape, name, {"us": f"{t * 1e6:.1f}",
-                                                        "TFLOP/s": f"{tf:.0f}",
-                                                        "GB/s": f"{gb:.0f}"}))
+                log(f"[decode {shape}] {name}: {t * 1e6:.1f} us, {tf:.0f} TFLOP/s, {gb:.0f} GB/s"
+                    f"  {clocks.summary()}")
+                ROWS.append(Row("decode", shape, name, {
+                    "us": f"{t * 1e6:.1f}", "TFLOP/s": f"{tf:.0f}", "GB/s": f"{gb:.0f}",
+                    "MHz": "" if clocks.sm_mhz is None else f"{clocks.sm_mhz:.0f}"}))
                 if profile and name in ("xla", "pallas"):
                     per_kernel, span = device_breakdown(step, fn_calls)
                     log_breakdown(f"{shape} {name}",
@@ -360,7 +370,8 @@ def bench_decode(shapes, budget_s: float, profile: bool = False) -> None:
 
 def table() -> str:
     lines = []
-    for section, cols in (("train", ("fwd", "fwd+bwd")), ("decode", ("us", "TFLOP/s", "GB/s"))):
+    for section, cols in (("train", ("fwd", "fwd+bwd")),
+                          ("decode", ("us", "TFLOP/s", "GB/s", "MHz"))):
         rows = [r for r in ROWS if r.section == section]
         if not rows:
             continue
