@@ -30,6 +30,7 @@ import argparse
 import collections
 import contextlib
 import dataclasses
+import functools
 import os
 import statistics
 import sys
@@ -407,25 +408,24 @@ def main() -> None:
     decode_shapes = DECODE_SHAPES
     if args.decode_shapes is not None:
         try:
-            decode_shapes = [DECODE_SHAPES[int(i)] for i in args.decode_shapes.split(",")]
-        except (ValueError, IndexError):
+            indexes = [int(i) for i in args.decode_shapes.split(",")]
+        except ValueError:
+            indexes = [-1]
+        if any(not 0 <= i < len(DECODE_SHAPES) for i in indexes):
             parser.error(f"--decode-shapes={args.decode_shapes!r}: expected comma-separated "
                          f"indexes from 0 to {len(DECODE_SHAPES) - 1}")
+        decode_shapes = [DECODE_SHAPES[i] for i in indexes]
     log(f"devices: {jax.devices()}  jax {jax.__version__}")
     if not args.no_check:
         log(f"correctness check: {'ALL PASS' if check_correctness() else 'FAILURES (see above)'}")
     # The shapes with targets first, so that a time budget cuts the others.
-    jobs = [("training", bench_training, TRAIN_SHAPES[:1]), ("decode", bench_decode,
-                                                            decode_shapes[:2]),
-            ("training", bench_training, TRAIN_SHAPES[1:]), ("decode", bench_decode,
-                                                             decode_shapes[2:])]
+    decode = functools.partial(bench_decode, profile=args.profile)
+    jobs = [("training", bench_training, TRAIN_SHAPES[:1]), ("decode", decode, decode_shapes[:2]),
+            ("training", bench_training, TRAIN_SHAPES[1:]), ("decode", decode, decode_shapes[2:])]
     for name, fn, shapes in jobs:
         if args.only in (None, name):
             try:
-                if fn is bench_decode:
-                    fn(shapes, args.budget_s, profile=args.profile)
-                else:
-                    fn(shapes, args.budget_s)
+                fn(shapes, args.budget_s)
             except Exception:
                 log(f"{name} benchmark aborted:\n{traceback.format_exc()}"[:3000])
     text = table()
