@@ -5,7 +5,10 @@ Run on the accelerator (one H200):  python -m benchmarks.mla_attention
   --no-check     skip the on-GPU correctness check against the plain-JAX reference
   --only NAME    "training" or "decode"
   --decode-shapes I,J   only these DECODE_SHAPES (indexes)
-  --profile      also profile the decode: the Pallas kernel's device time vs the ops around it
+  --train-shapes I,J / --train-configs NAME,...   only these TRAIN_SHAPES / our configs
+  --ours-only    training: only our configs (exploring tilings; no baselines in that run)
+  --profile      also profile ours (training and decode): each Pallas kernel's device time vs the
+                 ops around it
 Prints, per shape, TFLOP/s of cuDNN (v padded to 192), tokamax (when importable), naive XLA (where
 its [B, N, T, S] scores fit) and ours ("pallas"), forward and forward+backward; for decode, TFLOP/s
 and GB/s of cache read of the XLA absorbed form and ours, with the mean SM clock during each
@@ -14,7 +17,8 @@ written to $OUT/mla_attention_table.txt when OUT is set (and the full log as it 
 
 FLOPs (useful work, as BASELINES.md): training forward 2 B T^2 N (192 + 128) / 2 (causal half),
 forward+backward 3.5x that; decode 2 B Tq N L (R + Hr) + 2 B Tq N L R. Times: median over groups of
-calls (each group long enough to hide launch gaps) after a warm-up, block_until_ready; a decode
+back-to-back calls (each group at least 20 ms, so that launch and host-synchronization gaps are
+hidden, as in a training loop) after a warm-up, block_until_ready; a decode
 "call" is one of DECODE_CALLS calls (different queries, one cache) jitted together, so that the
 figure is device time, ops around the kernel included, and not Python dispatch. At B=1 the
 cache (4.7 MB at L=4096, 38 MB at 32768) stays in the 50 MB L2 between calls, so those GB/s are
@@ -89,7 +93,7 @@ def log(msg: str) -> None:
             f.write(msg + "\n")
 
 
-def timeit(fn: Callable, *args, groups: int = 7, min_group_s: float = 2e-3,
+def timeit(fn: Callable, *args, groups: int = 7, min_group_s: float = 2e-2,
            clocks: ClockSampler | None = None) -> float:
     """Median seconds per call over `groups` groups of back-to-back calls, after a warm-up;
     `clocks` samples the GPU's SM clock and power cap during the timed groups."""
@@ -105,7 +109,7 @@ def timeit(fn: Callable, *args, groups: int = 7, min_group_s: float = 2e-3,
             for _ in range(per_group):
                 out = fn(*args)
             jax.block_until_ready(out)
-        times.append((time.perf_counter() - t) / per_group)
+            times.append((time.perf_counter() - t) / per_group)
     return statistics.median(times)
 
 
@@ -145,16 +149,18 @@ def check_correctness() -> bool:
                               jnp.int32)
         scale = (HN + HR) ** -0.5
 
-        def loss(impl, *a, seg=seg, do=do, scale=scale):
-            o = mla_attention(*a, seg, scale=scale, implementation=impl)
+        def loss(impl, config, *a, seg=seg, do=do, scale=scale):
+            o = mla_attention(*a, seg, scale=scale, implementation=impl, config=config)
             return jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32)), o
 
-        grad_ref = jax.jit(jax.grad(lambda *a: loss("xla", *a), argnums=range(5), has_aux=True))
+        grad_ref = jax.jit(jax.grad(lambda *a: loss("xla", None, *a), argnums=range(5),
+                                    has_aux=True))
         g_ref, o_ref = grad_ref(*map(f32, args))
-        for impl in ("pallas", "cudnn"):
+        impls = [(name, "pallas", c) for name, c in OURS_TRAIN_CONFIGS.items()]
+        for name, impl, config in [*impls, ("cudnn", "cudnn", None)]:
             try:
-                grad = jax.jit(jax.grad(lambda *a, i=impl: loss(i, *a), argnums=range(5),
-                                        has_aux=True))
+                grad = jax.jit(jax.grad(lambda *a, i=impl, c=config: loss(i, c, *a),
+                                        argnums=range(5), has_aux=True))
                 g, o = grad(*args)
                 errs = {"o": _rel_err(o, o_ref)}
                 errs.update({n: _rel_err(a, b) for n, a, b in
@@ -162,12 +168,12 @@ def check_correctness() -> bool:
                                  strict=True)})
                 good = all(np.isfinite(e) and e < 2e-2 for e in errs.values())
                 ok &= good
-                log(f"check attention {impl} B{B} T{T} N{N} segments={segmented}: "
+                log(f"check attention {name} B{B} T{T} N{N} segments={segmented}: "
                     f"{'PASS' if good else 'FAIL'} "
                     + " ".join(f"{k}={v:.1e}" for k, v in errs.items()))
             except Exception as e:  # report and keep going: later checks and benchmarks run
                 ok = False
-                log(f"check attention {impl} B{B} T{T} N{N} segments={segmented}: "
+                log(f"check attention {name} B{B} T{T} N{N} segments={segmented}: "
                     f"ERROR {e!r}"[:2000])
     for B, L, N, Tq, splits in CHECK_DECODE_SHAPES:
         ks = jax.random.split(jax.random.key(L + N), 3)
@@ -216,8 +222,9 @@ def _tokamax():
         return None
 
 
-def bench_training(shapes, budget_s: float) -> None:
-    tokamax = _tokamax()
+def bench_training(shapes, budget_s: float, profile: bool = False,
+                   ours_only: bool = False) -> None:
+    tokamax = None if ours_only else _tokamax()
     for B, T, N in shapes:
         shape = f"B{B} T{T} N{N}"
         flops = 2 * B * T * T * N * (HN + HR + HV) / 2
@@ -250,8 +257,10 @@ def bench_training(shapes, budget_s: float) -> None:
             candidates.append(("xla", lambda *a: mla_attention(*a, None, scale=TRAIN_SCALE,
                                                                implementation="xla"),
                                (qn, qr, kn, kr, v)))
-        else:
+        elif not ours_only:
             ROWS.append(Row("train", shape, "xla", {"fwd": "skip (mem)", "fwd+bwd": "skip (mem)"}))
+        if ours_only:
+            candidates = [c for c in candidates if c[0] in OURS_TRAIN_CONFIGS]
         for name, fn, args in candidates:
             cols = {}
             for what in ("fwd", "fwd+bwd"):
@@ -272,6 +281,9 @@ def bench_training(shapes, budget_s: float) -> None:
                     cols[what] = f"{rate:.0f}"
                     log(f"[train {shape}] {name} {what}: {t * 1e3:.3f} ms, {rate:.0f} TFLOP/s  "
                         f"{clocks.summary()}")
+                    if profile and name.startswith("pallas"):
+                        per_kernel, span = device_breakdown(f, *args)
+                        log_breakdown(f"train {shape} {name} {what}", per_kernel, span)
                 except Exception as e:
                     cols[what] = "error"
                     log(f"[train {shape}] {name} {what}: ERROR {e!r}"[:1500])
@@ -302,18 +314,30 @@ def device_breakdown(fn, *args, calls: int = 5) -> tuple[dict[str, float], float
     return dict(per_kernel), span / calls
 
 
-def log_breakdown(where: str, per_kernel: dict[str, float], span_us: float, nbytes: int):
-    """One line per profiled candidate: the Pallas kernel's own time and GB/s, the rest."""
+def log_breakdown(where: str, per_kernel: dict[str, float], span_us: float,
+                  nbytes: int | None = None):
+    """One line per profiled candidate: the Pallas kernels' own times (and GB/s of `nbytes`,
+    the cache read by a decode call), the other kernels, the span."""
     ours = {k: v for k, v in per_kernel.items() if "mosaic" in k.lower()}
     rest = sorted(((v, k) for k, v in per_kernel.items() if k not in ours), reverse=True)
     kernel_us = sum(ours.values())
     busy = sum(per_kernel.values())
-    parts = f"Pallas kernel {kernel_us:.1f} us ({nbytes / kernel_us / 1e3:.0f} GB/s), " \
-        if kernel_us else ""
-    log(f"[decode profile {where}] {parts}other kernels {busy - kernel_us:.1f} us ("
+    parts = ""
+    if kernel_us:
+        rate = f" ({nbytes / kernel_us / 1e3:.0f} GB/s)" if nbytes else ""
+        each = ", ".join(f"{k[:48]} {v:.1f}" for k, v in sorted(ours.items()))
+        parts = f"Pallas kernels {kernel_us:.1f} us{rate} [{each}], "
+    log(f"[profile {where}] {parts}other kernels {busy - kernel_us:.1f} us ("
         + ", ".join(f"{k[:40]} {v:.1f}" for v, k in rest[:4])
         + f"), device busy {busy:.1f} us, span {span_us:.1f} us per call")
     PROFILE_ROWS.append((where, kernel_us, busy - kernel_us, span_us, nbytes))
+
+
+def _xla_anchor_decode(q, kv):
+    """bench_anchors/xla_mla_decode.py's absorbed decode: q[B, Tq * N, R + Hr], kv[B, L, R + Hr]."""
+    s = jnp.einsum("bhr,blr->bhl", q, kv, preferred_element_type=jnp.float32) * DECODE_SCALE
+    p = jax.nn.softmax(s, axis=-1).astype(kv.dtype)
+    return jnp.einsum("bhl,blr->bhr", p, kv[..., :R])
 
 
 def bench_decode(shapes, budget_s: float, profile: bool = False) -> None:
@@ -331,6 +355,11 @@ def bench_decode(shapes, budget_s: float, profile: bool = False) -> None:
         calls = [(ql, qr, kv, lengths) for ql, qr in zip(qls, qrs, strict=True)]
         candidates: list[tuple[str, Callable, list[tuple]]] = [
             ("xla", lambda *a: mla_decode(*a, scale=DECODE_SCALE, implementation="xla"), calls)]
+        # BASELINES.md's XLA figure (bench_anchors/xla_mla_decode.py): q pre-concatenated to
+        # R + Hr, one einsum for the scores, no length mask (every row visible).
+        candidates.append(("xla (BASELINES form)", _xla_anchor_decode,
+                           [(jnp.concatenate([ql, qr], -1).reshape(B, Tq * N, R + HR), kv)
+                            for ql, qr in zip(qls, qrs, strict=True)]))
         for name, config in OURS_DECODE_CONFIGS.items():
             if config.few_rows_max == 0 and Tq * N > _mla_decode_mgpu.Config().few_rows_max:
                 continue  # same kernel as "pallas"
@@ -351,7 +380,7 @@ def bench_decode(shapes, budget_s: float, profile: bool = False) -> None:
             try:
                 step = jax.jit(lambda cs, fn=fn: [fn(*a) for a in cs])
                 clocks = ClockSampler()
-                t = timeit(step, fn_calls, min_group_s=2e-2, clocks=clocks) / len(fn_calls)
+                t = timeit(step, fn_calls, clocks=clocks) / len(fn_calls)
                 tf, gb = flops / t / 1e12, kv.nbytes / t / 1e9
                 log(f"[decode {shape}] {name}: {t * 1e6:.1f} us, {tf:.0f} TFLOP/s, {gb:.0f} GB/s"
                     f"  {clocks.summary()}")
@@ -360,7 +389,7 @@ def bench_decode(shapes, budget_s: float, profile: bool = False) -> None:
                     "MHz": "" if clocks.sm_mhz is None else f"{clocks.sm_mhz:.0f}"}))
                 if profile and name in ("xla", "pallas"):
                     per_kernel, span = device_breakdown(step, fn_calls)
-                    log_breakdown(f"{shape} {name}",
+                    log_breakdown(f"decode {shape} {name}",
                                   {k: v / len(fn_calls) for k, v in per_kernel.items()},
                                   span / len(fn_calls), kv.nbytes)
             except Exception as e:
@@ -383,14 +412,27 @@ def table() -> str:
             lines.append(f"{r.shape:<22}{r.impl:<24}"
                          + "".join(f"{r.cols.get(c, ''):>14}" for c in cols))
     if PROFILE_ROWS:
-        head = (f"{'decode profile':<34}{'kernel us':>10}{'kernel GB/s':>12}{'other us':>10}"
+        head = (f"{'profile':<34}{'kernel us':>10}{'kernel GB/s':>12}{'other us':>10}"
                 f"{'span us':>10}")
-        lines += ["", "== decode device time per call (jax.profiler; span includes gaps)", head,
+        lines += ["", "== device time per call (jax.profiler; span includes gaps)", head,
                   "-" * len(head)]
         for where, kernel, other, span, nbytes in PROFILE_ROWS:
-            gbs = f"{nbytes / kernel / 1e3:.0f}" if kernel else "-"
+            gbs = f"{nbytes / kernel / 1e3:.0f}" if kernel and nbytes else "-"
             lines.append(f"{where:<34}{kernel:>10.1f}{gbs:>12}{other:>10.1f}{span:>10.1f}")
     return "\n".join(lines)
+
+
+def _indexes(parser, flag: str, text: str | None, n: int) -> list[int]:
+    """Comma-separated indexes into a list of n shapes (all when text is None)."""
+    if text is None:
+        return list(range(n))
+    try:
+        indexes = [int(i) for i in text.split(",")]
+    except ValueError:
+        indexes = [-1]
+    if any(not 0 <= i < n for i in indexes):
+        parser.error(f"{flag}={text!r}: expected comma-separated indexes from 0 to {n - 1}")
+    return indexes
 
 
 def main() -> None:
@@ -400,28 +442,39 @@ def main() -> None:
     parser.add_argument("--only", choices=("training", "decode"))
     parser.add_argument("--decode-shapes", default=None,
                         help="indexes into DECODE_SHAPES to run, comma-separated (default: all)")
+    parser.add_argument("--train-shapes", default=None,
+                        help="indexes into TRAIN_SHAPES to run, comma-separated (default: all)")
+    parser.add_argument("--train-configs", default=None,
+                        help=f"our training configs to time, comma-separated (default: all of "
+                             f"{list(OURS_TRAIN_CONFIGS)})")
+    parser.add_argument("--ours-only", action="store_true",
+                        help="training: time only our configs (no cuDNN, tokamax, XLA)")
     parser.add_argument("--profile", action="store_true",
-                        help="also profile xla and pallas decode: device time of the Pallas "
+                        help="also profile ours (and xla decode): device time of each Pallas "
                              "kernel vs the ops around it (run with XLA_FLAGS="
                              "--xla_gpu_enable_command_buffer= to see each kernel)")
     args = parser.parse_args()
-    decode_shapes = DECODE_SHAPES
-    if args.decode_shapes is not None:
-        try:
-            indexes = [int(i) for i in args.decode_shapes.split(",")]
-        except ValueError:
-            indexes = [-1]
-        if any(not 0 <= i < len(DECODE_SHAPES) for i in indexes):
-            parser.error(f"--decode-shapes={args.decode_shapes!r}: expected comma-separated "
-                         f"indexes from 0 to {len(DECODE_SHAPES) - 1}")
-        decode_shapes = [DECODE_SHAPES[i] for i in indexes]
+    decode_shapes = [DECODE_SHAPES[i] for i in _indexes(parser, "--decode-shapes",
+                                                        args.decode_shapes, len(DECODE_SHAPES))]
+    if args.train_configs is not None:
+        names = args.train_configs.split(",")
+        unknown = [n for n in names if n not in OURS_TRAIN_CONFIGS]
+        if unknown:
+            parser.error(f"--train-configs: unknown {unknown}; known: {list(OURS_TRAIN_CONFIGS)}")
+        for name in list(OURS_TRAIN_CONFIGS):
+            if name not in names:
+                del OURS_TRAIN_CONFIGS[name]
     log(f"devices: {jax.devices()}  jax {jax.__version__}")
     if not args.no_check:
         log(f"correctness check: {'ALL PASS' if check_correctness() else 'FAILURES (see above)'}")
     # The shapes with targets first, so that a time budget cuts the others.
     decode = functools.partial(bench_decode, profile=args.profile)
-    jobs = [("training", bench_training, TRAIN_SHAPES[:1]), ("decode", decode, decode_shapes[:2]),
-            ("training", bench_training, TRAIN_SHAPES[1:]), ("decode", decode, decode_shapes[2:])]
+    training = functools.partial(bench_training, profile=args.profile,
+                                 ours_only=args.ours_only)
+    train_shapes = [TRAIN_SHAPES[i] for i in _indexes(parser, "--train-shapes", args.train_shapes,
+                                                      len(TRAIN_SHAPES))]
+    jobs = [("training", training, train_shapes[:1]), ("decode", decode, decode_shapes[:2]),
+            ("training", training, train_shapes[1:]), ("decode", decode, decode_shapes[2:])]
     for name, fn, shapes in jobs:
         if args.only in (None, name):
             try:

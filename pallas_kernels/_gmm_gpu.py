@@ -415,6 +415,7 @@ def gmm(lhs: Sequence[jax.Array], rhs: Sequence[jax.Array], group_sizes: jax.Arr
         grid_names=("sm",),
         num_threads=3,
         thread_name="wg",
+        kernel_name="grouped_matmul",
         compiler_params=plgpu.CompilerParams(
             lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
     )
@@ -537,6 +538,7 @@ def tgmm(lhs: jax.Array, dout: jax.Array, group_sizes: jax.Array, *, out_dtype,
         grid_names=("sm",),
         num_threads=3,
         thread_name="wg",
+        kernel_name="grouped_matmul_tgmm",
         compiler_params=plgpu.CompilerParams(
             lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
     )

@@ -12,8 +12,10 @@ each, one memory warpgroup streams the other operand's tiles through a ring of S
   forward: CTA = (head, 2 * block_q query rows, batch); streams k_nope, k_rope, v (and key segment
            ids); the compute warpgroups ping-pong (one runs softmax while the other's wgmma runs).
   dq:      CTA = (head, 2 * block_q_dq query rows, batch); streams k_nope, k_rope, v.
-  dk/dv:   CTA = (head, 2 * block_kv_dkv key rows, batch); streams q_nope, q_rope, do, lse, delta.
-           dk_rope is written per head in fp32 and summed over heads outside.
+  dk/dv:   CTA = (head, block_kv_dkv key rows, batch); streams q_nope, q_rope, do, lse, delta.
+           Warpgroup 0 forms S^T, P^T and dK_nope, warpgroup 1 dP^T, dS^T, dV and dK_rope; P^T and
+           dS^T pass between them through SMEM, and the key and value tiles are register
+           operands. dk_rope is written per head in fp32 and summed over heads outside.
 Causality and packed documents bound every loop: a query block visits key blocks from the first
 block holding a key of any of its segments (kv_lo) to the diagonal; a key block visits query
 blocks from the diagonal to the last query of its segments (q_hi). Blocks strictly inside the
@@ -54,7 +56,8 @@ from pallas_kernels._mla_mgpu_common import (
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """Tile sizes. A CTA holds two compute warpgroups of block rows each."""
+    """Tile sizes. Forward and dq: a CTA's two compute warpgroups own block_q (block_q_dq) query
+    rows each; dk/dv: both own the CTA's block_kv_dkv keys and split the gradient's columns."""
 
     block_q: int = 64
     block_kv: int = 128
@@ -63,7 +66,7 @@ class Config:
     block_kv_dq: int = 64
     block_q_dkv: int = 64
     block_kv_dkv: int = 64
-    bwd_concurrent_steps: int = 2
+    bwd_concurrent_steps: int = 3
 
     def __post_init__(self):
         for name in ("block_q", "block_kv", "block_q_dq", "block_kv_dq", "block_q_dkv",
@@ -72,11 +75,14 @@ class Config:
                 raise ValueError(f"{name}={getattr(self, name)} must be a multiple of 64")
         if min(self.max_concurrent_steps, self.bwd_concurrent_steps) < 2:
             raise ValueError("need at least 2 pipeline slots")
+        if (self.block_q_dkv, self.block_kv_dkv) != (64, 64):
+            raise ValueError(f"block_q_dkv={self.block_q_dkv}, block_kv_dkv={self.block_kv_dkv}: "
+                             "the dk/dv kernel's register budget fixes both at 64")
 
     @property
     def seq_multiple(self) -> int:
         return math.lcm(2 * self.block_q, self.block_kv, 2 * self.block_q_dq, self.block_kv_dq,
-                        self.block_q_dkv, 2 * self.block_kv_dkv)
+                        self.block_q_dkv, self.block_kv_dkv)
 
 
 def _t(ref):
@@ -281,6 +287,7 @@ def _forward_call(q_nope, q_rope, k_nope, k_rope, v, seg_bt, kv_lo_bc, *, scale:
         grid_names=("heads", "q_seq", "batch"),
         num_threads=3,
         thread_name="wg",
+        kernel_name="mla_attention_fwd",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=interpret_params(interpret),
     )
@@ -413,6 +420,7 @@ def _backward_dq_call(q_nope, q_rope, k_nope, k_rope, v, do, lse2, delta, seg_bt
         grid_names=("heads", "q_seq", "batch"),
         num_threads=3,
         thread_name="wg",
+        kernel_name="mla_attention_dq",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=interpret_params(interpret),
     )
@@ -423,57 +431,73 @@ def _backward_dq_call(q_nope, q_rope, k_nope, k_rope, v, do, lse2, delta, seg_bt
 # Backward: dk, dv
 # ----------------------------------------------------------------------------------------------
 def _backward_dkv_call(q_nope, q_rope, k_nope, k_rope, v, do, lse2, delta, seg_bt, q_hi_bc, *,
-                 scale: float, config: Config, has_segments: bool, interpret: bool):
+                       scale: float, config: Config, has_segments: bool, interpret: bool):
     """dk_nope[B, S, N, Hn], dv[B, S, N, Hv] (q dtype) and per-head dk_rope[B, S, N, Hr] (fp32).
 
-    q_hi_bc[B, S // (2 block_kv_dkv)] int32: one past the last query block each CTA visits
-    (T // block_q_dkv without segments).
+    A CTA owns block_kv_dkv keys, and its two compute warpgroups split the gradient's columns:
+    for each query block the score warpgroup (0) forms S^T and P^T and accumulates dK_nope, the
+    gradient warpgroup (1) forms dP^T and dS^T and accumulates dV and dK_rope. P^T goes 0 -> 1 and
+    dS^T 1 -> 0 through double-buffered SMEM tiles; warpgroup 0 forms S^T of the next block
+    before its dK_nope of the last, so each hand-off hides behind the other's wgmmas. Each
+    warpgroup holds 64 or 96 accumulator registers per thread (a split by key rows held 160 and
+    spilled) and both do equal tensor work (192 + 128 and 128 + 128 + 64 deep).
+    q_hi_bc[B, S // block_kv_dkv] int32: one past the last query block each CTA visits.
     """
     B, T, N, Hn = q_nope.shape
     Hr, Hv = q_rope.shape[-1], v.shape[-1]
     bq, bkv, stages = config.block_q_dkv, config.block_kv_dkv, config.bwd_concurrent_steps
-    n_kv_ctas = T // (2 * bkv)
+    n_kv_ctas = T // bkv
     dtype = q_nope.dtype
     c = scale * LOG2E
 
     def kernel(qn_ref, qr_ref, kn_ref, kr_ref, v_ref, do_ref, lse_ref, delta_ref, seg_ref,
-               qhi_ref, dkn_ref, dv_ref, dkr_ref, *, kn_smem2, kr_smem2, v_smem2, dkr_smem2,
-               segk_smem2, qn_smem, qr_smem, do_smem, lse_smem, delta_smem, segq_smem, k_bars,
-               q_bars, q_free):
+               qhi_ref, dkn_ref, dv_ref, dkr_ref, *, kn_smem, kr_smem, v_smem, dkr_smem,
+               segk_smem, qn_smem, qr_smem, do_smem, lse_smem, delta_smem, segq_smem, p_smem,
+               ds_smem, k_bar, q_bars, q_free, p_ready, p_free, ds_ready, ds_free):
         b, h, wg = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("wg")
-        kc = n_kv_ctas - 1 - lax.axis_index("kv_seq")
-        cta_k0 = kc * (2 * bkv)
+        kc = lax.axis_index("kv_seq")  # heaviest first: key block 0 meets every query block
+        k0 = kc * bkv
+        rows = pl.ds(k0, bkv)
         q_hi = qhi_ref[b, kc] if has_segments else jnp.int32(T // bq)
-        # Query blocks are visited from the last one down, so the warpgroup with fewer blocks
-        # (the later keys) simply stops early.
-        n_cta = q_hi - lax.div(cta_k0, jnp.int32(bq))
+        n_steps = q_hi - lax.div(k0, jnp.int32(bq))  # query blocks q_hi - 1 down to the diagonal
+        # Query blocks wholly at or after the last key of this block need no mask.
+        n_full = (jnp.int32(0) if has_segments
+                  else jnp.maximum(q_hi - pl.cdiv(k0 + bkv - 1, jnp.int32(bq)), 0))
 
-        @pl.when(wg < 2)
-        def _compute():
-            plgpu.set_max_registers(COMPUTE_REGS, action="increase")
-            k0 = cta_k0 + wg * bkv
-            rows = pl.ds(k0, bkv)
-            kn_smem, kr_smem, v_smem = kn_smem2.at[wg], kr_smem2.at[wg], v_smem2.at[wg]
-            plgpu.copy_gmem_to_smem(kn_ref.at[b, rows, h], kn_smem, k_bars.at[wg])
-            plgpu.copy_gmem_to_smem(kr_ref.at[b, rows], kr_smem, k_bars.at[wg])
-            plgpu.copy_gmem_to_smem(v_ref.at[b, rows, h], v_smem, k_bars.at[wg])
+        def load_keys():
+            plgpu.copy_gmem_to_smem(kn_ref.at[b, rows, h], kn_smem, k_bar)
+            plgpu.copy_gmem_to_smem(kr_ref.at[b, rows], kr_smem, k_bar)
+            plgpu.copy_gmem_to_smem(v_ref.at[b, rows, h], v_smem, k_bar)
             if has_segments:
-                plgpu.copy_gmem_to_smem(seg_ref.at[b, rows], segk_smem2.at[wg], k_bars.at[wg])
-            plgpu.barrier_wait(k_bars.at[wg])
-            seg_k = plgpu.load(segk_smem2.at[wg], layout=ROWS) if has_segments else None
-            n_steps = q_hi - lax.div(k0, jnp.int32(bq))
-            # Query blocks wholly at or after the last key of this block need no mask.
-            n_full = (jnp.int32(0) if has_segments
-                      else jnp.maximum(q_hi - pl.cdiv(k0 + bkv - 1, jnp.int32(bq)), 0))
+                plgpu.copy_gmem_to_smem(seg_ref.at[b, rows], segk_smem, k_bar)
 
-            def q_step(i, carry, *, masked):
-                dkn, dkr, dv = carry
+        @pl.when(wg == 0)
+        def _scores():
+            plgpu.set_max_registers(COMPUTE_REGS, action="increase")
+            load_keys()
+            plgpu.barrier_wait(k_bar)
+            seg_k = plgpu.load(segk_smem, layout=ROWS) if has_segments else None
+            # The key tile is stationary: as a register operand it is read from SMEM once.
+            k_ops = (plgpu.load(kn_smem, layout=WGMMA), plgpu.load(kr_smem, layout=WGMMA))
+
+            def dk_nope(i, dkn):
+                """dK_nope += dS^T(i) Q_nope(i), once the gradient warpgroup has formed dS^T(i)."""
                 slot = lax.rem(i, jnp.int32(stages))
+                pb = lax.rem(i, jnp.int32(2))
+                plgpu.barrier_wait(ds_ready.at[pb])
+                dkn = mma([(ds_smem.at[pb], qn_smem.at[slot])], dkn, interpret=interpret)
+                plgpu.barrier_arrive(ds_free.at[pb])
+                plgpu.barrier_arrive(q_free.at[slot])
+                return dkn
+
+            def q_step(i, dkn, *, masked):
+                # P^T(i) first, then dK for block i - 1: the gradient warpgroup forms dS^T(i - 1)
+                # while this one forms S^T(i), so neither waits on the other's hand-off.
+                slot = lax.rem(i, jnp.int32(stages))
+                pb = lax.rem(i, jnp.int32(2))
                 plgpu.barrier_wait(q_bars.at[slot])
-                (s_t,) = mma_multi(
-                    [([(kn_smem, _t(qn_smem.at[slot])), (kr_smem, _t(qr_smem.at[slot]))],
-                      (bkv, bq))],
-                    interpret=interpret)
+                s_t = mma([(k_ops[0], _t(qn_smem.at[slot])), (k_ops[1], _t(qr_smem.at[slot]))],
+                          (bkv, bq), interpret=interpret)
                 s_t = s_t * c
                 if masked:
                     seg_q = (plgpu.load(segq_smem.at[slot], layout=COLS)
@@ -482,34 +506,66 @@ def _backward_dkv_call(q_nope, q_rope, k_nope, k_rope, v, do, lse2, delta, seg_b
                                    seg_rows=seg_k, seg_cols=seg_q)
                     s_t = jnp.where(vis, s_t, -jnp.inf)
                 lse = plgpu.load(lse_smem.at[slot], layout=COLS)
-                p_t = jnp.exp2(s_t - _bcast_cols(lse, s_t.shape))
-                dv, dp_t = mma_multi([([(p_t.astype(dtype), do_smem.at[slot])], dv),
-                                      ([(v_smem, _t(do_smem.at[slot]))], (bkv, bq))],
-                                     interpret=interpret)
-                delta = plgpu.load(delta_smem.at[slot], layout=COLS)
-                ds_t = (p_t * (dp_t - _bcast_cols(delta, dp_t.shape))).astype(dtype)
-                dkn, dkr = mma_multi([([(ds_t, qn_smem.at[slot])], dkn),
-                                      ([(ds_t, qr_smem.at[slot])], dkr)], interpret=interpret)
-                plgpu.barrier_arrive(q_free.at[slot])
-                return dkn, dkr, dv
+                p16 = jnp.exp2(s_t - _bcast_cols(lse, s_t.shape)).astype(dtype)
 
-            def drain_step(i, _):
-                slot = lax.rem(i, jnp.int32(stages))
-                plgpu.barrier_wait(q_bars.at[slot])
-                plgpu.barrier_arrive(q_free.at[slot])
+                @pl.when(i >= 2)
+                def _():
+                    plgpu.barrier_wait(p_free.at[pb])  # the gradient WG has read P^T(i - 2)
 
-            carry = (wgmma_zeros((bkv, Hn)), wgmma_zeros((bkv, Hr)), wgmma_zeros((bkv, Hv)))
-            carry = lax.fori_loop(0, n_full, functools.partial(q_step, masked=False), carry)
-            carry = lax.fori_loop(n_full, n_steps, functools.partial(q_step, masked=True), carry)
-            lax.fori_loop(n_steps, n_cta, drain_step, None)
-            dkn, dkr, dv = carry
+                p_smem.at[pb][...] = p16
+                plgpu.commit_smem()
+                plgpu.barrier_arrive(p_ready.at[pb])
+                return lax.cond(i >= 1, lambda d: dk_nope(i - 1, d), lambda d: d, dkn)
+
+            dkn = wgmma_zeros((bkv, Hn))
+            dkn = lax.fori_loop(0, n_full, functools.partial(q_step, masked=False), dkn)
+            dkn = lax.fori_loop(n_full, n_steps, functools.partial(q_step, masked=True), dkn)
+            dkn = lax.cond(n_steps >= 1, lambda d: dk_nope(n_steps - 1, d), lambda d: d, dkn)
+            _await_last_two(p_free, n_steps)
             kn_smem[...] = (dkn * scale).astype(dtype)
-            v_smem[...] = dv.astype(dtype)
-            dkr_smem2.at[wg][...] = dkr * scale
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(kn_smem, dkn_ref.at[b, rows, h])
+            plgpu.wait_smem_to_gmem(0)
+
+        @pl.when(wg == 1)
+        def _gradients():
+            plgpu.set_max_registers(COMPUTE_REGS, action="increase")
+            plgpu.barrier_wait(k_bar)
+            v_op = plgpu.load(v_smem, layout=WGMMA)
+
+            def q_step(i, carry):
+                dkr, dv = carry
+                slot = lax.rem(i, jnp.int32(stages))
+                pb = lax.rem(i, jnp.int32(2))
+                plgpu.barrier_wait(q_bars.at[slot])
+                dp_t = mma([(v_op, _t(do_smem.at[slot]))], (bkv, bq), interpret=interpret)
+                delta = plgpu.load(delta_smem.at[slot], layout=COLS)
+                dp_t = dp_t - _bcast_cols(delta, dp_t.shape)
+                plgpu.barrier_wait(p_ready.at[pb])
+                p16 = plgpu.load(p_smem.at[pb], layout=WGMMA)
+                plgpu.barrier_arrive(p_free.at[pb])
+                ds16 = (p16.astype(jnp.float32) * dp_t).astype(dtype)
+
+                @pl.when(i >= 2)
+                def _():
+                    plgpu.barrier_wait(ds_free.at[pb])  # the score WG's dK(i - 2) has read it
+
+                ds_smem.at[pb][...] = ds16
+                plgpu.commit_smem()
+                plgpu.barrier_arrive(ds_ready.at[pb])
+                dkr, dv = mma_multi([([(ds16, qr_smem.at[slot])], dkr),
+                                     ([(p16, do_smem.at[slot])], dv)], interpret=interpret)
+                plgpu.barrier_arrive(q_free.at[slot])
+                return dkr, dv
+
+            dkr, dv = lax.fori_loop(0, n_steps, q_step,
+                                    (wgmma_zeros((bkv, Hr)), wgmma_zeros((bkv, Hv))))
+            _await_last_two(ds_free, n_steps)
+            v_smem[...] = dv.astype(dtype)
+            dkr_smem[...] = dkr * scale
+            plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[b, rows, h])
-            plgpu.copy_smem_to_gmem(dkr_smem2.at[wg], dkr_ref.at[b, rows, h])
+            plgpu.copy_smem_to_gmem(dkr_smem, dkr_ref.at[b, rows, h])
             plgpu.wait_smem_to_gmem(0)
 
         @pl.when(wg == 2)
@@ -517,8 +573,7 @@ def _backward_dkv_call(q_nope, q_rope, k_nope, k_rope, v, do, lse2, delta, seg_b
             plgpu.set_max_registers(MEMORY_REGS, action="decrease")
 
             def load(i, slot):
-                qt = q_hi - 1 - i
-                q_rows = pl.ds(qt * bq, bq)
+                q_rows = pl.ds((q_hi - 1 - i) * bq, bq)
                 bar = q_bars.at[slot]
                 plgpu.copy_gmem_to_smem(qn_ref.at[b, q_rows, h], qn_smem.at[slot], bar)
                 plgpu.copy_gmem_to_smem(qr_ref.at[b, q_rows, h], qr_smem.at[slot], bar)
@@ -528,23 +583,29 @@ def _backward_dkv_call(q_nope, q_rope, k_nope, k_rope, v, do, lse2, delta, seg_b
                 if has_segments:
                     plgpu.copy_gmem_to_smem(seg_ref.at[b, q_rows], segq_smem.at[slot], bar)
 
-            _stream(load, n_cta, stages, q_free)
+            _stream(load, n_steps, stages, q_free)
 
     scratch = dict(
-        kn_smem2=plgpu.SMEM((2, bkv, Hn), dtype, transforms=TRANSFORMS),
-        kr_smem2=plgpu.SMEM((2, bkv, Hr), dtype, transforms=TRANSFORMS),
-        v_smem2=plgpu.SMEM((2, bkv, Hv), dtype, transforms=TRANSFORMS),
-        dkr_smem2=plgpu.SMEM((2, bkv, Hr), jnp.float32),
-        segk_smem2=plgpu.SMEM((2, bkv), jnp.int32) if has_segments else None,
+        kn_smem=plgpu.SMEM((bkv, Hn), dtype, transforms=TRANSFORMS),
+        kr_smem=plgpu.SMEM((bkv, Hr), dtype, transforms=TRANSFORMS),
+        v_smem=plgpu.SMEM((bkv, Hv), dtype, transforms=TRANSFORMS),
+        dkr_smem=plgpu.SMEM((bkv, Hr), jnp.float32),
+        segk_smem=plgpu.SMEM((bkv,), jnp.int32) if has_segments else None,
         qn_smem=plgpu.SMEM((stages, bq, Hn), dtype, transforms=TRANSFORMS),
         qr_smem=plgpu.SMEM((stages, bq, Hr), dtype, transforms=TRANSFORMS),
         do_smem=plgpu.SMEM((stages, bq, Hv), dtype, transforms=TRANSFORMS),
         lse_smem=plgpu.SMEM((stages, bq), jnp.float32),
         delta_smem=plgpu.SMEM((stages, bq), jnp.float32),
         segq_smem=plgpu.SMEM((stages, bq), jnp.int32) if has_segments else None,
-        k_bars=plgpu.Barrier(num_arrivals=4 if has_segments else 3, num_barriers=2),
+        p_smem=plgpu.SMEM((2, bkv, bq), dtype, transforms=TRANSFORMS),
+        ds_smem=plgpu.SMEM((2, bkv, bq), dtype, transforms=TRANSFORMS),
+        k_bar=plgpu.Barrier(num_arrivals=4 if has_segments else 3),
         q_bars=plgpu.Barrier(num_arrivals=6 if has_segments else 5, num_barriers=stages),
         q_free=plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+        p_ready=plgpu.Barrier(num_barriers=2),
+        p_free=plgpu.Barrier(num_barriers=2),
+        ds_ready=plgpu.Barrier(num_barriers=2),
+        ds_free=plgpu.Barrier(num_barriers=2),
     )
     call = plgpu.kernel(
         _drop_none_kwargs(kernel, scratch),
@@ -556,6 +617,7 @@ def _backward_dkv_call(q_nope, q_rope, k_nope, k_rope, v, do, lse2, delta, seg_b
         grid_names=("heads", "kv_seq", "batch"),
         num_threads=3,
         thread_name="wg",
+        kernel_name="mla_attention_dkv",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=interpret_params(interpret),
     )
@@ -597,7 +659,7 @@ def backward(q_nope, q_rope, k_nope, k_rope, v, do, lse2, delta, seg_bt, bounds,
              scale: float, config: Config, has_segments: bool, interpret: bool):
     """(dq_nope, dq_rope, dk_nope, dk_rope[B, S, Hr] summed over heads, dv)."""
     B, T = seg_bt.shape
-    rows, keys = 2 * config.block_q_dq, 2 * config.block_kv_dkv
+    rows, keys = 2 * config.block_q_dq, config.block_kv_dkv
     if has_segments:
         kv_lo = _kv_lo(bounds[0], rows, config.block_kv_dq)
         q_hi = _q_hi(bounds[1], keys, config.block_q_dkv)
@@ -640,6 +702,14 @@ def _stream(load, n_steps, stages, free_bars):
     @pl.loop(jnp.maximum(n_steps - stages, 0), n_steps)
     def _tail(i):  # observe the last releases too (every mbarrier phase gets awaited)
         plgpu.barrier_wait(free_bars.at[lax.rem(i, jnp.int32(stages))])
+
+
+def _await_last_two(bars, n_steps):
+    """Wait for the releases of a double buffer's last two uses (steps n_steps - 2, n_steps - 1)
+    that the loop did not wait for, so that every mbarrier phase is observed."""
+    @pl.loop(jnp.maximum(n_steps - 2, 0), n_steps)
+    def _(i):
+        plgpu.barrier_wait(bars.at[lax.rem(i, jnp.int32(2))])
 
 
 def _drop_none_kwargs(kernel, scratch):

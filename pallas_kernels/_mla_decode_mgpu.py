@@ -193,6 +193,7 @@ def _decode_call(q_lat, q_rope, kv_cache, lengths, row_limit, *, scale: float, n
         grid_names=("rows", "split", "batch"),
         num_threads=3,
         thread_name="wg",
+        kernel_name="mla_decode_rows",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=interpret_params(interpret),
     )
@@ -318,6 +319,7 @@ def _decode_few_rows_call(q_lat, q_rope, kv_cache, lengths, row_limit, *, scale:
         grid_names=("split", "batch"),
         num_threads=2,
         thread_name="wg",
+        kernel_name="mla_decode_few_rows",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=interpret_params(interpret),
     )

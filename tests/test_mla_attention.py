@@ -86,11 +86,13 @@ def test_segment_bounds_match_brute_force():
 
 
 # Mosaic GPU in interpret mode. T = 200 and 136 are not tile multiples (the wrapper pads);
-# segment 1 is empty in the first packed case; the last case runs DeepSeek-V3's real head dims
-# with the default (benchmarked) tiles.
+# segment 1 is empty in the first packed case; the last two cases run DeepSeek-V3's real head
+# dims, with two backward pipeline slots and with the default (benchmarked) tiles.
 GPU_CASES = {
     "T200-dims64-packed-bf16": (200, 1, (64, 64, 64), [[70, 0, 90, 40]], jnp.bfloat16, GPU_SMALL),
     "T128-N2-f32": (128, 2, (64, 64, 128), None, jnp.float32, GPU_SMALL),
+    "T136-real-dims-2-stages": (136, 2, (128, 64, 128), None, jnp.bfloat16,
+                                _mla_attention_mgpu.Config(bwd_concurrent_steps=2)),
     "T136-real-dims-packed-default-tiles": (136, 1, (128, 64, 128), [[9, 8, 67, 52]],
                                             jnp.bfloat16, _mla_attention_mgpu.Config()),
 }
@@ -146,6 +148,11 @@ def test_mosaic_gpu_lowers_for_cuda_at_benchmark_shape(segmented):
     text = lowered.as_text()
     # Three Mosaic GPU kernels: forward, dq, dk/dv.
     assert text.count("mosaic_gpu") >= 3
+
+
+def test_mosaic_gpu_config_rejects_dkv_tiles_other_than_64():
+    with pytest.raises(ValueError, match="block_kv_dkv=128"):
+        _mla_attention_mgpu.Config(block_kv_dkv=128)
 
 
 def test_cudnn_needs_a_gpu():
