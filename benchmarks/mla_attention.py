@@ -122,7 +122,8 @@ class Row:
 
 
 ROWS: list[Row] = []
-PROFILE_ROWS: list[tuple[str, float, float, float, int]] = []  # where, kernel, other, span, bytes
+# where, kernel us, other us, span us, bytes read (decode) or None
+PROFILE_ROWS: list[tuple[str, float, float, float, int | None]] = []
 
 
 def _rel_err(a, b) -> float:
@@ -222,6 +223,30 @@ def _tokamax():
         return None
 
 
+def _training_baselines(shape: str, split_inputs: tuple, tokamax) -> list[tuple]:
+    """cuDNN, tokamax (when importable) and naive XLA candidates for one training shape; the
+    first two get their inputs pre-packed (q/k concatenated to 192, k_rope broadcast, v padded)."""
+    qn, qr, kn, kr, v = split_inputs
+    B, T, N, _ = qn.shape
+    q192 = jnp.concatenate([qn, qr], -1)
+    k192 = jnp.concatenate([kn, jnp.broadcast_to(kr[:, :, None], (B, T, N, HR))], -1)
+    v192 = jnp.pad(v, ((0, 0), (0, 0), (0, 0), (0, HN + HR - HV)))
+    baselines: list[tuple[str, Callable, tuple]] = [
+        ("cudnn", lambda q, k, vv: jax.nn.dot_product_attention(
+            q, k, vv, scale=TRAIN_SCALE, is_causal=True, implementation="cudnn")[..., :HV],
+         (q192, k192, v192))]
+    if tokamax is not None:
+        baselines.append(("tokamax mosaic", lambda q, k, vv: tokamax.dot_product_attention(
+            q, k, vv, scale=TRAIN_SCALE, is_causal=True, implementation="mosaic"),
+            (q192, k192, v)))
+    if B * N * T * T * 4 <= XLA_SCORE_BYTES_LIMIT:
+        baselines.append(("xla", lambda *a: mla_attention(*a, None, scale=TRAIN_SCALE,
+                                                          implementation="xla"), split_inputs))
+    else:
+        ROWS.append(Row("train", shape, "xla", {"fwd": "skip (mem)", "fwd+bwd": "skip (mem)"}))
+    return baselines
+
+
 def bench_training(shapes, budget_s: float, profile: bool = False,
                    ours_only: bool = False) -> None:
     tokamax = None if ours_only else _tokamax()
@@ -234,33 +259,13 @@ def bench_training(shapes, budget_s: float, profile: bool = False,
         kn = jax.random.normal(ks[2], (B, T, N, HN), jnp.bfloat16)
         kr = jax.random.normal(ks[3], (B, T, HR), jnp.bfloat16)
         v = jax.random.normal(ks[4], (B, T, N, HV), jnp.bfloat16)
-        q192 = jnp.concatenate([qn, qr], -1)
-        k192 = jnp.concatenate([kn, jnp.broadcast_to(kr[:, :, None], (B, T, N, HR))], -1)
-        v192 = jnp.pad(v, ((0, 0), (0, 0), (0, 0), (0, HN + HR - HV)))
-
         candidates: list[tuple[str, Callable, tuple]] = []
         for name, config in OURS_TRAIN_CONFIGS.items():
             candidates.append((name, lambda *a, c=config: mla_attention(
                 *a, None, scale=TRAIN_SCALE, implementation="pallas", config=c),
                 (qn, qr, kn, kr, v)))
-        candidates.append(("cudnn", lambda q, k, vv: jax.nn.dot_product_attention(
-            q, k, vv, scale=TRAIN_SCALE, is_causal=True, implementation="cudnn")[..., :HV],
-            (q192, k192, v192)))
-        if tokamax is not None:
-            for impl in ("mosaic",):
-                candidates.append((f"tokamax {impl}", lambda q, k, vv, i=impl:
-                                   tokamax.dot_product_attention(q, k, vv, scale=TRAIN_SCALE,
-                                                                 is_causal=True,
-                                                                 implementation=i),
-                                   (q192, k192, v)))
-        if B * N * T * T * 4 <= XLA_SCORE_BYTES_LIMIT:
-            candidates.append(("xla", lambda *a: mla_attention(*a, None, scale=TRAIN_SCALE,
-                                                               implementation="xla"),
-                               (qn, qr, kn, kr, v)))
-        elif not ours_only:
-            ROWS.append(Row("train", shape, "xla", {"fwd": "skip (mem)", "fwd+bwd": "skip (mem)"}))
-        if ours_only:
-            candidates = [c for c in candidates if c[0] in OURS_TRAIN_CONFIGS]
+        if not ours_only:
+            candidates += _training_baselines(shape, (qn, qr, kn, kr, v), tokamax)
         for name, fn, args in candidates:
             cols = {}
             for what in ("fwd", "fwd+bwd"):
@@ -281,14 +286,14 @@ def bench_training(shapes, budget_s: float, profile: bool = False,
                     cols[what] = f"{rate:.0f}"
                     log(f"[train {shape}] {name} {what}: {t * 1e3:.3f} ms, {rate:.0f} TFLOP/s  "
                         f"{clocks.summary()}")
-                    if profile and name.startswith("pallas"):
+                    if profile and name in OURS_TRAIN_CONFIGS:
                         per_kernel, span = device_breakdown(f, *args)
                         log_breakdown(f"train {shape} {name} {what}", per_kernel, span)
                 except Exception as e:
                     cols[what] = "error"
                     log(f"[train {shape}] {name} {what}: ERROR {e!r}"[:1500])
             ROWS.append(Row("train", shape, name, cols))
-        del qn, qr, kn, kr, v, q192, k192, v192
+        del qn, qr, kn, kr, v, candidates
 
 
 # ----------------------------------------------------------------------------------------------

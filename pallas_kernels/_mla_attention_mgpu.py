@@ -12,7 +12,7 @@ each, one memory warpgroup streams the other operand's tiles through a ring of S
   forward: CTA = (head, 2 * block_q query rows, batch); streams k_nope, k_rope, v (and key segment
            ids); the compute warpgroups ping-pong (one runs softmax while the other's wgmma runs).
   dq:      CTA = (head, 2 * block_q_dq query rows, batch); streams k_nope, k_rope, v.
-  dk/dv:   CTA = (head, block_kv_dkv key rows, batch); streams q_nope, q_rope, do, lse, delta.
+  dk/dv:   CTA = (head, DKV_TILE key rows, batch); streams q_nope, q_rope, do, lse, delta.
            Warpgroup 0 forms S^T, P^T and dK_nope, warpgroup 1 dP^T, dS^T, dV and dK_rope; P^T and
            dS^T pass between them through SMEM, and the key and value tiles are register
            operands. dk_rope is written per head in fp32 and summed over heads outside.
@@ -53,36 +53,34 @@ from pallas_kernels._mla_mgpu_common import (
     wgmma_zeros,
 )
 
+# Keys per dk/dv CTA and query rows per step: the warpgroups' registers (accumulators of
+# DKV_TILE rows, the key/value tiles as wgmma operands) leave no room for larger tiles.
+DKV_TILE = 64
+
 
 @dataclasses.dataclass(frozen=True)
 class Config:
     """Tile sizes. Forward and dq: a CTA's two compute warpgroups own block_q (block_q_dq) query
-    rows each; dk/dv: both own the CTA's block_kv_dkv keys and split the gradient's columns."""
+    rows each. dk/dv's tiles are fixed at DKV_TILE (see _backward_dkv_call)."""
 
     block_q: int = 64
     block_kv: int = 128
     max_concurrent_steps: int = 2
     block_q_dq: int = 64
     block_kv_dq: int = 64
-    block_q_dkv: int = 64
-    block_kv_dkv: int = 64
     bwd_concurrent_steps: int = 3
 
     def __post_init__(self):
-        for name in ("block_q", "block_kv", "block_q_dq", "block_kv_dq", "block_q_dkv",
-                     "block_kv_dkv"):
+        for name in ("block_q", "block_kv", "block_q_dq", "block_kv_dq"):
             if getattr(self, name) % 64:
                 raise ValueError(f"{name}={getattr(self, name)} must be a multiple of 64")
         if min(self.max_concurrent_steps, self.bwd_concurrent_steps) < 2:
             raise ValueError("need at least 2 pipeline slots")
-        if (self.block_q_dkv, self.block_kv_dkv) != (64, 64):
-            raise ValueError(f"block_q_dkv={self.block_q_dkv}, block_kv_dkv={self.block_kv_dkv}: "
-                             "the dk/dv kernel's register budget fixes both at 64")
 
     @property
     def seq_multiple(self) -> int:
         return math.lcm(2 * self.block_q, self.block_kv, 2 * self.block_q_dq, self.block_kv_dq,
-                        self.block_q_dkv, self.block_kv_dkv)
+                        DKV_TILE)
 
 
 def _t(ref):
@@ -434,18 +432,20 @@ def _backward_dkv_call(q_nope, q_rope, k_nope, k_rope, v, do, lse2, delta, seg_b
                        scale: float, config: Config, has_segments: bool, interpret: bool):
     """dk_nope[B, S, N, Hn], dv[B, S, N, Hv] (q dtype) and per-head dk_rope[B, S, N, Hr] (fp32).
 
-    A CTA owns block_kv_dkv keys, and its two compute warpgroups split the gradient's columns:
-    for each query block the score warpgroup (0) forms S^T and P^T and accumulates dK_nope, the
-    gradient warpgroup (1) forms dP^T and dS^T and accumulates dV and dK_rope. P^T goes 0 -> 1 and
-    dS^T 1 -> 0 through double-buffered SMEM tiles; warpgroup 0 forms S^T of the next block
-    before its dK_nope of the last, so each hand-off hides behind the other's wgmmas. Each
-    warpgroup holds 64 or 96 accumulator registers per thread (a split by key rows held 160 and
-    spilled) and both do equal tensor work (192 + 128 and 128 + 128 + 64 deep).
-    q_hi_bc[B, S // block_kv_dkv] int32: one past the last query block each CTA visits.
+    A CTA owns DKV_TILE keys and visits DKV_TILE query rows per step; its two compute
+    warpgroups split the gradient's columns: for each query block the score warpgroup (0) forms
+    S^T and P^T and accumulates dK_nope, the gradient warpgroup (1) forms dP^T and dS^T and
+    accumulates dV and dK_rope. P^T goes 0 -> 1 and dS^T 1 -> 0 through double-buffered SMEM
+    tiles; warpgroup 0 forms S^T of the next block before its dK_nope of the last, so each
+    hand-off hides behind the other's wgmmas. Each warpgroup holds 64 or 96 accumulator
+    registers per thread (a split by key rows held 160 and spilled) and both do equal tensor work
+    (192 + 128 and 128 + 128 + 64 deep).
+    q_hi_bc[B, S // DKV_TILE] int32: one past the last query block each CTA visits.
     """
     B, T, N, Hn = q_nope.shape
     Hr, Hv = q_rope.shape[-1], v.shape[-1]
-    bq, bkv, stages = config.block_q_dkv, config.block_kv_dkv, config.bwd_concurrent_steps
+    bq = bkv = DKV_TILE
+    stages = config.bwd_concurrent_steps
     n_kv_ctas = T // bkv
     dtype = q_nope.dtype
     c = scale * LOG2E
@@ -659,13 +659,13 @@ def backward(q_nope, q_rope, k_nope, k_rope, v, do, lse2, delta, seg_bt, bounds,
              scale: float, config: Config, has_segments: bool, interpret: bool):
     """(dq_nope, dq_rope, dk_nope, dk_rope[B, S, Hr] summed over heads, dv)."""
     B, T = seg_bt.shape
-    rows, keys = 2 * config.block_q_dq, config.block_kv_dkv
+    rows = 2 * config.block_q_dq
     if has_segments:
         kv_lo = _kv_lo(bounds[0], rows, config.block_kv_dq)
-        q_hi = _q_hi(bounds[1], keys, config.block_q_dkv)
+        q_hi = _q_hi(bounds[1], DKV_TILE, DKV_TILE)
     else:
         kv_lo = jnp.zeros((B, T // rows), jnp.int32)
-        q_hi = jnp.zeros((B, T // keys), jnp.int32)
+        q_hi = jnp.zeros((B, T // DKV_TILE), jnp.int32)
     kw = dict(scale=scale, config=config, has_segments=has_segments, interpret=interpret)
     with jax.named_scope("mla_mgpu_dq"):
         dq_nope, dq_rope = _backward_dq_call(q_nope, q_rope, k_nope, k_rope, v, do, lse2, delta,
