@@ -32,7 +32,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from dsv3_jax import flops, train_loop
+from dsv3_jax import flops, implementations, train_loop
 from dsv3_jax.trainer import Trainer
 
 # name -> config overrides ("devices": how many GPUs). "xla": cuDNN attention (v padded) +
@@ -117,6 +117,7 @@ def measure(cfg, name: str, steps: int, profile_dir: str | None) -> dict:
     peak = flops.device_peak_flops() or float("nan")
     stats = [d.memory_stats() or {} for d in jax.local_devices()]
     pipe = parallel.pipeline if parallel else None
+    impls = implementations.resolve(model, jax.default_backend())
     result = {
         "setting": name, "devices": n, "mesh": dict(parallel.mesh.shape) if parallel else {},
         "bubble": pipe.bubble_fraction() if pipe else 0.0,
@@ -125,8 +126,7 @@ def measure(cfg, name: str, steps: int, profile_dir: str | None) -> dict:
         "mfu": tokens * per_token / step_s / peak,
         "peak_gb": max(st.get("peak_bytes_in_use", 0) for st in stats) / 1e9,
         "compile_s": compile_s, "loss": float(metrics["loss"]),
-        "attention": model.implementations(jax.default_backend())[0],
-        "moe": model.implementations(jax.default_backend())[1], "remat": model.remat,
+        "attention": impls.attention, "moe": impls.moe, "remat": model.remat,
     }
     if profile_dir:
         from benchmarks import profile_summary

@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dsv3_jax import implementations
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.layers import RMSNorm, apply_rope, normal, rope_angles, weight
 from pallas_kernels import mla_attention, mla_decode
@@ -97,7 +98,7 @@ class MLA(nn.Module):
         R = c.kv_lora_rank
         kv_btnh = jnp.einsum("BTR,RNH->BTNH", latent_btc[..., :R], self.wkv_b.astype(dt))
         k_nope, v = jnp.split(kv_btnh, [c.qk_nope_head_dim], axis=-1)
-        impl, _ = c.implementations(jax.default_backend())
+        impl = implementations.resolve(c, jax.default_backend()).attention
         with jax.named_scope("mla_attention"):
             return mla_attention.mla_attention(
                 q_nope, q_rope, k_nope, latent_btc[..., R:], v, segment_ids_bt,
@@ -109,7 +110,7 @@ class MLA(nn.Module):
         wkv_b = self.wkv_b.astype(dt)
         w_uk_rnh, w_uv_rnh = wkv_b[..., :c.qk_nope_head_dim], wkv_b[..., c.qk_nope_head_dim:]
         q_latent_btnr = jnp.einsum("BTNH,RNH->BTNR", q_nope, w_uk_rnh)
-        impl = "pallas" if c.implementations(jax.default_backend())[0] == "pallas" else "xla"
+        impl = implementations.resolve(c, jax.default_backend()).decode
         with jax.named_scope("mla_decode"):
             o_latent_btnr = mla_decode.mla_decode(
                 q_latent_btnr, q_rope, kv_cache_blc.astype(dt), lengths_b,

@@ -13,6 +13,7 @@ from typing import Any
 REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch", "save_attention_out",
                   "save_kernels")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "pallas")
+DECODE_IMPLS = ("auto", "xla", "pallas")
 MOE_IMPLS = ("auto", "dense", "xla", "pallas")
 DTYPES = ("float32", "bfloat16")
 
@@ -22,7 +23,8 @@ class ModelConfig:
     """DeepSeek-V3 architecture plus the implementation choices of this stack.
 
     Architecture fields keep the official names (HF names in comments). Implementation fields
-    (`dtype`, `remat`, `attention_impl`, `moe_impl`) change how, not what, the model computes.
+    (`dtype`, `remat`, `attention_impl`, `decode_impl`, `moe_impl`) change how, not what, the
+    model computes.
     """
 
     vocab_size: int = 129280  # vocab_size
@@ -58,8 +60,10 @@ class ModelConfig:
     # Implementation choices.
     dtype: str = "float32"  # compute dtype; parameters are always float32
     remat: str = "none"
-    # "auto": the fastest measured implementation for the backend (see `implementations`).
+    # "auto": the fastest measured implementation the kernels support for the backend and these
+    # shapes (dsv3_jax/implementations.py); decode is the absorbed attention of generation.
     attention_impl: str = "auto"
+    decode_impl: str = "auto"
     moe_impl: str = "auto"
 
     def __post_init__(self):
@@ -90,18 +94,6 @@ class ModelConfig:
         if self.yarn_active:
             scale *= yarn_mscale(self.rope_factor, self.mscale_all_dim) ** 2
         return scale
-
-    def implementations(self, backend: str) -> tuple[str, str]:
-        """(attention, MoE) implementations on `backend` ("cpu", "gpu", "tpu"). "auto" takes
-        the Pallas kernels where they are measured fastest on an H200 (attention fwd+bwd 419
-        vs cuDNN's 295 TFLOP/s; the MoE layer fwd+bwd 513 vs ragged_dot's ~23) and the XLA
-        paths elsewhere (the TPU kernels are tested in interpret mode only)."""
-        attention, moe = self.attention_impl, self.moe_impl
-        if attention == "auto":
-            attention = "pallas" if backend == "gpu" else "xla"
-        if moe == "auto":
-            moe = "pallas" if backend == "gpu" else "xla"
-        return attention, moe
 
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
@@ -286,6 +278,8 @@ def validate(cfg: ModelConfig) -> None:
     need(cfg.remat in REMAT_POLICIES, f"remat={cfg.remat!r} is not one of {REMAT_POLICIES}")
     need(cfg.attention_impl in ATTENTION_IMPLS,
          f"attention_impl={cfg.attention_impl!r} is not one of {ATTENTION_IMPLS}")
+    need(cfg.decode_impl in DECODE_IMPLS,
+         f"decode_impl={cfg.decode_impl!r} is not one of {DECODE_IMPLS}")
     need(cfg.moe_impl in MOE_IMPLS, f"moe_impl={cfg.moe_impl!r} is not one of {MOE_IMPLS}")
 
 

@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dsv3_jax import expert_parallel
+from dsv3_jax import expert_parallel, implementations
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.layers import MLP, normal, weight
 from dsv3_jax.sharding import Parallel
@@ -81,7 +81,7 @@ class MoE(nn.Module):
         dt = x_btd.dtype
         experts = (x_td, expert_idx_tk, weights_tk, w_gate.astype(dt), w_up.astype(dt),
                    w_down.astype(dt))
-        _, impl = c.implementations(jax.default_backend())
+        impl = implementations.resolve(c, jax.default_backend()).moe
         with jax.named_scope("routed_experts"):
             if self.parallel is None:
                 routed_td = expert_dispatch.routed_experts(*experts, implementation=impl)

@@ -20,7 +20,7 @@ import numpy as np
 from ml_collections import config_dict
 
 import dsv3_jax
-from dsv3_jax import flops, pipeline, sharding
+from dsv3_jax import flops, implementations, pipeline, sharding
 from dsv3_jax.checkpoint import Checkpointer, load_variables
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.data import DataSpec, TokenData
@@ -67,6 +67,7 @@ def validate(cfg: config_dict.ConfigDict, model: ModelConfig) -> None:
          f"objective.max_nonfinite_steps={cfg.objective.max_nonfinite_steps} must be > 0")
     if cfg.init_from:
         need(os.path.isdir(cfg.init_from), f"init_from={cfg.init_from!r} is not a directory")
+    implementations.resolve(model, jax.default_backend())  # an explicit kernel that cannot run
     shape = sharding.resolve_mesh_shape(cfg.mesh.pipeline, cfg.mesh.data, cfg.mesh.expert,
                                         jax.device_count())
     sharding.check_fits(model, dict(zip(sharding.MESH_AXES, shape, strict=True)),
@@ -203,6 +204,8 @@ def run(cfg: config_dict.ConfigDict, workdir: str, *, progress: bool = True) -> 
           f"{'' if parallel is None else f' as mesh {dict(parallel.mesh.shape)}'}"
           f"{pipeline_note(parallel)}; "
           f"steps {start} -> {cfg.steps}")
+    say(f"kernels on {jax.default_backend()}: "
+        f"{implementations.resolve(model, jax.default_backend()).describe()}")
 
     writer = MetricsWriter(workdir)
     if start > 0:

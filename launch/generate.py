@@ -59,6 +59,9 @@ def read_prompts() -> list[str]:
 
 
 def run() -> None:
+    import jax
+
+    from dsv3_jax import implementations
     from dsv3_jax.generate import TextStream, generate, load_checkpoint
 
     prompts = read_prompts()
@@ -67,6 +70,8 @@ def run() -> None:
         raise ValueError(f"{_CHECKPOINT.value} records no tokenizer (a run on token ids, or a "
                          "conversion without tokenizer files); pass --tokenizer=bytes (the "
                          "byte-level one) or --tokenizer=PATH/tokenizer.json")
+    kernels = implementations.resolve(config, jax.default_backend())
+    print(f"kernels on {jax.default_backend()}: {kernels.describe()}", file=sys.stderr)
     streams = [TextStream(tokenizer) for _ in prompts]
     single = len(prompts) == 1
     if single:

@@ -80,7 +80,7 @@ from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec
 from ml_collections import config_dict, config_flags
 
 import dsv3_jax
-from dsv3_jax import pipeline, sharding, train_loop
+from dsv3_jax import implementations, pipeline, sharding, train_loop
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.model import MATMUL_WEIGHTS
 
@@ -370,7 +370,7 @@ def make_plan(cfg: config_dict.ConfigDict, devices: int,
     P, moe_here = mesh["pipeline"], -(-model.n_moe_layers // mesh["pipeline"])
     layer_weights = max(pb.unsharded_by_data.get(GROUPS[0], 0) // moe_here,
                         pb.unsharded_by_data.get(GROUPS[1], 0) // max(model.n_dense_layers, 1))
-    attention, _ = model.implementations(backend)
+    attention = implementations.resolve(model, backend).attention
     activations = activation_bytes(model, mesh, cfg.batch_size, cfg.microbatches, cfg.seq_len,
                                    cfg.mesh.capacity_factor, pipe, layer_weights,
                                    flash=attention != "xla")

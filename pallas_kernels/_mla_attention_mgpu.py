@@ -44,12 +44,14 @@ from pallas_kernels._mla_mgpu_common import (
     LOG2E,
     MEMORY_REGS,
     ROWS,
+    SMEM_LIMIT,
     TRANSFORMS,
     WGMMA,
     interpret_params,
     mma,
     mma_multi,
     row_vector,
+    smem_bytes,
     wgmma_zeros,
 )
 
@@ -122,7 +124,7 @@ def _forward_call(q_nope, q_rope, k_nope, k_rope, v, seg_bt, kv_lo_bc, *, scale:
     n_q_ctas = T // (2 * bq)
     dtype = q_nope.dtype
     c = scale * LOG2E
-    reuse_q_for_o = Hv == Hn
+    reuse_q_for_o = Hv == Hn  # o staged in q's SMEM tile (_forward_scratch)
 
     def kernel(qn_ref, qr_ref, kn_ref, kr_ref, v_ref, seg_ref, kvlo_ref, o_ref, lse_ref, *,
                qn_smem2, qr_smem2, o_smem2, segq_smem2, lse_smem2, kn_smem, kr_smem, v_smem,
@@ -256,26 +258,7 @@ def _forward_call(q_nope, q_rope, k_nope, k_rope, v, seg_bt, kv_lo_bc, *, scale:
                 plgpu.barrier_wait(k_free.at[slot])
                 plgpu.barrier_wait(v_free.at[slot])
 
-    n_k_copies = 3 if has_segments else 2
-    n_q_copies = 3 if has_segments else 2
-    scratch = dict(
-        qn_smem2=plgpu.SMEM((2, bq, Hn), dtype, transforms=TRANSFORMS),
-        qr_smem2=plgpu.SMEM((2, bq, Hr), dtype, transforms=TRANSFORMS),
-        o_smem2=(None if reuse_q_for_o
-                 else plgpu.SMEM((2, bq, Hv), dtype, transforms=TRANSFORMS)),
-        segq_smem2=plgpu.SMEM((2, bq), jnp.int32) if has_segments else None,
-        lse_smem2=plgpu.SMEM((2, bq), jnp.float32),
-        kn_smem=plgpu.SMEM((stages, bkv, Hn), dtype, transforms=TRANSFORMS),
-        kr_smem=plgpu.SMEM((stages, bkv, Hr), dtype, transforms=TRANSFORMS),
-        v_smem=plgpu.SMEM((stages, bkv, Hv), dtype, transforms=TRANSFORMS),
-        segk_smem=plgpu.SMEM((stages, bkv), jnp.int32) if has_segments else None,
-        q_bars=plgpu.Barrier(num_arrivals=n_q_copies, num_barriers=2),
-        k_bars=plgpu.Barrier(num_arrivals=n_k_copies, num_barriers=stages),
-        v_bars=plgpu.Barrier(num_barriers=stages),
-        k_free=plgpu.Barrier(num_arrivals=2, num_barriers=stages),
-        v_free=plgpu.Barrier(num_arrivals=2, num_barriers=stages),
-        sched=plgpu.Barrier(num_arrivals=2),
-    )
+    scratch = _forward_scratch(Hn, Hr, Hv, dtype, config, has_segments)
     call = plgpu.kernel(
         _drop_none_kwargs(kernel, scratch),
         out_type=(jax.ShapeDtypeStruct((B, T, N, Hv), dtype),
@@ -394,21 +377,7 @@ def _backward_dq_call(q_nope, q_rope, k_nope, k_rope, v, do, lse2, delta, seg_bt
 
             _stream(load, n_cta, stages, kv_free)
 
-    scratch = dict(
-        qn_smem2=plgpu.SMEM((2, bq, Hn), dtype, transforms=TRANSFORMS),
-        qr_smem2=plgpu.SMEM((2, bq, Hr), dtype, transforms=TRANSFORMS),
-        do_smem2=plgpu.SMEM((2, bq, Hv), dtype, transforms=TRANSFORMS),
-        lse_smem2=plgpu.SMEM((2, bq), jnp.float32),
-        delta_smem2=plgpu.SMEM((2, bq), jnp.float32),
-        segq_smem2=plgpu.SMEM((2, bq), jnp.int32) if has_segments else None,
-        kn_smem=plgpu.SMEM((stages, bkv, Hn), dtype, transforms=TRANSFORMS),
-        kr_smem=plgpu.SMEM((stages, bkv, Hr), dtype, transforms=TRANSFORMS),
-        v_smem=plgpu.SMEM((stages, bkv, Hv), dtype, transforms=TRANSFORMS),
-        segk_smem=plgpu.SMEM((stages, bkv), jnp.int32) if has_segments else None,
-        q_bars=plgpu.Barrier(num_arrivals=6 if has_segments else 5, num_barriers=2),
-        kv_bars=plgpu.Barrier(num_arrivals=4 if has_segments else 3, num_barriers=stages),
-        kv_free=plgpu.Barrier(num_arrivals=2, num_barriers=stages),
-    )
+    scratch = _dq_scratch(Hn, Hr, Hv, dtype, config, has_segments)
     call = plgpu.kernel(
         _drop_none_kwargs(kernel, scratch),
         out_type=(jax.ShapeDtypeStruct((B, T, N, Hn), dtype),
@@ -585,7 +554,74 @@ def _backward_dkv_call(q_nope, q_rope, k_nope, k_rope, v, do, lse2, delta, seg_b
 
             _stream(load, n_steps, stages, q_free)
 
-    scratch = dict(
+    scratch = _dkv_scratch(Hn, Hr, Hv, dtype, config, has_segments)
+    call = plgpu.kernel(
+        _drop_none_kwargs(kernel, scratch),
+        out_type=(jax.ShapeDtypeStruct((B, T, N, Hn), dtype),
+                  jax.ShapeDtypeStruct((B, T, N, Hv), dtype),
+                  jax.ShapeDtypeStruct((B, T, N, Hr), jnp.float32)),
+        scratch_types={k: s for k, s in scratch.items() if s is not None},
+        grid=(N, n_kv_ctas, B),
+        grid_names=("heads", "kv_seq", "batch"),
+        num_threads=3,
+        thread_name="wg",
+        kernel_name="mla_attention_dkv",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        interpret=interpret_params(interpret),
+    )
+    return call(q_nope, q_rope, k_nope, k_rope, v, do, lse2, delta, seg_bt, q_hi_bc)
+
+
+def _forward_scratch(Hn, Hr, Hv, dtype, config: Config, has_segments: bool) -> dict:
+    """SMEM and barriers of the forward kernel (None: not allocated)."""
+    bq, bkv, stages = config.block_q, config.block_kv, config.max_concurrent_steps
+    n_k_copies = 3 if has_segments else 2
+    n_q_copies = 3 if has_segments else 2
+    return dict(
+        qn_smem2=plgpu.SMEM((2, bq, Hn), dtype, transforms=TRANSFORMS),
+        qr_smem2=plgpu.SMEM((2, bq, Hr), dtype, transforms=TRANSFORMS),
+        o_smem2=(None if Hv == Hn
+                 else plgpu.SMEM((2, bq, Hv), dtype, transforms=TRANSFORMS)),
+        segq_smem2=plgpu.SMEM((2, bq), jnp.int32) if has_segments else None,
+        lse_smem2=plgpu.SMEM((2, bq), jnp.float32),
+        kn_smem=plgpu.SMEM((stages, bkv, Hn), dtype, transforms=TRANSFORMS),
+        kr_smem=plgpu.SMEM((stages, bkv, Hr), dtype, transforms=TRANSFORMS),
+        v_smem=plgpu.SMEM((stages, bkv, Hv), dtype, transforms=TRANSFORMS),
+        segk_smem=plgpu.SMEM((stages, bkv), jnp.int32) if has_segments else None,
+        q_bars=plgpu.Barrier(num_arrivals=n_q_copies, num_barriers=2),
+        k_bars=plgpu.Barrier(num_arrivals=n_k_copies, num_barriers=stages),
+        v_bars=plgpu.Barrier(num_barriers=stages),
+        k_free=plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+        v_free=plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+        sched=plgpu.Barrier(num_arrivals=2),
+    )
+
+
+def _dq_scratch(Hn, Hr, Hv, dtype, config: Config, has_segments: bool) -> dict:
+    """SMEM and barriers of the dq kernel (None: not allocated)."""
+    bq, bkv, stages = config.block_q_dq, config.block_kv_dq, config.bwd_concurrent_steps
+    return dict(
+        qn_smem2=plgpu.SMEM((2, bq, Hn), dtype, transforms=TRANSFORMS),
+        qr_smem2=plgpu.SMEM((2, bq, Hr), dtype, transforms=TRANSFORMS),
+        do_smem2=plgpu.SMEM((2, bq, Hv), dtype, transforms=TRANSFORMS),
+        lse_smem2=plgpu.SMEM((2, bq), jnp.float32),
+        delta_smem2=plgpu.SMEM((2, bq), jnp.float32),
+        segq_smem2=plgpu.SMEM((2, bq), jnp.int32) if has_segments else None,
+        kn_smem=plgpu.SMEM((stages, bkv, Hn), dtype, transforms=TRANSFORMS),
+        kr_smem=plgpu.SMEM((stages, bkv, Hr), dtype, transforms=TRANSFORMS),
+        v_smem=plgpu.SMEM((stages, bkv, Hv), dtype, transforms=TRANSFORMS),
+        segk_smem=plgpu.SMEM((stages, bkv), jnp.int32) if has_segments else None,
+        q_bars=plgpu.Barrier(num_arrivals=6 if has_segments else 5, num_barriers=2),
+        kv_bars=plgpu.Barrier(num_arrivals=4 if has_segments else 3, num_barriers=stages),
+        kv_free=plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+    )
+
+
+def _dkv_scratch(Hn, Hr, Hv, dtype, config: Config, has_segments: bool) -> dict:
+    """SMEM and barriers of the dk/dv kernel (None: not allocated)."""
+    bq = bkv = DKV_TILE
+    stages = config.bwd_concurrent_steps
+    return dict(
         kn_smem=plgpu.SMEM((bkv, Hn), dtype, transforms=TRANSFORMS),
         kr_smem=plgpu.SMEM((bkv, Hr), dtype, transforms=TRANSFORMS),
         v_smem=plgpu.SMEM((bkv, Hv), dtype, transforms=TRANSFORMS),
@@ -607,21 +643,32 @@ def _backward_dkv_call(q_nope, q_rope, k_nope, k_rope, v, do, lse2, delta, seg_b
         ds_ready=plgpu.Barrier(num_barriers=2),
         ds_free=plgpu.Barrier(num_barriers=2),
     )
-    call = plgpu.kernel(
-        _drop_none_kwargs(kernel, scratch),
-        out_type=(jax.ShapeDtypeStruct((B, T, N, Hn), dtype),
-                  jax.ShapeDtypeStruct((B, T, N, Hv), dtype),
-                  jax.ShapeDtypeStruct((B, T, N, Hr), jnp.float32)),
-        scratch_types={k: s for k, s in scratch.items() if s is not None},
-        grid=(N, n_kv_ctas, B),
-        grid_names=("heads", "kv_seq", "batch"),
-        num_threads=3,
-        thread_name="wg",
-        kernel_name="mla_attention_dkv",
-        compiler_params=plgpu.CompilerParams(approx_math=True),
-        interpret=interpret_params(interpret),
-    )
-    return call(q_nope, q_rope, k_nope, k_rope, v, do, lse2, delta, seg_bt, q_hi_bc)
+
+
+# ----------------------------------------------------------------------------------------------
+# What the kernels support
+# ----------------------------------------------------------------------------------------------
+def unsupported(Hn: int, Hr: int, Hv: int, *, has_segments: bool = True,
+                config: Config | None = None) -> str | None:
+    """Why the three kernels cannot run these head dims (None: they can).
+
+    TMA copies into the 128-byte-swizzled tiles move whole 64-wide bf16 column blocks, so each
+    head dim must be a multiple of 64 (mla_attention.py pads smaller ones), and each kernel's
+    tiles must fit the shared memory of one CTA (SMEM_LIMIT). Segment ids add a few small
+    buffers, so has_segments=True is the stricter check.
+    """
+    config = Config() if config is None else config
+    for name, d in (("qk_nope_head_dim", Hn), ("qk_rope_head_dim", Hr), ("v_head_dim", Hv)):
+        if d % 64:
+            return f"{name}={d} is not a multiple of 64 (the kernels' 128-byte swizzle tile)"
+    for kernel, scratch in (("forward", _forward_scratch), ("dq", _dq_scratch),
+                            ("dk/dv", _dkv_scratch)):
+        used = smem_bytes(scratch(Hn, Hr, Hv, jnp.bfloat16, config, has_segments))
+        if used > SMEM_LIMIT:
+            return (f"head dims {Hn}/{Hr}/{Hv} (nope/rope/v) need {used} bytes of shared memory "
+                    f"in the {kernel} kernel, above the {SMEM_LIMIT} a Hopper CTA has "
+                    f"(DeepSeek-V3's 128/64/128 fits; so do smaller dims)")
+    return None
 
 
 # ----------------------------------------------------------------------------------------------

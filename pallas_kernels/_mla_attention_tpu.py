@@ -50,6 +50,29 @@ def compute_dtype(dtype) -> jnp.dtype:
     return jnp.dtype(dtype)
 
 
+# The smallest default scoped VMEM of a Mosaic TPU kernel (v5e; v5p and v6e have 32 MiB).
+VMEM_LIMIT = 16 * 1024 * 1024
+
+
+def unsupported(Hn: int, Hr: int, Hv: int, *, config: Config | None = None) -> str | None:
+    """Why the three kernels cannot run these head dims (None: they can), by Mosaic TPU's
+    documented rules: a block's last two dims must be multiples of (8, 128) or span the array,
+    and every kernel's double-buffered blocks and scratch must fit the scoped VMEM.
+
+    Head dims are always whole in a block and sequence blocks are multiples of 128 (the wrapper
+    pads T), so only VMEM can refuse. The estimate is the largest kernel (dk/dv: q-side and
+    k-side blocks of every operand, fp32 accumulators), counted at 4 bytes an element.
+    """
+    config = Config() if config is None else config
+    b = max(config.block_q, config.block_kv)
+    width = Hn + Hr + Hv
+    vmem = 4 * (2 * 2 * b * (width + 2 * LANES) + 2 * b * width + b * width)
+    if vmem > VMEM_LIMIT:
+        return (f"head dims {Hn}/{Hr}/{Hv} (nope/rope/v) need about {vmem} bytes of VMEM, "
+                f"above the {VMEM_LIMIT} scoped for a Mosaic TPU kernel")
+    return None
+
+
 def _dot(x, y, dims):
     return lax.dot_general(x, y, dims, preferred_element_type=jnp.float32)
 

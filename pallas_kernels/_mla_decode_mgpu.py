@@ -47,12 +47,14 @@ from pallas_kernels._mla_mgpu_common import (
     LOG2E,
     MEMORY_REGS,
     ROWS,
+    SMEM_LIMIT,
     TRANSFORMS,
     WGMMA,
     interpret_params,
     mma,
     mma_multi,
     row_vector,
+    smem_bytes,
     wgmma_zeros,
 )
 
@@ -172,18 +174,7 @@ def _decode_call(q_lat, q_rope, kv_cache, lengths, row_limit, *, scale: float, n
             _stream_cache(kv_ref, (c_smem.at[:, 0], c_smem.at[:, 1]), kr_smem, kv_bars, kv_free,
                           b, lo, n, bkv, Rh, R, Hr, stages)
 
-    scratch = dict(
-        q_smem=plgpu.SMEM((2, rows64, Rh), dtype, transforms=TRANSFORMS),
-        qr_smem=plgpu.SMEM((rows64, Hr), dtype, transforms=TRANSFORMS),
-        lim_smem=plgpu.SMEM((rows64,), jnp.int32),
-        lse_smem=plgpu.SMEM((rows64,), jnp.float32),
-        c_smem=plgpu.SMEM((stages, 2, bkv, Rh), dtype, transforms=TRANSFORMS),
-        kr_smem=plgpu.SMEM((stages, bkv, Hr), dtype, transforms=TRANSFORMS),
-        q_bar=plgpu.Barrier(num_arrivals=4),
-        kv_bars=plgpu.Barrier(num_arrivals=3, num_barriers=stages),
-        kv_free=plgpu.Barrier(num_arrivals=2, num_barriers=stages),
-        done_bar=plgpu.Barrier(num_arrivals=2),
-    )
+    scratch = _rows_scratch(R, Hr, dtype, config)
     call = plgpu.kernel(
         kernel,
         out_type=(jax.ShapeDtypeStruct((B, num_splits, n_rows, R), dtype),
@@ -296,20 +287,7 @@ def _decode_few_rows_call(q_lat, q_rope, kv_cache, lengths, row_limit, *, scale:
             _stream_cache(kv_ref, (clo_smem, chi_smem), kr_smem, kv_bars, kv_free, b, lo, n, bkv,
                           Rh, R, Hr, stages)
 
-    scratch = dict(
-        q_smem=plgpu.SMEM((2, n_rows, Rh), dtype, transforms=TRANSFORMS),
-        qr_smem=plgpu.SMEM((n_rows, Hr), dtype, transforms=TRANSFORMS),
-        lim_smem=plgpu.SMEM((n_rows,), jnp.int32),
-        lse_smem=plgpu.SMEM((n_rows,), jnp.float32),
-        clo_smem=plgpu.SMEM((stages, bkv, Rh), dtype, transforms=TRANSFORMS),
-        chi_smem=plgpu.SMEM((stages, bkv, Rh), dtype, transforms=TRANSFORMS),
-        kr_smem=plgpu.SMEM((stages, bkv, Hr), dtype, transforms=TRANSFORMS),
-        p_smem=plgpu.SMEM((n_rows, bkv), dtype, transforms=TRANSFORMS),
-        ot_smem=plgpu.SMEM((2, Rh, n_rows), dtype),
-        q_bar=plgpu.Barrier(num_arrivals=4),
-        kv_bars=plgpu.Barrier(num_arrivals=3, num_barriers=stages),
-        kv_free=plgpu.Barrier(num_arrivals=1, num_barriers=stages),
-    )
+    scratch = _few_rows_scratch(n_rows, R, Hr, dtype, config)
     call = plgpu.kernel(
         kernel,
         out_type=(jax.ShapeDtypeStruct((B, num_splits, R, n_rows), dtype),
@@ -325,6 +303,66 @@ def _decode_few_rows_call(q_lat, q_rope, kv_cache, lengths, row_limit, *, scale:
     )
     o_t, lse2 = call(q_lat, q_rope, kv_cache, lengths, row_limit)
     return jnp.swapaxes(o_t, 2, 3), lse2
+
+
+def _rows_scratch(R, Hr, dtype, config: Config) -> dict:
+    """SMEM and barriers of the row-major kernel."""
+    bkv, stages, rows64, Rh = config.block_kv, config.max_concurrent_steps, ROWS_PER_CTA, R // 2
+    return dict(
+        q_smem=plgpu.SMEM((2, rows64, Rh), dtype, transforms=TRANSFORMS),
+        qr_smem=plgpu.SMEM((rows64, Hr), dtype, transforms=TRANSFORMS),
+        lim_smem=plgpu.SMEM((rows64,), jnp.int32),
+        lse_smem=plgpu.SMEM((rows64,), jnp.float32),
+        c_smem=plgpu.SMEM((stages, 2, bkv, Rh), dtype, transforms=TRANSFORMS),
+        kr_smem=plgpu.SMEM((stages, bkv, Hr), dtype, transforms=TRANSFORMS),
+        q_bar=plgpu.Barrier(num_arrivals=4),
+        kv_bars=plgpu.Barrier(num_arrivals=3, num_barriers=stages),
+        kv_free=plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+        done_bar=plgpu.Barrier(num_arrivals=2),
+    )
+
+
+def _few_rows_scratch(n_rows, R, Hr, dtype, config: Config) -> dict:
+    """SMEM and barriers of the transposed kernel for n_rows (padded) query rows."""
+    bkv, stages, Rh = config.block_kv, config.max_concurrent_steps, R // 2
+    return dict(
+        q_smem=plgpu.SMEM((2, n_rows, Rh), dtype, transforms=TRANSFORMS),
+        qr_smem=plgpu.SMEM((n_rows, Hr), dtype, transforms=TRANSFORMS),
+        lim_smem=plgpu.SMEM((n_rows,), jnp.int32),
+        lse_smem=plgpu.SMEM((n_rows,), jnp.float32),
+        clo_smem=plgpu.SMEM((stages, bkv, Rh), dtype, transforms=TRANSFORMS),
+        chi_smem=plgpu.SMEM((stages, bkv, Rh), dtype, transforms=TRANSFORMS),
+        kr_smem=plgpu.SMEM((stages, bkv, Hr), dtype, transforms=TRANSFORMS),
+        p_smem=plgpu.SMEM((n_rows, bkv), dtype, transforms=TRANSFORMS),
+        ot_smem=plgpu.SMEM((2, Rh, n_rows), dtype),
+        q_bar=plgpu.Barrier(num_arrivals=4),
+        kv_bars=plgpu.Barrier(num_arrivals=3, num_barriers=stages),
+        kv_free=plgpu.Barrier(num_arrivals=1, num_barriers=stages),
+    )
+
+
+def unsupported(R: int, Hr: int, N: int, Tq: int, *, config: Config | None = None) -> str | None:
+    """Why the decode kernels cannot run this latent rank, rope dim, head count and token count
+    (None: they can). Each compute warpgroup owns half of the R output columns in 128-byte
+    swizzle tiles of 64 bf16, so R must be a multiple of 128 and Hr of 64; Q and the cache
+    tiles of the chosen kernel (row-major for Tq * N > few_rows_max) must fit one CTA's SMEM."""
+    config = Config() if config is None else config
+    if R % 128:
+        return f"kv_lora_rank={R} is not a multiple of 128 (two 64-wide swizzle tiles per half)"
+    if Hr % 64:
+        return f"qk_rope_head_dim={Hr} is not a multiple of 64 (the 128-byte swizzle tile)"
+    n_rows = Tq * N
+    if n_rows <= config.few_rows_max:
+        kernel, scratch = "few-rows", _few_rows_scratch(pl.cdiv(n_rows, 16) * 16, R, Hr,
+                                                       jnp.bfloat16, config)
+    else:
+        kernel, scratch = "row-major", _rows_scratch(R, Hr, jnp.bfloat16, config)
+    used = smem_bytes(scratch)
+    if used > SMEM_LIMIT:
+        return (f"kv_lora_rank={R} with qk_rope_head_dim={Hr} ({Tq} x {N} query rows) needs "
+                f"{used} bytes of shared memory in the {kernel} kernel, above the {SMEM_LIMIT} a "
+                "Hopper CTA has (DeepSeek-V3's 512 + 64 fits)")
+    return None
 
 
 def _stream_cache(kv_ref, c_halves, kr_smem, kv_bars, kv_free, b, lo, n, bkv, Rh, R, Hr, stages):
@@ -365,9 +403,10 @@ def decode(q_latent, q_rope, kv_cache, lengths, *, scale: float, config: Config 
     config = Config() if config is None else config
     B, Tq, N, R = q_latent.shape
     Hr, L = q_rope.shape[-1], kv_cache.shape[1]
-    if R % 128 or Hr % 64:
-        raise ValueError(f"Mosaic GPU MLA decode needs R % 128 == 0 and Hr % 64 == 0, got {R=}"
-                         f" {Hr=}")
+    reason = unsupported(R, Hr, N, Tq, config=config)
+    if reason:
+        raise ValueError(f"mla_decode implementation 'pallas' on gpu: {reason}; use "
+                         "implementation 'xla'")
     out_dtype = q_latent.dtype
     dtype = compute_dtype(out_dtype)
     n_rows = Tq * N

@@ -28,12 +28,36 @@ class Config:
     block_kv: int = 512
 
 
+# The smallest default scoped VMEM of a Mosaic TPU kernel (v5e; v5p and v6e have 32 MiB).
+VMEM_LIMIT = 16 * 1024 * 1024
+
+
+def unsupported(R: int, Hr: int, N: int, Tq: int, *, config: Config | None = None) -> str | None:
+    """Why the kernel cannot run these dims (None: it can), by Mosaic TPU's documented rules:
+    the kernel slices the cache tile's c_kv columns [:R] in VMEM, which must end on a 128-lane
+    boundary, and the double-buffered blocks plus fp32 scratch must fit the scoped VMEM."""
+    config = Config() if config is None else config
+    if R % LANES:
+        return f"kv_lora_rank={R} is not a multiple of {LANES} (the lane slice of the cache tile)"
+    rows = -(-Tq * N // SUBLANES) * SUBLANES
+    vmem = (2 * 4 * (rows * (R + Hr) + config.block_kv * (R + Hr) + rows * LANES + rows * R)
+            + 4 * rows * (2 * LANES + R))
+    if vmem > VMEM_LIMIT:
+        return (f"{Tq} x {N} query rows with kv_lora_rank={R} need about {vmem} bytes of VMEM, "
+                f"above the {VMEM_LIMIT} scoped for a Mosaic TPU kernel")
+    return None
+
+
 def decode(q_latent, q_rope, kv_cache, lengths, *, scale: float, config: Config | None = None,
            interpret: bool = False):
     """o_latent[B, Tq, N, R] (see mla_decode.py for the semantics)."""
     config = Config() if config is None else config
     B, Tq, N, R = q_latent.shape
     Hr, L = q_rope.shape[-1], kv_cache.shape[1]
+    reason = unsupported(R, Hr, N, Tq, config=config)
+    if reason:
+        raise ValueError(f"mla_decode implementation 'pallas' on tpu: {reason}; use "
+                         "implementation 'xla'")
     bkv = config.block_kv
     n_rows = Tq * N
     rows = -(-n_rows // SUBLANES) * SUBLANES

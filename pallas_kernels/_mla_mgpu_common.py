@@ -23,6 +23,13 @@ TRANSFORMS = (TILING, SWIZZLE)
 COMPUTE_REGS = 232  # setmaxnreg for the two compute warpgroups (2 * 232 + 40 fits 64K registers)
 MEMORY_REGS = 40
 SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
+# Dynamic shared memory one Hopper CTA may opt into (what Mosaic GPU checks against).
+SMEM_LIMIT = 227 * 1024
+# Mosaic GPU places each scratch buffer at a multiple of this (pallas/mosaic_gpu/core.py).
+_SMEM_ALIGNMENT = 1024
+# Shared memory Mosaic GPU adds to a kernel's own buffers (its count minus ours, from lowering
+# these kernels for CUDA at many head dims: 2048 bytes, 992 in one case).
+_SMEM_RESERVED = 2048
 WGMMA = plgpu.Layout.WGMMA
 ROWS = plgpu.Layout.WGMMA.reduce(1)  # vector indexed by accumulator row
 COLS = plgpu.Layout.WGMMA.reduce(0)  # vector indexed by accumulator column
@@ -90,16 +97,17 @@ def row_vector(value: float, n: int) -> jax.Array:
     return plgpu.layout_cast(jnp.full((n,), value, jnp.float32), ROWS)
 
 
-def check_dims(**dims: int) -> None:
-    """Mosaic GPU tiles here are 64 bf16 wide (128-byte swizzle): head dims must be multiples."""
-    for name, d in dims.items():
-        if d % 64:
-            raise ValueError(f"Mosaic GPU MLA kernel needs {name} % 64 == 0, got {name}={d}")
-
-
-def tensor_core_dtype(x: jax.Array) -> jnp.dtype:
-    """Operand dtype for wgmma: bf16/f16 as given; fp32 inputs are rounded to bf16."""
-    return x.dtype if x.dtype in SUPPORTED_DTYPES else jnp.dtype(jnp.bfloat16)
+def smem_bytes(scratch: dict) -> int:
+    """Shared memory of a kernel's scratch dict (plgpu.SMEM buffers, barriers; None skipped),
+    placed as Mosaic GPU places them: each buffer at a 1024-byte boundary, 8 bytes a barrier."""
+    total = _SMEM_RESERVED
+    for buf in scratch.values():
+        if isinstance(buf, plgpu.Barrier):
+            total += 8 * math.prod(buf.num_barriers)
+        elif buf is not None:
+            size = math.prod(buf.shape) * jnp.dtype(buf.dtype).itemsize
+            total += -(-size // _SMEM_ALIGNMENT) * _SMEM_ALIGNMENT
+    return total
 
 
 def interpret_params(interpret) -> plgpu.InterpretGPUParams | None:

@@ -22,6 +22,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import _gmm_gpu
+from pallas_kernels._mla_mgpu_common import SMEM_LIMIT
 
 # Bytes of one pipeline stage; whole rows are used when they fit.
 _STAGE_BYTES = 32 * 1024
@@ -44,16 +45,19 @@ def combine_rows_reference(y_md: jax.Array, inv_tk: jax.Array, w_tk: jax.Array |
     return y_tkd.sum(axis=1).astype(out_dtype)
 
 
-def row_view(D: int) -> tuple[int, int]:
-    """(R, C) with R * C = D to view a row as an R x C tile: TMA boxes hold at most 256 per
-    dimension, and R must be a multiple of 8 (or below 8) to fit 8-row swizzle tiles."""
+def row_view(D: int) -> tuple[int, int] | None:
+    """(R, C) with R * C = D to view a row as an R x C tile, or None when D has none: TMA boxes
+    hold at most 256 per dimension, R must be a multiple of 8 (whole 8-row swizzle tiles) or
+    below 8, and a pipeline step's chunk (8 rows of C, or all R rows when R < 8) must hold a
+    multiple of 128 elements, one vector per thread of the warpgroup (Mosaic GPU's layout
+    inference finds none otherwise: D = 64 as 1 x 64, 192 as 3 x 64, 160 as 5 x 32 all fail)."""
     for c in (256, 128, 64, 32, 16):
         r = D // c
-        if D % c == 0 and r <= 256 and (r % 8 == 0 or r < 8):
+        if D % c or r > 256:
+            continue
+        if (r % 8 == 0 and (8 * c) % 128 == 0) or (r < 8 and (r * c) % 128 == 0):
             return r, c
-    if D <= 256:
-        return 1, D
-    raise ValueError(f"no row view for D={D}")
+    return None
 
 
 def _rows_per_step(R: int, C: int, rows_in_flight: int, itemsize: int) -> int:
@@ -65,6 +69,43 @@ def _rows_per_step(R: int, C: int, rows_in_flight: int, itemsize: int) -> int:
         if R % rb == 0 and rows_in_flight * rb * C * itemsize <= _STAGE_BYTES:
             best = rb
     return best
+
+
+def _view(D: int) -> tuple[int, int]:
+    view = row_view(D)
+    if view is None:
+        raise ValueError(f"row kernels: D={D} has no row view ({rows_unsupported(D, 1)})")
+    return view
+
+
+def _pipeline_smem(n_inputs: int, stages: int, rb: int, C: int, in_itemsize: int,
+                   out_itemsize: int) -> int:
+    """Shared memory of gather/combine: `stages` slots of n_inputs [rb, C] blocks plus the
+    double-buffered output chunk, each buffer at a 1024-byte boundary, and Mosaic's own 2 KiB."""
+    def aligned(n):
+        return -(-n // 1024) * 1024
+    return (2048 + stages * n_inputs * aligned(rb * C * in_itemsize)
+            + aligned(2 * rb * C * out_itemsize))
+
+
+GATHER_STAGES = 4
+COMBINE_STAGES = 3
+
+
+def rows_unsupported(D: int, K: int, itemsize: int = 4) -> str | None:
+    """Why gather_rows / combine_rows cannot move rows of D values with K rows per token in
+    `itemsize`-byte elements (fp32 is the widest the dispatch passes); None when they can."""
+    view = row_view(D)
+    if view is None:
+        return (f"dim={D} has no R x C row view (C <= 256 a multiple of 16, R a multiple of 8 "
+                "or below 8, chunks of a multiple of 128 elements): multiples of 256 have one")
+    R, C = view
+    rb = _rows_per_step(R, C, K, itemsize)
+    used = _pipeline_smem(K, COMBINE_STAGES, rb, C, itemsize, itemsize)
+    if used > SMEM_LIMIT:
+        return (f"combining {K} rows per token of dim={D} needs {used} bytes of shared memory, "
+                f"above the {SMEM_LIMIT} a Hopper CTA has")
+    return None
 
 
 def _row_range(M: int, nsm: int):
@@ -86,12 +127,12 @@ def _store_chunk(o_smem, val, o_gmem, j, row0, n_c, rb):
         o_smem.at[slot], o_gmem.at[row0 + lax.div(j, n_c), pl.ds(lax.rem(j, n_c) * rb, rb)])
 
 
-def gather_rows(x_td: jax.Array, src_m: jax.Array, *, max_concurrent_steps: int = 4,
-                interpret: bool = False) -> jax.Array:
+def gather_rows(x_td: jax.Array, src_m: jax.Array, *,
+                max_concurrent_steps: int = GATHER_STAGES, interpret: bool = False) -> jax.Array:
     """Pallas version of `gather_rows_reference` (see module docstring)."""
     T, D = x_td.shape
     M = src_m.shape[0]
-    R, C = row_view(D)
+    R, C = _view(D)
     rb = _rows_per_step(R, C, 1, x_td.dtype.itemsize)
     n_c = R // rb
     nsm = _gmm_gpu.num_sms(interpret)
@@ -126,11 +167,12 @@ def gather_rows(x_td: jax.Array, src_m: jax.Array, *, max_concurrent_steps: int 
 
 
 def combine_rows(y_md: jax.Array, inv_tk: jax.Array, w_tk: jax.Array | None, out_dtype, *,
-                 max_concurrent_steps: int = 3, interpret: bool = False) -> jax.Array:
+                 max_concurrent_steps: int = COMBINE_STAGES,
+                 interpret: bool = False) -> jax.Array:
     """Pallas version of `combine_rows_reference` (see module docstring)."""
     M, D = y_md.shape
     T, K = inv_tk.shape
-    R, C = row_view(D)
+    R, C = _view(D)
     rb = _rows_per_step(R, C, K, y_md.dtype.itemsize)
     n_c = R // rb
     nsm = _gmm_gpu.num_sms(interpret)

@@ -31,7 +31,9 @@ and from it the routing-weight gradient <g, h> (= <dy, expert output>), the SwiG
 (elementwise, XLA), d_x_sorted = d_gate @ w_gate^T + d_up @ w_up^T in one kernel, the three weight
 gradients with the transposed kernel, and d_x with the combine kernel (unit weights). The only
 [M, D] arrays are x_sorted, y_sorted, dy_sorted and d_x_sorted: the inputs and outputs of the
-grouped matmuls. On TPU the gather and combine are their plain-JAX forms (XLA gather-reduce).
+grouped matmuls. On TPU, and on GPU for rows the row kernels cannot hold
+(`dispatch_gpu.rows_unsupported`: dims with no row view, or too many rows per token for one
+CTA's shared memory), the gather and combine are their plain-JAX forms (XLA gather-reduce).
 """
 
 from __future__ import annotations
@@ -61,14 +63,20 @@ def _route(expert_idx_tk: jax.Array, num_experts: int):
     return order_m, group_sizes_e, inv_m
 
 
+def _gpu_rows(options, D: int, K: int, dtype) -> bool:
+    """The Mosaic GPU row kernels run these rows; otherwise XLA's gather forms do (any D)."""
+    return (options.backend == "gpu"
+            and dispatch_gpu.rows_unsupported(D, K, jnp.dtype(dtype).itemsize) is None)
+
+
 def _gather(x_td, src_m, options):
-    if options.backend == "gpu":
+    if _gpu_rows(options, x_td.shape[1], 1, x_td.dtype):
         return dispatch_gpu.gather_rows(x_td, src_m, interpret=options.interpret)
     return dispatch_gpu.gather_rows_reference(x_td, src_m)
 
 
 def _combine(y_md, inv_tk, w_tk, out_dtype, options):
-    if options.backend == "gpu":
+    if _gpu_rows(options, y_md.shape[1], inv_tk.shape[1], y_md.dtype):
         return dispatch_gpu.combine_rows(y_md, inv_tk, w_tk, out_dtype,
                                          interpret=options.interpret)
     return dispatch_gpu.combine_rows_reference(y_md, inv_tk, w_tk, out_dtype)
@@ -322,6 +330,19 @@ _routed_pallas.defvjp(_routed_pallas_fwd, _routed_pallas_bwd)
 
 
 IMPLEMENTATIONS = ("dense", "xla", *PALLAS_IMPLEMENTATIONS)
+
+
+def pallas_unsupported(backend: str, dim: int, expert_dim: int, num_experts: int,
+                       top_k: int) -> str | None:
+    """Why implementation="pallas" cannot run this routed-expert block on `backend`; None when
+    it can. Both backends run every shape: the grouped matmuls zero-pad K and N to whole tiles
+    (64 on GPU, 128 on TPU), rows are tiled per group for any group sizes (1 expert or many),
+    and on GPU the row gather and combine take XLA's forms where their kernels cannot
+    (`dispatch_gpu.rows_unsupported`)."""
+    del dim, expert_dim, num_experts, top_k  # every size runs (see above)
+    if backend in ("gpu", "tpu"):
+        return None
+    return f"no grouped-matmul kernel for backend {backend!r} (Mosaic GPU and Mosaic TPU only)"
 
 
 def routed_experts(x_td, expert_idx_tk, expert_weights_tk, w_gate_edf, w_up_edf, w_down_efd, *,

@@ -49,6 +49,36 @@ def reference(q_nope, q_rope, k_nope, k_rope, v, segment_ids=None, *, scale):
 
 
 IMPLEMENTATIONS = ("xla", "cudnn", "pallas", "pallas_mosaic_gpu", "pallas_mosaic_tpu")
+# Head dims are zero-padded up to this multiple for the Mosaic GPU kernels (their swizzle tile).
+GPU_HEAD_DIM_MULTIPLE = 64
+
+
+def _round_up(d: int, multiple: int) -> int:
+    return -(-d // multiple) * multiple
+
+
+def pallas_unsupported(backend: str, Hn: int, Hr: int, Hv: int) -> str | None:
+    """Why implementation="pallas" cannot run these head dims on `backend` ("gpu" | "tpu"), as
+    one sentence naming the dim and the constraint; None when it can.
+
+    On GPU, head dims that are not multiples of 64 are zero-padded to them (scores and outputs
+    are unchanged; the kernels do the padded work), so only shared memory can refuse.
+    """
+    if backend == "gpu":
+        from pallas_kernels import _mla_attention_mgpu
+        m = GPU_HEAD_DIM_MULTIPLE
+        return _mla_attention_mgpu.unsupported(_round_up(Hn, m), _round_up(Hr, m),
+                                               _round_up(Hv, m))
+    if backend == "tpu":
+        from pallas_kernels import _mla_attention_tpu
+        return _mla_attention_tpu.unsupported(Hn, Hr, Hv)
+    return f"no MLA attention kernel for backend {backend!r} (Mosaic GPU and Mosaic TPU only)"
+
+
+def gpu_head_padding(Hn: int, Hr: int, Hv: int) -> tuple[int, int, int]:
+    """Zero columns the Mosaic GPU kernels add to each head dim."""
+    m = GPU_HEAD_DIM_MULTIPLE
+    return _round_up(Hn, m) - Hn, _round_up(Hr, m) - Hr, _round_up(Hv, m) - Hv
 
 
 def mla_attention(q_nope: jax.Array, q_rope: jax.Array, k_nope: jax.Array, k_rope: jax.Array,
@@ -65,9 +95,11 @@ def mla_attention(q_nope: jax.Array, q_rope: jax.Array, k_nope: jax.Array, k_rop
       "pallas": flash attention in Pallas, Mosaic GPU on GPU backends and Mosaic TPU on TPU
         ("pallas_mosaic_gpu" / "pallas_mosaic_tpu" pick one explicitly). Saves only the
         log-sum-exp for the custom_vjp backward; dk_rope is summed over heads. Any T (padded to
-        the tile multiple inside). The Mosaic GPU kernels run their matmuls on bf16/f16
-        operands: fp32 inputs are rounded to bf16 (fp32 accumulation and softmax), outputs and
-        gradients come back in the input dtypes.
+        the tile multiple inside); on GPU head dims are zero-padded to multiples of 64, and dims
+        the kernels cannot hold (`pallas_unsupported`) raise a ValueError naming them. The
+        Mosaic GPU kernels run their matmuls on bf16/f16 operands: fp32 inputs are rounded to
+        bf16 (fp32 accumulation and softmax), outputs and gradients come back in the input
+        dtypes.
     interpret: run the Pallas kernels in interpret mode (CPU tests); `config` overrides the tile
       sizes (_mla_attention_mgpu.Config / _mla_attention_tpu.Config).
     """
@@ -152,16 +184,25 @@ def _pallas(q_nope, q_rope, k_nope, k_rope, v, segment_ids, *, scale, backend, c
     B, T = q_nope.shape[:2]
     if k_nope.shape[1] != T:
         raise ValueError(f"causal MLA attention needs S == T, got S={k_nope.shape[1]}, T={T}")
+    Hn, Hr, Hv = q_nope.shape[-1], q_rope.shape[-1], v.shape[-1]
+    chip = backend.removeprefix("mosaic_")
+    reason = pallas_unsupported(chip, Hn, Hr, Hv)
+    if reason:
+        raise ValueError(f"mla_attention implementation 'pallas' on {chip}: {reason}; "
+                         "use implementation 'xla'")
+    pad_n, pad_r, pad_v = gpu_head_padding(Hn, Hr, Hv) if chip == "gpu" else (0, 0, 0)
     out_dtype = q_nope.dtype
     compute_dtype = module.compute_dtype(out_dtype)
     has_segments = segment_ids is not None
     pad = -T % config.seq_multiple
     with jax.named_scope("mla_pallas_pad"):
-        def prep(x):
+        def prep(x, head_pad):
             x = x.astype(compute_dtype)
-            return jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)) if pad else x
+            widths = [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 3) + [(0, head_pad)]
+            return jnp.pad(x, widths) if pad or head_pad else x
 
-        args = [prep(x) for x in (q_nope, q_rope, k_nope, k_rope, v)]
+        args = [prep(x, p) for x, p in ((q_nope, pad_n), (q_rope, pad_r), (k_nope, pad_n),
+                                        (k_rope, pad_r), (v, pad_v))]
         if has_segments:
             seg_bt = segment_ids.astype(jnp.int32)
             # Padded rows get a segment of their own; causality alone keeps real rows off them.
@@ -169,7 +210,7 @@ def _pallas(q_nope, q_rope, k_nope, k_rope, v, segment_ids, *, scale, backend, c
         else:
             seg_bt = jnp.zeros((B, T + pad), jnp.int32)
     o = _flash(*args, seg_bt, scale, backend, config, has_segments, interpret)
-    return o[:, :T].astype(out_dtype)
+    return o[:, :T, :, :Hv].astype(out_dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10))

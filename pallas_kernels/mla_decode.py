@@ -45,6 +45,19 @@ def reference(q_latent, q_rope, kv_cache, lengths, *, scale):
 IMPLEMENTATIONS = ("xla", "pallas", "pallas_mosaic_gpu", "pallas_mosaic_tpu")
 
 
+def pallas_unsupported(backend: str, R: int, Hr: int, N: int, Tq: int) -> str | None:
+    """Why implementation="pallas" cannot decode with latent rank R, rope dim Hr, N heads and Tq
+    new tokens on `backend` ("gpu" | "tpu"), as one sentence naming the dim and the constraint;
+    None when it can."""
+    if backend == "gpu":
+        from pallas_kernels import _mla_decode_mgpu
+        return _mla_decode_mgpu.unsupported(R, Hr, N, Tq)
+    if backend == "tpu":
+        from pallas_kernels import _mla_decode_tpu
+        return _mla_decode_tpu.unsupported(R, Hr, N, Tq)
+    return f"no MLA decode kernel for backend {backend!r} (Mosaic GPU and Mosaic TPU only)"
+
+
 def mla_decode(q_latent: jax.Array, q_rope: jax.Array, kv_cache: jax.Array, lengths: jax.Array,
                *, scale: float, implementation: str = "xla", interpret: bool = False,
                config: Any = None) -> jax.Array:

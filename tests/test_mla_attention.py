@@ -85,11 +85,13 @@ def test_segment_bounds_match_brute_force():
 
 
 # Mosaic GPU in interpret mode. T = 200 and 136 are not tile multiples (the wrapper pads);
-# segment 1 is empty in the first packed case; the last two cases run DeepSeek-V3's real head
-# dims, with two backward pipeline slots and with the default (benchmarked) tiles.
+# segment 1 is empty in the first packed case; tiny's dims (16/8/16) are padded to 64; the last
+# two cases run DeepSeek-V3's real head dims (the largest the kernels' SMEM holds), with two backward pipeline slots and with the default (benchmarked) tiles.
 GPU_CASES = {
     "T200-dims64-packed-bf16": (200, 1, (64, 64, 64), [[70, 0, 90, 40]], jnp.bfloat16, GPU_SMALL),
     "T128-N2-f32": (128, 2, (64, 64, 128), None, jnp.float32, GPU_SMALL),
+    # tiny's head dims, below the 64-column tile: zero-padded by the wrapper.
+    "T128-tiny-dims-padded-packed": (128, 2, (16, 8, 16), [[50, 78]], jnp.bfloat16, GPU_SMALL),
     "T136-real-dims-2-stages": (136, 2, (128, 64, 128), None, jnp.bfloat16,
                                 _mla_attention_mgpu.Config(bwd_concurrent_steps=2)),
     "T136-real-dims-packed-default-tiles": (136, 1, (128, 64, 128), [[9, 8, 67, 52]],

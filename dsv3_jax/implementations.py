@@ -1,0 +1,88 @@
+"""Which implementation runs attention, decode and the routed experts, for a model on a backend.
+
+`resolve(cfg, backend)` is the one place that turns the config's `attention_impl`, `decode_impl`
+and `moe_impl` into what runs. "auto" takes a Pallas kernel only where the kernel's own support
+predicate (`pallas_unsupported` beside each kernel) holds for the model's shapes and the kernel is
+measured faster there (benchmarks/RESULTS.md, one H200), and otherwise the XLA path, saying why.
+An explicit "pallas" on shapes its kernel cannot run is refused with that reason, before anything
+is traced or compiled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from dsv3_jax.config import ModelConfig
+from pallas_kernels import expert_dispatch, mla_attention, mla_decode
+
+# New tokens per sequence a decode step attends with: 1, or 2 for MTP verification.
+DECODE_TOKENS = (1, 2)
+
+
+@dataclasses.dataclass(frozen=True)
+class Implementations:
+    """What runs: attention ("xla" | "cudnn" | "pallas"), decode ("xla" | "pallas") and the
+    routed experts ("dense" | "xla" | "pallas"), with a note for each "auto" that fell back."""
+
+    attention: str
+    decode: str
+    moe: str
+    notes: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        """One line for start-up messages."""
+        line = f"attention {self.attention}, decode {self.decode}, experts {self.moe}"
+        return line + "".join(f"; {note}" for note in self.notes)
+
+
+def _chip(backend: str) -> str:
+    return {"cuda": "gpu", "rocm": "gpu"}.get(backend, backend)
+
+
+def attention_unsupported(cfg: ModelConfig, chip: str) -> str | None:
+    return mla_attention.pallas_unsupported(chip, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim,
+                                            cfg.v_head_dim)
+
+
+def decode_unsupported(cfg: ModelConfig, chip: str) -> str | None:
+    for tokens in DECODE_TOKENS:
+        reason = mla_decode.pallas_unsupported(chip, cfg.kv_lora_rank, cfg.qk_rope_head_dim,
+                                               cfg.n_heads, tokens)
+        if reason:
+            return reason
+    return None
+
+
+def moe_unsupported(cfg: ModelConfig, chip: str) -> str | None:
+    return expert_dispatch.pallas_unsupported(chip, cfg.dim, cfg.moe_inter_dim,
+                                              cfg.n_routed_experts, cfg.n_activated_experts)
+
+
+def _pick(field: str, requested: str, chip: str, reason: str | None, notes: list[str]) -> str:
+    """requested "auto": Pallas on GPU where supported; an explicit "pallas" must be supported."""
+    if requested == "pallas":
+        if reason:
+            raise ValueError(f"model.{field}='pallas' cannot run on {chip}: {reason}. Use "
+                             f"model.{field}='auto' (falls back to XLA) or 'xla'")
+        return "pallas"
+    if requested != "auto":
+        return requested
+    if chip != "gpu":
+        # The TPU kernels are tested interpreted and compiled, not yet measured on a TPU.
+        return "xla"
+    if reason:
+        notes.append(f"{field} auto -> xla: {reason}")
+        return "xla"
+    return "pallas"
+
+
+def resolve(cfg: ModelConfig, backend: str) -> Implementations:
+    """The implementations `cfg` runs on `backend` ("cpu", "gpu"/"cuda", "tpu"). Raises
+    ValueError for an explicit "pallas" the kernel cannot run at these shapes."""
+    chip = _chip(backend)
+    notes: list[str] = []
+    attention = _pick("attention_impl", cfg.attention_impl, chip,
+                      attention_unsupported(cfg, chip), notes)
+    decode = _pick("decode_impl", cfg.decode_impl, chip, decode_unsupported(cfg, chip), notes)
+    moe = _pick("moe_impl", cfg.moe_impl, chip, moe_unsupported(cfg, chip), notes)
+    return Implementations(attention, decode, moe, tuple(notes))
