@@ -247,7 +247,7 @@ def test_explicit_pallas_is_refused_naming_the_dim(field, changes, needle):
 
 def test_explicit_pallas_experts_are_refused_without_a_kernel_backend():
     cfg = PRESETS["tiny"].replace(moe_impl="pallas")
-    with pytest.raises(ValueError, match="model.moe_impl='pallas' cannot run on cpu: no grouped"):
+    with pytest.raises(ValueError, match=r"model\.moe_impl='pallas' cannot run on cpu: no grouped"):
         implementations.resolve(cfg, "cpu")
 
 

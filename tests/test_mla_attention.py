@@ -86,7 +86,8 @@ def test_segment_bounds_match_brute_force():
 
 # Mosaic GPU in interpret mode. T = 200 and 136 are not tile multiples (the wrapper pads);
 # segment 1 is empty in the first packed case; tiny's dims (16/8/16) are padded to 64; the last
-# two cases run DeepSeek-V3's real head dims (the largest the kernels' SMEM holds), with two backward pipeline slots and with the default (benchmarked) tiles.
+# two cases run DeepSeek-V3's real head dims (the largest the kernels' SMEM holds), with two
+# backward pipeline slots and with the default (benchmarked) tiles.
 GPU_CASES = {
     "T200-dims64-packed-bf16": (200, 1, (64, 64, 64), [[70, 0, 90, 40]], jnp.bfloat16, GPU_SMALL),
     "T128-N2-f32": (128, 2, (64, 64, 128), None, jnp.float32, GPU_SMALL),
