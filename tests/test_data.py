@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from dsv3_jax.data import ByteTokenizer, DataSpec, TokenData, text_files
+from dsv3_jax.data import ByteTokenizer, DataSpec, TokenData, load_tokenizer, text_files
 from launch.prepare_data import prepare
 
 VOCAB = 320
@@ -132,3 +132,22 @@ def test_hugging_face_tokenizer_json(tmp_path):
     with pytest.raises(ValueError, match=rf"raise model.vocab_size to at least {hf.vocab_size}"):
         TokenData(spec(path=str(tmp_path / "corpus"), tokenizer=str(tmp_path /
                                                                     "tokenizer.json")), too_small)
+
+
+@pytest.mark.parametrize("content, problem", [
+    ("", "the file is empty"),
+    ('{"model": {"type": "BPE", ', "is not valid JSON: Expecting property name enclosed in double "
+     "quotes at line 1 column 27"),
+    ('{"model_type": "deepseek_v3"}', "is JSON but not a Hugging Face tokenizer.json"),
+    ('{"model": {"type": "NoSuchModel"}}', "is not a valid tokenizer.json: "),
+], ids=["empty", "truncated", "a-config-json", "unknown-model"])
+def test_unreadable_tokenizer_json_is_refused_naming_the_file(tmp_path, content, problem):
+    path = tmp_path / "tokenizer.json"
+    path.write_text(content)
+    # TokenData (data.tokenizer) and launch.generate's --tokenizer share load_tokenizer
+    with pytest.raises(ValueError) as error:
+        TokenData(spec(tokenizer=str(path)), VOCAB)
+    assert str(error.value).startswith(f"tokenizer {str(path)!r}")
+    assert problem in str(error.value)
+    with pytest.raises(ValueError, match=r"did you mean .*tokenizer\.json"):
+        load_tokenizer(str(tmp_path))  # the directory that holds it
