@@ -133,21 +133,49 @@ def text_files(path: str) -> list[str]:
     return files
 
 
+def _not_text(path: str) -> str:
+    """Why the file at `path`, which failed to read as UTF-8 text, is not: its first bad byte,
+    by line and byte offset."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        raw.decode("utf-8")
+        offset = max(raw.find(b"\0"), 0)
+        problem = "a NUL byte (binary data, or UTF-16 text?)"
+    except UnicodeDecodeError as e:
+        offset = e.start
+        problem = f"byte 0x{raw[offset]:02x}, which is not UTF-8 ({e.reason})"
+    line = raw.count(b"\n", 0, offset) + 1
+    return (f"{path}: not UTF-8 text: {problem} at line {line} (byte offset {offset}); convert "
+            "it to UTF-8 or leave it out of data.path")
+
+
+def _jsonl_documents(path: str, text_field: str) -> Iterator[str]:
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                # e.msg alone drops the position ("Invalid control character at").
+                raise ValueError(f"{path}:{line_no}: not valid JSON ({e.msg.removesuffix(' at')} "
+                                 f"at column {e.colno})") from None
+            if not isinstance(record, dict) or text_field not in record:
+                raise ValueError(f"{path}:{line_no}: no {text_field!r} field "
+                                 f"(set data.text_field)")
+            yield str(record[text_field])
+
+
 def read_documents(files: list[str], text_field: str) -> Iterator[str]:
+    """The documents of `files`. Every file must be UTF-8 text: one that is not (a binary file
+    named .txt, a Latin-1 one) is refused with the position of its first byte that is not."""
     for path in files:
         if path.endswith(".jsonl"):
-            with open(path, encoding="utf-8") as f:
-                for line_no, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise ValueError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
-                    if not isinstance(record, dict) or text_field not in record:
-                        raise ValueError(f"{path}:{line_no}: no {text_field!r} field "
-                                         f"(set data.text_field)")
-                    yield str(record[text_field])
+            try:
+                yield from _jsonl_documents(path, text_field)
+            except UnicodeDecodeError:
+                raise ValueError(_not_text(path)) from None
         elif path.endswith(".parquet"):
             import pyarrow.parquet as pq
 
@@ -157,8 +185,14 @@ def read_documents(files: list[str], text_field: str) -> Iterator[str]:
                                  f"{table.column_names}; set data.text_field)")
             yield from (str(t) for t in table.column(text_field).to_pylist())
         else:
-            with open(path, encoding="utf-8", errors="replace") as f:
-                yield f.read()
+            try:
+                with open(path, encoding="utf-8") as f:
+                    text = f.read()
+            except UnicodeDecodeError:
+                text = None
+            if text is None or "\0" in text:
+                raise ValueError(_not_text(path))
+            yield text
 
 
 def text_stream(path: str, text_field: str, tokenizer) -> np.ndarray:
