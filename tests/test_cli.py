@@ -2,6 +2,7 @@
 end in one line on stderr, exit status 2, before anything heavy runs: no traceback."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -61,3 +62,40 @@ def test_other_flag_errors_are_one_line_too():
     assert line.startswith("error: flag --config.steps=abc: invalid literal for int()")
     line = one_error_line(launch("launch.train", "--config=configs/tiny.py"))
     assert "--workdir must have a value" in line
+
+
+# The README's commands ---------------------------------------------------------------------------
+def readme_commands() -> list[str]:
+    """The README's shell command lines: its bash blocks, `$ ` example lines and inline
+    `python -m ...` / `papermill ...` spans."""
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+        text = f.read()
+    commands, in_bash = [], False
+    for line in text.splitlines():
+        if line.startswith("```"):
+            in_bash = line.strip() == "```bash"
+        elif in_bash or line.startswith("$ "):
+            commands.append(line.removeprefix("$ "))
+        else:
+            commands += re.findall(r"`((?:python|papermill) [^`]+)`", line)
+    return commands
+
+
+def test_readme_activates_the_venv_before_its_first_bare_python():
+    commands = readme_commands()
+    first = next(i for i, c in enumerate(commands) if re.match(r"\s*python\s", c))
+    assert any(c.startswith("source .venv/bin/activate") for c in commands[:first]), commands[first]
+
+
+def test_what_the_readme_examples_write_is_ignored_by_git():
+    if subprocess.run(["git", "-C", REPO, "rev-parse"], capture_output=True).returncode:
+        pytest.skip("not a git checkout")
+    outputs = set()
+    for command in readme_commands():
+        outputs.update(re.findall(r"--(?:out|workdir|output)=([^\s'\"\\]+)", command))
+        outputs.update(re.findall(r">\s*([^\s'\"]+)\s*$", command))
+        outputs.update(re.findall(r"papermill \S+ (\S+)", command))
+    assert {"runs/tiny", "hf/tiny", "ckpt/v3", "prompts.txt", "out.ipynb"} <= outputs
+    not_ignored = [path for path in sorted(outputs) if subprocess.run(
+        ["git", "-C", REPO, "check-ignore", "-q", "--no-index", path]).returncode]
+    assert not not_ignored
