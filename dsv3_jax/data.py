@@ -52,18 +52,14 @@ class HFTokenizer:
     BOS_NAMES = ("<｜begin▁of▁sentence｜>", "<s>", "<|begin_of_text|>", "<bos>")
 
     def __init__(self, path: str):
-        import tokenizers
-
-        if not os.path.isfile(path):
-            raise ValueError(f"data.tokenizer: no tokenizer.json at {path!r}")
         self.path = path
-        self._tok = tokenizers.Tokenizer.from_file(path)
+        self._tok = _read_tokenizer_json(path)
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         vocab = self._tok.get_vocab(with_added_tokens=True)
         self.eos_id = next((vocab[n] for n in self.EOS_NAMES if n in vocab), None)
         self.bos_id = next((vocab[n] for n in self.BOS_NAMES if n in vocab), self.eos_id)
         if self.eos_id is None:
-            raise ValueError(f"data.tokenizer {path!r} has none of the end-of-text tokens "
+            raise ValueError(f"tokenizer {path!r} has none of the end-of-text tokens "
                              f"{self.EOS_NAMES}; documents could not be separated")
 
     def encode(self, text: str) -> list[int]:
@@ -74,6 +70,37 @@ class HFTokenizer:
 
     def to_json(self) -> dict:
         return {"kind": "hf", "path": os.path.abspath(self.path)}
+
+
+def _read_tokenizer_json(path: str):
+    """A `tokenizers.Tokenizer` from `path`, or a ValueError naming the file and its problem
+    (the library's own errors name neither the file nor, for an empty one, the cause)."""
+    import tokenizers
+
+    if not os.path.isfile(path):
+        inside = os.path.join(path, "tokenizer.json")
+        hint = f"; did you mean {inside!r}?" if os.path.isfile(inside) else ""
+        problem = "is a directory" if os.path.isdir(path) else "no such file"
+        raise ValueError(f"tokenizer {path!r}: {problem} (give 'bytes' or the path of a "
+                         f"Hugging Face tokenizer.json){hint}")
+    with open(path, "rb") as f:
+        raw = f.read()
+    if not raw.strip():
+        raise ValueError(f"tokenizer {path!r}: the file is empty")
+    try:
+        record = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"tokenizer {path!r} is not valid JSON: {e.msg} at line {e.lineno} "
+                         f"column {e.colno}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"tokenizer {path!r} is not a JSON file (not UTF-8 text)") from None
+    if not isinstance(record, dict) or "model" not in record:
+        raise ValueError(f"tokenizer {path!r} is JSON but not a Hugging Face tokenizer.json (it "
+                         "has no 'model' entry: a config.json or tokenizer_config.json?)")
+    try:
+        return tokenizers.Tokenizer.from_str(raw.decode("utf-8"))
+    except Exception as e:  # the tokenizers library raises a bare Exception
+        raise ValueError(f"tokenizer {path!r} is not a valid tokenizer.json: {e}") from None
 
 
 def load_tokenizer(spec: str):
@@ -106,21 +133,49 @@ def text_files(path: str) -> list[str]:
     return files
 
 
+def _not_text(path: str) -> str:
+    """Why the file at `path`, which failed to read as UTF-8 text, is not: its first bad byte,
+    by line and byte offset."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        raw.decode("utf-8")
+        offset = max(raw.find(b"\0"), 0)
+        problem = "a NUL byte (binary data, or UTF-16 text?)"
+    except UnicodeDecodeError as e:
+        offset = e.start
+        problem = f"byte 0x{raw[offset]:02x}, which is not UTF-8 ({e.reason})"
+    line = raw.count(b"\n", 0, offset) + 1
+    return (f"{path}: not UTF-8 text: {problem} at line {line} (byte offset {offset}); convert "
+            "it to UTF-8 or leave it out of data.path")
+
+
+def _jsonl_documents(path: str, text_field: str) -> Iterator[str]:
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                # e.msg alone drops the position ("Invalid control character at").
+                raise ValueError(f"{path}:{line_no}: not valid JSON ({e.msg.removesuffix(' at')} "
+                                 f"at column {e.colno})") from None
+            if not isinstance(record, dict) or text_field not in record:
+                raise ValueError(f"{path}:{line_no}: no {text_field!r} field "
+                                 f"(set data.text_field)")
+            yield str(record[text_field])
+
+
 def read_documents(files: list[str], text_field: str) -> Iterator[str]:
+    """The documents of `files`. Every file must be UTF-8 text: one that is not (a binary file
+    named .txt, a Latin-1 one) is refused with the position of its first byte that is not."""
     for path in files:
         if path.endswith(".jsonl"):
-            with open(path, encoding="utf-8") as f:
-                for line_no, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise ValueError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
-                    if not isinstance(record, dict) or text_field not in record:
-                        raise ValueError(f"{path}:{line_no}: no {text_field!r} field "
-                                         f"(set data.text_field)")
-                    yield str(record[text_field])
+            try:
+                yield from _jsonl_documents(path, text_field)
+            except UnicodeDecodeError:
+                raise ValueError(_not_text(path)) from None
         elif path.endswith(".parquet"):
             import pyarrow.parquet as pq
 
@@ -130,8 +185,14 @@ def read_documents(files: list[str], text_field: str) -> Iterator[str]:
                                  f"{table.column_names}; set data.text_field)")
             yield from (str(t) for t in table.column(text_field).to_pylist())
         else:
-            with open(path, encoding="utf-8", errors="replace") as f:
-                yield f.read()
+            try:
+                with open(path, encoding="utf-8") as f:
+                    text = f.read()
+            except UnicodeDecodeError:
+                text = None
+            if text is None or "\0" in text:
+                raise ValueError(_not_text(path))
+            yield text
 
 
 def text_stream(path: str, text_field: str, tokenizer) -> np.ndarray:

@@ -83,6 +83,7 @@ import dsv3_jax
 from dsv3_jax import implementations, pipeline, sharding, train_loop
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.model import MATMUL_WEIGHTS
+from launch import cli
 
 GB = 1e9
 HEADROOM = 0.9  # the plan fits when the total is at most this share of the device
@@ -502,7 +503,7 @@ def main() -> None:
               "`data`; activations with more microbatches, remat=full or a flash attention)")
         sys.exit(1)
 
-    app.run(run)
+    cli.run(run, config)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from dsv3_jax.data import ByteTokenizer, DataSpec, TokenData, text_files
+from dsv3_jax.data import ByteTokenizer, DataSpec, TokenData, load_tokenizer, text_files
 from launch.prepare_data import prepare
 
 VOCAB = 320
@@ -132,3 +132,56 @@ def test_hugging_face_tokenizer_json(tmp_path):
     with pytest.raises(ValueError, match=rf"raise model.vocab_size to at least {hf.vocab_size}"):
         TokenData(spec(path=str(tmp_path / "corpus"), tokenizer=str(tmp_path /
                                                                     "tokenizer.json")), too_small)
+
+
+@pytest.mark.parametrize("content, problem", [
+    ("", "the file is empty"),
+    ('{"model": {"type": "BPE", ', "is not valid JSON: Expecting property name enclosed in double "
+     "quotes at line 1 column 27"),
+    ('{"model_type": "deepseek_v3"}', "is JSON but not a Hugging Face tokenizer.json"),
+    ('{"model": {"type": "NoSuchModel"}}', "is not a valid tokenizer.json: "),
+], ids=["empty", "truncated", "a-config-json", "unknown-model"])
+def test_unreadable_tokenizer_json_is_refused_naming_the_file(tmp_path, content, problem):
+    path = tmp_path / "tokenizer.json"
+    path.write_text(content)
+    # TokenData (data.tokenizer) and launch.generate's --tokenizer share load_tokenizer
+    with pytest.raises(ValueError) as error:
+        TokenData(spec(tokenizer=str(path)), VOCAB)
+    assert str(error.value).startswith(f"tokenizer {str(path)!r}")
+    assert problem in str(error.value)
+    with pytest.raises(ValueError, match=r"did you mean .*tokenizer\.json"):
+        load_tokenizer(str(tmp_path))  # the directory that holds it
+
+
+def test_text_files_that_are_not_utf8_are_refused_with_the_position(tmp_path):
+    (tmp_path / "ok.txt").write_text("plain text\n" * 50)
+    (tmp_path / "image.txt").write_bytes(b"line one\nline two\n\x89PNG\r\n\x1a\n\x00\x00")
+    with pytest.raises(ValueError) as error:
+        TokenData(spec(path=str(tmp_path)), VOCAB)
+    assert str(error.value) == (
+        f"{tmp_path / 'image.txt'}: not UTF-8 text: byte 0x89, which is not UTF-8 (invalid "
+        "start byte) at line 3 (byte offset 18); convert it to UTF-8 or leave it out of "
+        "data.path")
+    (tmp_path / "image.txt").unlink()
+    # UTF-16 without a byte-order mark decodes as UTF-8, with a NUL byte every other byte
+    (tmp_path / "wide.txt").write_bytes("hi\nthere".encode("utf-16-le"))
+    with pytest.raises(ValueError, match=r"wide.txt: not UTF-8 text: a NUL byte .* at line 1 "
+                                         r"\(byte offset 1\)"):
+        TokenData(spec(path=str(tmp_path)), VOCAB)
+    (tmp_path / "wide.txt").unlink()
+    (tmp_path / "latin1.jsonl").write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=r"latin1.jsonl: not UTF-8 text: byte 0xe9, .* at line 2 "
+                                         r"\(byte offset 28\)"):
+        TokenData(spec(path=str(tmp_path / "latin1.jsonl")), VOCAB)
+
+
+def test_malformed_jsonl_keeps_the_line_and_column(tmp_path):
+    (tmp_path / "tab.jsonl").write_text('{"text": "ok"}\n\n{"text": "a\tb"}\n')
+    with pytest.raises(ValueError) as error:
+        TokenData(spec(path=str(tmp_path / "tab.jsonl")), VOCAB)
+    assert str(error.value) == (f"{tmp_path / 'tab.jsonl'}:3: not valid JSON (Invalid control "
+                                "character at column 12)")
+    (tmp_path / "comma.jsonl").write_text('{"text": "ok" "more": 1}\n')
+    with pytest.raises(ValueError, match=r"comma.jsonl:1: not valid JSON \(Expecting ',' "
+                                         r"delimiter at column 15\)"):
+        TokenData(spec(path=str(tmp_path / "comma.jsonl")), VOCAB)
