@@ -316,7 +316,7 @@ def hf_to_orbax(hf_dir: str, out: str, dtype: str = "fp32",
         ml_dtypes.bfloat16)
     hf_dir = os.path.abspath(hf_dir)
     hf_config = _read_hf_config(hf_dir)
-    cfg = ModelConfig.from_hf(hf_config)
+    cfg = ModelConfig.from_hf(hf_config, source=os.path.join(hf_dir, "config.json"))
     quant = hf_config.get("quantization_config") or {}
     block = tuple(quant.get("weight_block_size") or (128, 128))
     entries = hf_entries(hf_dir)
