@@ -227,26 +227,58 @@ def test_exported_logits_match_transformers(name, tmp_path):
     assert relative_max_error(ours, ref) < 1e-4
 
 
-def test_import_of_a_transformers_save_pretrained_directory(tmp_path):
-    """What transformers itself writes (sharded, with an index, no MTP layer) imports exactly;
-    with MTP in the config the error says only the MTP module is missing."""
-    cfg = TINY.replace(mtp_depth=0)
+def test_import_of_a_transformers_save_pretrained_directory(tmp_path, capsys):
+    """What transformers itself writes (sharded, with an index) imports exactly. Its config
+    keeps num_nextn_predict_layers=1 but its files hold no MTP layer: the main model is imported
+    with MTP depth 0, or with --mtp=init a fresh MTP module equal to what training's
+    initialization draws, and one line says which."""
+    cfg = TINY  # MTP depth 1
     model, tensors = random_hf_model(cfg, seed=11)
-    model.save_pretrained(str(tmp_path / "saved"), max_shard_size="100KB")
-    assert os.path.isfile(tmp_path / "saved" / "model.safetensors.index.json")
-    convert.hf_to_orbax(str(tmp_path / "saved"), str(tmp_path / "ckpt"), progress=False)
-    variables, _ = restore(tmp_path / "ckpt", cfg)
-    ours = dsv3_jax.to_hf_state_dict(cfg, variables)
+    saved = tmp_path / "saved"
+    model.save_pretrained(str(saved), max_shard_size="100KB")
+    assert os.path.isfile(saved / "model.safetensors.index.json")
+    with open(saved / "config.json") as f:
+        assert json.load(f)["num_nextn_predict_layers"] == 1
+    assert not any(n.startswith(f"model.layers.{cfg.n_layers}.") for n in tensors)
+    capsys.readouterr()
+
+    assert convert_main(["hf-to-orbax", f"--hf_dir={saved}", f"--out={tmp_path / 'ckpt'}",
+                         "--no_progress"]) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1, notes
+    assert "holds no MTP tensor (model.layers.3.*" in notes[0]
+    assert "imported the main model with MTP depth 0" in notes[0]
+    variables, meta = restore(tmp_path / "ckpt", cfg.replace(mtp_depth=0))
+    assert meta["model"]["mtp_depth"] == 0 and meta["source"]["mtp"] == "absent: depth 0"
+    ours = dsv3_jax.to_hf_state_dict(cfg.replace(mtp_depth=0), variables)
     assert set(ours) == set(tensors)
     for name, value in tensors.items():
         np.testing.assert_array_equal(ours[name], value, err_msg=name)
 
-    with open(tmp_path / "saved" / "config.json") as f:
-        config = json.load(f)
-    with open(tmp_path / "saved" / "config.json", "w") as f:
-        json.dump(dict(config, num_nextn_predict_layers=1), f)
-    expect_import_error(tmp_path, tmp_path / "saved", "model.layers.3.",
-                        "only the MTP module is missing")
+    assert convert_main(["hf-to-orbax", f"--hf_dir={saved}", f"--out={tmp_path / 'with_mtp'}",
+                         "--mtp=init", "--seed=3", "--max_shard_size=20KB",
+                         "--no_progress"]) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "initialized 1 MTP module(s) afresh" in notes[0], notes
+    variables, meta = restore(tmp_path / "with_mtp", cfg)
+    assert meta["model"]["mtp_depth"] == 1
+    fresh = jax.tree.map(np.asarray, dsv3_jax.init(cfg, jax.random.key(3)))
+    assert_trees_equal(variables["params"]["mtp_0"], fresh["params"]["mtp_0"])
+    assert_trees_equal(variables["router_bias"]["mtp_0"], fresh["router_bias"]["mtp_0"])
+    ours = dsv3_jax.to_hf_state_dict(cfg, variables)
+    for name, value in tensors.items():
+        np.testing.assert_array_equal(ours[name], value, err_msg=name)
+
+    # Any other missing tensor is still refused by name, MTP or not.
+    gone = "model.layers.2.mlp.experts.5.up_proj.weight"
+    expect_import_error(tmp_path, mutated(tmp_path, {k: v for k, v in tensors.items()
+                                                     if k != gone}, "no_expert"), gone)
+    mtp = f"model.layers.{cfg.n_layers}"
+    full = dict(tensors, **{k: v for k, v in dsv3_jax.to_hf_state_dict(
+        cfg, random_variables(cfg, 0)).items() if k.startswith(mtp)})
+    expect_import_error(tmp_path, mutated(tmp_path, {k: v for k, v in full.items()
+                                                     if k != f"{mtp}.eh_proj.weight"},
+                                          "mtp_incomplete"), f"{mtp}.eh_proj.weight")
 
 
 def quantize_fp8(w, block=128):
