@@ -16,6 +16,13 @@ ATTENTION_IMPLS = ("auto", "xla", "cudnn", "pallas")
 DECODE_IMPLS = ("auto", "xla", "pallas")
 MOE_IMPLS = ("auto", "dense", "xla", "pallas")
 DTYPES = ("float32", "bfloat16")
+# config.json fields that decide which tensors a checkpoint holds and their shapes. transformers
+# would take DeepSeek-V3 671B's values for a missing one, which fit no other model's files, so
+# `from_hf` refuses a config without them; every other field takes transformers' default.
+HF_REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size",
+               "num_hidden_layers", "first_k_dense_replace", "num_attention_heads",
+               "n_routed_experts", "n_shared_experts", "q_lora_rank", "kv_lora_rank",
+               "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,12 +107,26 @@ class ModelConfig:
 
     # Hugging Face config.json ----------------------------------------------------------------
     @classmethod
-    def from_hf(cls, hf: dict[str, Any], **overrides: Any) -> ModelConfig:
-        """Build from a Hugging Face DeepseekV3Config dict (`config.json`)."""
+    def from_hf(cls, hf: dict[str, Any], *, source: str = "config.json",
+                **overrides: Any) -> ModelConfig:
+        """Build from a Hugging Face DeepseekV3Config dict (`config.json`).
+
+        A missing field takes the default transformers' DeepseekV3Config takes, so both read the
+        same model, except the fields in HF_REQUIRED (tensor shapes), which are refused by name.
+        `source` names the dict in error messages (the file it was read from).
+        """
+        missing = [name for name in HF_REQUIRED if name not in hf]
+        if missing:
+            example = DEEPSEEK_V3_671B.to_hf()
+            raise ValueError(
+                f"{source} has no {', '.join(missing)}: "
+                f"{'it sets' if len(missing) == 1 else 'they set'} the shapes of the tensors, so "
+                "there is no default to assume; add it to the file (DeepSeek-V3 671B: "
+                f"{', '.join(f'{n}={example[n]}' for n in missing)})")
         model_type = hf.get("model_type", "deepseek_v3")
         if model_type != "deepseek_v3":
             raise ValueError(
-                f"config.json model_type is {model_type!r}; only 'deepseek_v3' (DeepSeek-V3 "
+                f"{source} model_type is {model_type!r}; only 'deepseek_v3' (DeepSeek-V3 "
                 "routing: sigmoid scores with a selection bias) is supported")
         rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
         rope_type = rope.get("rope_type", rope.get("type", "default"))
@@ -117,16 +138,16 @@ class ModelConfig:
             inter_dim=hf["intermediate_size"],
             moe_inter_dim=hf["moe_intermediate_size"],
             n_layers=hf["num_hidden_layers"],
-            n_dense_layers=hf.get("first_k_dense_replace", 0),
+            n_dense_layers=hf["first_k_dense_replace"] or 0,
             n_heads=hf["num_attention_heads"],
             n_routed_experts=hf["n_routed_experts"],
-            n_shared_experts=hf.get("n_shared_experts") or 0,
-            n_activated_experts=hf["num_experts_per_tok"],
-            n_expert_groups=hf.get("n_group") or 1,
-            n_limited_groups=hf.get("topk_group") or 1,
+            n_shared_experts=hf["n_shared_experts"] or 0,
+            n_activated_experts=hf.get("num_experts_per_tok", 8),
+            n_expert_groups=_hf_value(hf, "n_group", 8, null=1),  # null: no groups
+            n_limited_groups=_hf_value(hf, "topk_group", 4, null=1),
             score_func=hf.get("scoring_func", "sigmoid"),
-            route_scale=hf.get("routed_scaling_factor", 1.0),
-            q_lora_rank=hf.get("q_lora_rank") or 0,
+            route_scale=hf.get("routed_scaling_factor", 2.5),
+            q_lora_rank=hf["q_lora_rank"] or 0,  # null: no query compression
             kv_lora_rank=hf["kv_lora_rank"],
             qk_nope_head_dim=hf["qk_nope_head_dim"],
             qk_rope_head_dim=hf["qk_rope_head_dim"],
@@ -134,33 +155,22 @@ class ModelConfig:
             norm_eps=hf.get("rms_norm_eps", 1e-6),
             max_seq_len=max_pos,
             rope_theta=theta,
-            mtp_depth=hf.get("num_nextn_predict_layers", hf.get("num_mtp_layers", 0)) or 0,
-            init_std=hf.get("initializer_range", 0.006),
+            mtp_depth=_hf_value(hf, "num_nextn_predict_layers",
+                                _hf_value(hf, "num_mtp_layers", 1, null=0), null=0),
+            init_std=hf.get("initializer_range", 0.02),
         )
         if hf.get("norm_topk_prob", True) is not True:
-            raise ValueError("config.json norm_topk_prob must be true for DeepSeek-V3 routing")
+            raise ValueError(f"{source} norm_topk_prob must be true for DeepSeek-V3 routing")
         if hf.get("moe_layer_freq", 1) != 1:
             raise ValueError(
-                f"config.json moe_layer_freq={hf['moe_layer_freq']}; only 1 (every layer after "
+                f"{source} moe_layer_freq={hf['moe_layer_freq']}; only 1 (every layer after "
                 "first_k_dense_replace is MoE) is supported")
         if rope_type == "yarn":
-            original = rope.get("original_max_position_embeddings", 4096)
-            if max_pos <= original:
-                raise ValueError(
-                    f"config.json asks for YaRN but max_position_embeddings={max_pos} is not above "
-                    f"original_max_position_embeddings={original}; YaRN applies only beyond it")
-            fields.update(
-                original_seq_len=original,
-                rope_factor=rope["factor"],
-                beta_fast=rope.get("beta_fast", 32),
-                beta_slow=rope.get("beta_slow", 1),
-                mscale=rope.get("mscale", 1.0),
-                mscale_all_dim=rope.get("mscale_all_dim", 1.0),
-            )
+            fields.update(_yarn_fields(rope, max_pos, source))
         elif rope_type == "default":
             fields.update(original_seq_len=max_pos, rope_factor=1.0)
         else:
-            raise ValueError(f"config.json rope type {rope_type!r} is not one of yarn, default")
+            raise ValueError(f"{source} rope type {rope_type!r} is not one of yarn, default")
         fields.update(overrides)
         return cls(**fields)
 
@@ -219,6 +229,52 @@ class ModelConfig:
         else:
             hf["rope_scaling"] = None
         return hf
+
+
+def _hf_value(hf: dict[str, Any], name: str, default: Any, null: Any) -> Any:
+    """hf[name]: `default` (transformers') when missing, `null` when given as null."""
+    value = hf.get(name, default)
+    return null if value is None else value
+
+
+def _yarn_fields(rope: dict[str, Any], max_pos: int, source: str) -> dict[str, Any]:
+    """The YaRN fields of a `rope_scaling` dict, read as transformers reads them (beta_fast 32
+    and beta_slow 1 when missing; mscale and mscale_all_dim count only together); what
+    ModelConfig cannot express is refused by name."""
+    where = f"{source} rope_scaling (yarn)"
+    if "factor" not in rope:
+        raise ValueError(f"{where} has no factor (the context extension; DeepSeek-V3: 40), "
+                         "which transformers requires too")
+    if "original_max_position_embeddings" not in rope:
+        raise ValueError(
+            f"{where} has no original_max_position_embeddings (the pretraining context; "
+            f"DeepSeek-V3: 4096): transformers would take max_position_embeddings={max_pos}, "
+            "so YaRN would rescale positions inside the original context, which ModelConfig "
+            "does not express; add it to the file")
+    original = rope["original_max_position_embeddings"]
+    if max_pos <= original:
+        raise ValueError(
+            f"{source} asks for YaRN but max_position_embeddings={max_pos} is not above "
+            f"original_max_position_embeddings={original}; YaRN applies only beyond it")
+    factor = rope["factor"]
+    if factor is None:  # transformers: the ratio of the two contexts
+        factor = max_pos / original
+    # transformers scales cos/sin by yarn_mscale(factor, mscale) / yarn_mscale(factor,
+    # mscale_all_dim) when both are set (nonzero), else by yarn_mscale(factor, 1), and the
+    # softmax by yarn_mscale(factor, mscale_all_dim)^2 when mscale_all_dim is set.
+    mscale, all_dim = rope.get("mscale"), rope.get("mscale_all_dim")
+    if all_dim and not mscale:
+        raise ValueError(
+            f"{where} gives mscale_all_dim={all_dim} without mscale: transformers then scales "
+            "cos/sin by yarn_mscale(factor) alone, which ModelConfig does not express; add "
+            "mscale (DeepSeek-V3: mscale = mscale_all_dim = 1.0)")
+    if mscale not in (None, 0, 1) and not all_dim:
+        raise ValueError(
+            f"{where} gives mscale={mscale} without mscale_all_dim: transformers then ignores "
+            "mscale; add mscale_all_dim (DeepSeek-V3: mscale = mscale_all_dim = 1.0)")
+    return dict(original_seq_len=original, rope_factor=factor,
+                beta_fast=rope.get("beta_fast") or 32, beta_slow=rope.get("beta_slow") or 1,
+                mscale=mscale if all_dim else 1.0, mscale_all_dim=all_dim or 0.0)
 
 
 def yarn_mscale(factor: float, mscale: float) -> float:

@@ -6,7 +6,9 @@
   hf_to_orbax  a Hugging Face / official DeepSeek-V3 directory (bf16, fp16, fp32, or FP8 E4M3
                with 128x128 `weight_scale_inv` block scales) -> one orbax step directory that
                dsv3_jax.checkpoint.load_variables (and so `launch.train --config.init_from`)
-               restores, with the model config in its `meta` item
+               restores, with the model config in its `meta` item; a directory without the
+               MTP tensors its config asks for (what save_pretrained writes) imports with MTP
+               depth 0, or with MTP modules initialized afresh (`mtp='init'`)
 
 Both directions stream: one released tensor at a time, read and written as slices of our stacked
 leaves (never a whole stacked leaf; see dsv3_jax/convert_orbax.py), so host memory stays within
@@ -33,6 +35,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
@@ -40,7 +43,8 @@ from dsv3_jax.api import abstract_variables
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.convert_orbax import OrbaxReader, OrbaxWriter, Path, read_meta, resolve_checkpoint
 from dsv3_jax.hf_weights import TensorSpec, tensor_map
-from dsv3_jax.moe import ROUTER_BIAS
+from dsv3_jax.model import MTPModule
+from dsv3_jax.moe import ROUTER_BIAS, ROUTER_STATS
 from dsv3_jax.safetensors_io import (
     DTYPES,
     PlannedTensor,
@@ -304,38 +308,69 @@ class _Source:
     scale: TensorEntry | None  # FP8 block scales
 
 
+MTP_CHOICES = ("none", "init")
+
+
 def hf_to_orbax(hf_dir: str, out: str, dtype: str = "fp32",
-                max_shard_bytes: int = DEFAULT_COMMIT_BYTES, progress: bool = True) -> str:
+                max_shard_bytes: int = DEFAULT_COMMIT_BYTES, progress: bool = True,
+                mtp: str = "none", seed: int = 0) -> str:
     """Import a Hugging Face / official DeepSeek-V3 directory into an orbax step directory `out`.
 
     dtype: the stored dtype of params, 'fp32' (our master weights) or 'bf16' (restored as
     float32); the router bias is always float32. max_shard_bytes: bytes per OCDBT commit.
-    Returns the absolute path of the written directory.
+    mtp: what to do when config.json asks for MTP but the files hold no MTP tensor (transformers'
+    save_pretrained drops them): 'none' imports the main model with MTP depth 0, 'init' adds
+    MTP modules initialized as training initializes them (`dsv3_jax.init` with
+    jax.random.key(seed)); either is said in one line on stderr. Any other missing tensor is
+    refused by name. Returns the absolute path of the written directory.
     """
+    if mtp not in MTP_CHOICES:
+        raise ValueError(f"--mtp={mtp!r} is not one of {', '.join(MTP_CHOICES)}")
     out_dtype = np.dtype(np.float32) if _dtype_name(dtype) == "F32" else np.dtype(
         ml_dtypes.bfloat16)
     hf_dir = os.path.abspath(hf_dir)
     hf_config = _read_hf_config(hf_dir)
-    cfg = ModelConfig.from_hf(hf_config)
+    cfg = ModelConfig.from_hf(hf_config, source=os.path.join(hf_dir, "config.json"))
     quant = hf_config.get("quantization_config") or {}
     block = tuple(quant.get("weight_block_size") or (128, 128))
     entries = hf_entries(hf_dir)
+    mtp_absent = cfg.mtp_depth > 0 and not any(
+        n.startswith(_mtp_prefixes(cfg)) for n in entries)
+    fresh_mtp = mtp_absent and mtp == "init"
+    if mtp_absent:
+        layers = ", ".join(f"model.layers.{p.split('.')[2]}.*" for p in _mtp_prefixes(cfg))
+        done = (f"initialized {cfg.mtp_depth} MTP module(s) afresh as training does "
+                f"(N(0, {cfg.init_std}^2) matrices, unit norms, zero bias; seed {seed})"
+                if fresh_mtp else "imported the main model with MTP depth 0 (--mtp=init adds "
+                "a freshly initialized MTP module instead)")
+        _notice(f"{hf_dir} holds no MTP tensor ({layers}; transformers' save_pretrained drops "
+                f"them) although config.json has num_nextn_predict_layers={cfg.mtp_depth}: "
+                f"{done}")
+        if not fresh_mtp:
+            cfg = cfg.replace(mtp_depth=0)
+    specs = tensor_map(cfg)
+    stored_specs = [s for s in specs if not (fresh_mtp and s.name.startswith(
+        _mtp_prefixes(cfg)))]
     leaves = leaf_shapes(cfg)
-    sources = _match_sources(cfg, leaves, entries, block)
+    sources = _match_sources(cfg, stored_specs, leaves, entries, block)
     owners = {(s.spec.path, s.spec.index): s for s in sources if not s.spec.shared}
     layout = {}
-    for spec in tensor_map(cfg):
+    for spec in specs:
         if not spec.shared:
             leaf = leaves[spec.path]
             layout[spec.path] = (tuple(leaf.shape),
                                  np.float32 if _is_bias(spec) else out_dtype, len(spec.index))
     tokenizer = [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(hf_dir, n))]
     final = os.path.abspath(out)
+    mtp_source = ("absent: depth 0" if mtp_absent and not fresh_mtp else
+                  f"absent: initialized with seed {seed}" if fresh_mtp else
+                  "imported" if cfg.mtp_depth else "none")
     meta = {"model": dataclasses.asdict(cfg),
             "tokenizer": ({"kind": "hf", "path": os.path.join(final, "tokenizer.json")}
                           if "tokenizer.json" in tokenizer else None),
             "hf_config": hf_config,
-            "source": {"kind": "hf", "path": hf_dir, "dtype": np.dtype(out_dtype).name}}
+            "source": {"kind": "hf", "path": hf_dir, "dtype": np.dtype(out_dtype).name,
+                       "mtp": mtp_source}}
 
     with _staging(out) as tmp:
         writer = OrbaxWriter(tmp, layout, max_shard_bytes)
@@ -355,10 +390,69 @@ def hf_to_orbax(hf_dir: str, out: str, dtype: str = "fp32",
                     writer.write(spec.path, spec.index, spec.from_torch_layout(tensor, shape))
                 del tensor
                 bar.update()
+        if fresh_mtp:
+            for path, value in fresh_mtp_leaves(cfg, seed, max_shard_bytes):
+                for index in np.ndindex(*value.shape[:layout[path][2]]):
+                    writer.write(path, index, value[index])
         for name in tokenizer:  # beside the items, where launch.generate also looks
             shutil.copyfile(os.path.join(hf_dir, name), os.path.join(tmp, name))
         writer.finish(meta)
     return final
+
+
+def _notice(message: str) -> None:
+    """One line for the user on stderr (what a conversion did beyond the obvious)."""
+    print(f"note: {message}", file=sys.stderr, flush=True)
+
+
+def _mtp_prefixes(cfg: ModelConfig) -> tuple[str, ...]:
+    """The released names' prefixes of the MTP depths (layers n_layers .. n_layers + D - 1)."""
+    return tuple(f"model.layers.{cfg.n_layers + k}." for k in range(cfg.mtp_depth))
+
+
+class _MTPModules(nn.Module):
+    """The MTP modules alone, under the names `Transformer` gives them: flax derives a child's
+    random numbers from the root key and the child's name only, so initializing this draws what
+    `dsv3_jax.init` of the whole model draws for them, without making the rest."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, h_btd, positions_bt, valid_bt):
+        for k in range(self.cfg.mtp_depth):
+            h_btd, _, _ = MTPModule(self.cfg, name=f"mtp_{k}")(h_btd, h_btd, positions_bt, None,
+                                                               valid_bt)
+        return h_btd
+
+
+def fresh_mtp_leaves(cfg: ModelConfig, seed: int,
+                     max_bytes: int) -> Iterator[tuple[Path, np.ndarray]]:
+    """(path, value) of every MTP variable, equal to dsv3_jax.init(cfg, jax.random.key(seed))'s,
+    made a group of leaves of at most `max_bytes` (or one larger leaf) at a time: each group is
+    its own jitted program, from which XLA drops the other leaves' initializers."""
+    def init(rng):
+        h_btd = jnp.zeros((1, 8, cfg.dim), jnp.float32)
+        boxed = _MTPModules(cfg).init(rng, h_btd, jnp.zeros((1, 8), jnp.int32),
+                                      jnp.ones((1, 8), bool))
+        boxed.pop(ROUTER_STATS, None)
+        flat, _ = jax.tree_util.tree_flatten_with_path(nn.meta.unbox(boxed))
+        return {tuple(str(k.key) for k in keys): leaf for keys, leaf in flat}
+
+    rng = jax.random.key(seed)
+    shapes = jax.eval_shape(init, rng)
+    groups, size = [[]], 0
+    for path, leaf in shapes.items():
+        nbytes = math.prod(leaf.shape) * leaf.dtype.itemsize
+        if groups[-1] and size + nbytes > max_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(path)
+        size += nbytes
+    for group in groups:
+        values = jax.jit(lambda r, group=tuple(group): [init(r)[p] for p in group])(rng)
+        for path, value in zip(group, values, strict=True):
+            yield path, np.asarray(value)
+        del values
 
 
 def _read_hf_config(hf_dir: str) -> dict[str, Any]:
@@ -400,24 +494,19 @@ def hf_entries(hf_dir: str) -> dict[str, TensorEntry]:
     return entries
 
 
-def _match_sources(cfg: ModelConfig, leaves: dict[Path, jax.ShapeDtypeStruct],
-                   entries: dict[str, TensorEntry], block: tuple[int, int]) -> list[_Source]:
-    """Pair every released tensor with its stored entry (and FP8 scale), checking names, shapes
-    and dtypes; raises ValueError naming the tensor, the expected and the found."""
-    specs = tensor_map(cfg)
+def _match_sources(cfg: ModelConfig, specs: list[TensorSpec],
+                   leaves: dict[Path, jax.ShapeDtypeStruct], entries: dict[str, TensorEntry],
+                   block: tuple[int, int]) -> list[_Source]:
+    """Pair every released tensor of `specs` with its stored entry (and FP8 scale), checking
+    names, shapes and dtypes; raises ValueError naming the tensor, the expected and the found."""
     expected = {s.name for s in specs}
     scales = {n for n in entries if n.endswith(SCALE_SUFFIX)}
     layout = (f"config: {cfg.n_layers} layers ({cfg.n_dense_layers} dense), "
               f"{cfg.n_routed_experts} experts, MTP depth {cfg.mtp_depth}")
     missing = sorted(expected - set(entries))
     if missing:
-        mtp = tuple(f"model.layers.{cfg.n_layers + k}." for k in range(cfg.mtp_depth))
-        hint = ""
-        if mtp and all(n.startswith(mtp) for n in missing):
-            hint = ("; only the MTP module is missing (transformers' save_pretrained drops it): "
-                    "set num_nextn_predict_layers to 0 in config.json to import without MTP")
         raise ValueError(f"{len(missing)} tensor(s) missing from the checkpoint, e.g. "
-                         f"{missing[:3]} ({layout}){hint}")
+                         f"{missing[:3]} ({layout})")
     unknown = sorted(set(entries) - expected - scales)
     if unknown:
         raise ValueError(f"{len(unknown)} tensor name(s) not in the DeepSeek-V3 layout for this "

@@ -2,6 +2,7 @@
 
   python -m launch.convert orbax-to-hf --checkpoint=runs/tiny --out=hf/tiny [--dtype=bf16|fp32]
   python -m launch.convert hf-to-orbax --hf_dir=DeepSeek-V3 --out=ckpt/v3 [--dtype=fp32|bf16]
+      [--mtp=none|init]
 
 orbax-to-hf reads a trainer workdir (its latest step), its checkpoints directory or one step
 directory, and writes a directory `transformers.AutoModelForCausalLM.from_pretrained` loads.
@@ -38,6 +39,13 @@ def main(argv: list[str] | None = None) -> int:
     to_orbax.add_argument("--out", required=True, help="new orbax checkpoint directory")
     to_orbax.add_argument("--dtype", default="fp32", choices=sorted(convert.DTYPE_ALIASES),
                           help="stored params dtype (restored as float32; the bias is float32)")
+    to_orbax.add_argument("--mtp", default="none", choices=convert.MTP_CHOICES,
+                          help="when config.json asks for MTP but the files hold none (as "
+                               "transformers' save_pretrained writes them): 'none' imports the "
+                               "main model with MTP depth 0, 'init' adds a fresh MTP module "
+                               "initialized as training does")
+    to_orbax.add_argument("--seed", type=int, default=0,
+                          help="the random seed of --mtp=init (as training's --config.seed)")
     to_hf.add_argument("--max_shard_size", default="5GB",
                        help="safetensors shard size (e.g. 5GB, 500MB)")
     to_orbax.add_argument("--max_shard_size", default="1GiB",
@@ -54,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
                                       args.tokenizer, read, progress=not args.no_progress)
         else:
             out = convert.hf_to_orbax(args.hf_dir, args.out, args.dtype, shard,
-                                      progress=not args.no_progress)
+                                      progress=not args.no_progress, mtp=args.mtp,
+                                      seed=args.seed)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

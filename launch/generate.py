@@ -58,29 +58,54 @@ def read_prompts() -> list[str]:
     return prompts
 
 
+def check_flags() -> None:
+    """Refuse impossible flag values, in the flags' spelling, before anything is loaded."""
+    if _MAX_NEW.value < 1:
+        raise ValueError(f"--max_new_tokens={_MAX_NEW.value} must be at least 1")
+    if not _TEMPERATURE.value >= 0:
+        raise ValueError(f"--temperature={_TEMPERATURE.value} must be >= 0 (0 = greedy)")
+    if not 0 < _TOP_P.value <= 1:
+        raise ValueError(f"--top_p={_TOP_P.value} must lie in (0, 1] (1 = no nucleus cut)")
+    if _TIMING_RUNS.value < 1:
+        raise ValueError(f"--timing_runs={_TIMING_RUNS.value} must be at least 1")
+    if _SPECULATIVE.value == "mtp" and _TEMPERATURE.value != 0:
+        raise ValueError(
+            "--speculative=mtp verifies drafts against the greedy token, but --temperature="
+            f"{_TEMPERATURE.value} samples: use --temperature=0, or leave out --speculative to "
+            "sample")
+
+
 def run() -> None:
+    check_flags()
+    prompts = read_prompts()
     import jax
 
     from dsv3_jax import implementations
     from dsv3_jax.generate import TextStream, generate, load_checkpoint
 
-    prompts = read_prompts()
     config, variables, tokenizer = load_checkpoint(_CHECKPOINT.value, _TOKENIZER.value)
     if tokenizer is None:
         raise ValueError(f"{_CHECKPOINT.value} records no tokenizer (a run on token ids, or a "
                          "conversion without tokenizer files); pass --tokenizer=bytes (the "
                          "byte-level one) or --tokenizer=PATH/tokenizer.json")
+    if _SPECULATIVE.value == "mtp" and not config.mtp_depth:
+        raise ValueError(f"--speculative=mtp drafts with the MTP module, and {_CHECKPOINT.value} "
+                         "has none (mtp_depth=0); leave out --speculative")
     kernels = implementations.resolve(config, jax.default_backend())
     print(f"kernels on {jax.default_backend()}: {kernels.describe()}", file=sys.stderr)
     streams = [TextStream(tokenizer) for _ in prompts]
     single = len(prompts) == 1
-    if single:
-        sys.stdout.write(prompts[0])
-        sys.stdout.flush()
+    echoed = False
 
     def on_tokens(index: int, ids: list[int], finish: str | None) -> None:
+        # The prompt is echoed with the first tokens, once generate() has accepted the request,
+        # so that a refusal (a prompt too long for the model, ...) is never printed after it.
+        nonlocal echoed
         text = streams[index].push(ids, final=finish is not None)
         if single:
+            if not echoed:
+                sys.stdout.write(prompts[0])
+                echoed = True
             sys.stdout.write(text + ("\n" if finish else ""))
         elif finish:
             completion = tokenizer.decode(streams[index].ids)
@@ -108,7 +133,7 @@ def compare(config, variables, prompts, tokenizer, streamed) -> None:
 
     rates: dict[str | None, list[float]] = {"mtp": [], None: []}
     same = True
-    for _ in range(max(_TIMING_RUNS.value, 1)):
+    for _ in range(_TIMING_RUNS.value):
         for mode in (None, "mtp"):
             run = generate(config, variables, prompts, max_new_tokens=_MAX_NEW.value,
                            speculative=mode, tokenizer=tokenizer)

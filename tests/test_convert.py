@@ -29,9 +29,11 @@ import dsv3_jax
 from configs import tiny
 from dsv3_jax import convert, train_loop
 from dsv3_jax.checkpoint import load_variables
+from dsv3_jax.config import HF_REQUIRED, ModelConfig
 from dsv3_jax.convert_orbax import OrbaxReader
 from dsv3_jax.data import ByteTokenizer
 from dsv3_jax.hf_weights import tensor_map
+from dsv3_jax.layers import rope_attention_factor, rope_frequencies
 from dsv3_jax.safetensors_io import read_header
 from launch.convert import main as convert_main
 from tests.hf_reference import random_hf_model
@@ -225,26 +227,58 @@ def test_exported_logits_match_transformers(name, tmp_path):
     assert relative_max_error(ours, ref) < 1e-4
 
 
-def test_import_of_a_transformers_save_pretrained_directory(tmp_path):
-    """What transformers itself writes (sharded, with an index, no MTP layer) imports exactly;
-    with MTP in the config the error says only the MTP module is missing."""
-    cfg = TINY.replace(mtp_depth=0)
+def test_import_of_a_transformers_save_pretrained_directory(tmp_path, capsys):
+    """What transformers itself writes (sharded, with an index) imports exactly. Its config
+    keeps num_nextn_predict_layers=1 but its files hold no MTP layer: the main model is imported
+    with MTP depth 0, or with --mtp=init a fresh MTP module equal to what training's
+    initialization draws, and one line says which."""
+    cfg = TINY  # MTP depth 1
     model, tensors = random_hf_model(cfg, seed=11)
-    model.save_pretrained(str(tmp_path / "saved"), max_shard_size="100KB")
-    assert os.path.isfile(tmp_path / "saved" / "model.safetensors.index.json")
-    convert.hf_to_orbax(str(tmp_path / "saved"), str(tmp_path / "ckpt"), progress=False)
-    variables, _ = restore(tmp_path / "ckpt", cfg)
-    ours = dsv3_jax.to_hf_state_dict(cfg, variables)
+    saved = tmp_path / "saved"
+    model.save_pretrained(str(saved), max_shard_size="100KB")
+    assert os.path.isfile(saved / "model.safetensors.index.json")
+    with open(saved / "config.json") as f:
+        assert json.load(f)["num_nextn_predict_layers"] == 1
+    assert not any(n.startswith(f"model.layers.{cfg.n_layers}.") for n in tensors)
+    capsys.readouterr()
+
+    assert convert_main(["hf-to-orbax", f"--hf_dir={saved}", f"--out={tmp_path / 'ckpt'}",
+                         "--no_progress"]) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1, notes
+    assert "holds no MTP tensor (model.layers.3.*" in notes[0]
+    assert "imported the main model with MTP depth 0" in notes[0]
+    variables, meta = restore(tmp_path / "ckpt", cfg.replace(mtp_depth=0))
+    assert meta["model"]["mtp_depth"] == 0 and meta["source"]["mtp"] == "absent: depth 0"
+    ours = dsv3_jax.to_hf_state_dict(cfg.replace(mtp_depth=0), variables)
     assert set(ours) == set(tensors)
     for name, value in tensors.items():
         np.testing.assert_array_equal(ours[name], value, err_msg=name)
 
-    with open(tmp_path / "saved" / "config.json") as f:
-        config = json.load(f)
-    with open(tmp_path / "saved" / "config.json", "w") as f:
-        json.dump(dict(config, num_nextn_predict_layers=1), f)
-    expect_import_error(tmp_path, tmp_path / "saved", "model.layers.3.",
-                        "only the MTP module is missing")
+    assert convert_main(["hf-to-orbax", f"--hf_dir={saved}", f"--out={tmp_path / 'with_mtp'}",
+                         "--mtp=init", "--seed=3", "--max_shard_size=20KB",
+                         "--no_progress"]) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "initialized 1 MTP module(s) afresh" in notes[0], notes
+    variables, meta = restore(tmp_path / "with_mtp", cfg)
+    assert meta["model"]["mtp_depth"] == 1
+    fresh = jax.tree.map(np.asarray, dsv3_jax.init(cfg, jax.random.key(3)))
+    assert_trees_equal(variables["params"]["mtp_0"], fresh["params"]["mtp_0"])
+    assert_trees_equal(variables["router_bias"]["mtp_0"], fresh["router_bias"]["mtp_0"])
+    ours = dsv3_jax.to_hf_state_dict(cfg, variables)
+    for name, value in tensors.items():
+        np.testing.assert_array_equal(ours[name], value, err_msg=name)
+
+    # Any other missing tensor is still refused by name, MTP or not.
+    gone = "model.layers.2.mlp.experts.5.up_proj.weight"
+    expect_import_error(tmp_path, mutated(tmp_path, {k: v for k, v in tensors.items()
+                                                     if k != gone}, "no_expert"), gone)
+    mtp = f"model.layers.{cfg.n_layers}"
+    full = dict(tensors, **{k: v for k, v in dsv3_jax.to_hf_state_dict(
+        cfg, random_variables(cfg, 0)).items() if k.startswith(mtp)})
+    expect_import_error(tmp_path, mutated(tmp_path, {k: v for k, v in full.items()
+                                                     if k != f"{mtp}.eh_proj.weight"},
+                                          "mtp_incomplete"), f"{mtp}.eh_proj.weight")
 
 
 def quantize_fp8(w, block=128):
@@ -588,3 +622,117 @@ def test_written_checkpoint_metadata_matches_what_orbax_writes(tmp_path):
     restored = ocp.Checkpointer(ocp.CompositeCheckpointHandler()).restore(str(tmp_path / "ours"))
     assert_trees_equal(jax.tree.map(np.asarray, variables), restored["state"])
     assert restored["meta"]["model"] == dataclasses.asdict(TINY)
+
+
+# config.json: a missing field is read as transformers reads it, or refused by name ---------------
+
+# Every value unlike transformers' DeepseekV3Config defaults, so that dropping a field changes
+# the model wherever a default applies.
+UNLIKE_DEFAULTS = TINY.replace(n_shared_experts=2, route_scale=1.5, norm_eps=1e-5,
+                               rope_theta=50000.0, max_seq_len=1024, original_seq_len=1024,
+                               mtp_depth=2, init_std=0.01)
+# The fields whose transformers default differs from UNLIKE_DEFAULTS' value.
+DEFAULTED = {"num_experts_per_tok", "n_group", "topk_group", "routed_scaling_factor",
+             "rms_norm_eps", "max_position_embeddings", "rope_theta", "num_nextn_predict_layers",
+             "initializer_range"}
+
+
+def transformers_reading(hf):
+    """The model transformers reads from a config.json dict (its defaults filled in), as a
+    ModelConfig of the fields it then holds."""
+    return ModelConfig.from_hf(transformers.DeepseekV3Config(**hf).to_dict())
+
+
+def test_missing_config_fields_take_transformers_defaults_or_are_refused():
+    full = UNLIKE_DEFAULTS.to_hf()
+    assert ModelConfig.from_hf(full) == transformers_reading(full) == UNLIKE_DEFAULTS
+    assert set(HF_REQUIRED) <= set(full)
+    changed = set()
+    for name in full:
+        dropped = {k: v for k, v in full.items() if k != name}
+        if name in HF_REQUIRED:
+            with pytest.raises(ValueError, match=f"config.json has no {name}: it sets the shapes"):
+                ModelConfig.from_hf(dropped)
+            continue
+        ours = ModelConfig.from_hf(dropped)
+        assert ours == transformers_reading(dropped), name
+        if ours != UNLIKE_DEFAULTS:
+            changed.add(name)
+    assert changed == DEFAULTED
+    # The MTP depth's other spelling (transformers' attribute alias) is read too.
+    del full["num_nextn_predict_layers"]
+    assert ModelConfig.from_hf(dict(full, num_mtp_layers=0)).mtp_depth == 0
+
+
+def transformers_rope(hf):
+    """(inv_freq, cos/sin scale, softmax scale) of transformers' DeepseekV3 for `hf`."""
+    from transformers.models.deepseek_v3 import modeling_deepseek_v3 as hf_model
+
+    config = transformers.DeepseekV3Config(**hf)
+    rotary = hf_model.DeepseekV3RotaryEmbedding(config)
+    return (rotary.inv_freq.numpy(), rotary.attention_scaling,
+            hf_model.DeepseekV3Attention(config, layer_idx=0).scaling)
+
+
+@pytest.mark.parametrize("drop", [("type",), ("rope_type",), ("type", "rope_type"),
+                                  ("beta_fast",), ("beta_slow",), ("mscale", "mscale_all_dim"),
+                                  ("factor",), ("original_max_position_embeddings",),
+                                  ("mscale",), ("mscale_all_dim",)])
+def test_missing_yarn_fields_are_read_as_transformers_reads_them(drop):
+    """Dropped rope_scaling fields: the rotation frequencies, the cos/sin scale and the softmax
+    scale equal transformers' for the same dict, or the dict is refused naming the field."""
+    cfg = TINY.replace(max_seq_len=4096, original_seq_len=256, rope_factor=16.0, beta_fast=16,
+                       beta_slow=2, mscale=0.8, mscale_all_dim=0.9)
+    hf = cfg.to_hf()
+    hf["rope_scaling"] = {k: v for k, v in hf["rope_scaling"].items() if k not in drop}
+    refused = {  # transformers refuses it too, or reads what ModelConfig cannot hold
+        ("factor",): "has no factor",
+        ("original_max_position_embeddings",): "has no original_max_position_embeddings",
+        ("mscale",): "mscale_all_dim=0.9 without mscale",
+        ("mscale_all_dim",): "mscale=0.8 without mscale_all_dim"}
+    if drop in refused:
+        with pytest.raises(ValueError, match=refused[drop]):
+            ModelConfig.from_hf(hf)
+        return
+    ours = ModelConfig.from_hf(hf)
+    inv_freq, cos_sin_scale, softmax_scale = transformers_rope(hf)
+    np.testing.assert_allclose(rope_frequencies(ours), inv_freq, rtol=1e-6)
+    assert rope_attention_factor(ours) == pytest.approx(cos_sin_scale, rel=1e-12)
+    assert ours.softmax_scale == pytest.approx(softmax_scale, rel=1e-12)
+
+
+def test_import_without_routing_fields_is_the_model_transformers_loads(tmp_path, capsys):
+    """The bug report's directory: config.json without routed_scaling_factor, n_group and
+    topk_group. hf-to-orbax and transformers read the same model from it (same logits); without
+    hidden_size the launcher refuses it in one line naming the file and the field."""
+    cfg = TINY.replace(mtp_depth=0)
+    variables = random_variables(cfg, seed=8)
+    hf_dir = tmp_path / "hf"
+    write_hf_dir(hf_dir, cfg, dsv3_jax.to_hf_state_dict(cfg, variables))
+    with open(hf_dir / "config.json") as f:
+        config = json.load(f)
+    for name in ("routed_scaling_factor", "n_group", "topk_group"):
+        del config[name]
+    with open(hf_dir / "config.json", "w") as f:
+        json.dump(config, f)
+    assert convert_main(["hf-to-orbax", f"--hf_dir={hf_dir}", f"--out={tmp_path / 'ckpt'}",
+                         "--no_progress"]) == 0
+    imported, meta = restore(tmp_path / "ckpt", cfg.replace(route_scale=2.5, n_expert_groups=8,
+                                                           n_limited_groups=4))
+    ours = ModelConfig(**meta["model"])
+    assert (ours.route_scale, ours.n_expert_groups, ours.n_limited_groups) == (2.5, 8, 4)
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(hf_dir)).eval()
+    tokens = np.random.default_rng(1).integers(0, cfg.vocab_size, (2, 20))
+    with torch.no_grad():
+        ref = model(torch.from_numpy(tokens)).logits.numpy()
+    assert relative_max_error(dsv3_jax.forward(ours, imported, tokens).logits, ref) < 1e-4
+    capsys.readouterr()
+
+    del config["hidden_size"]
+    with open(hf_dir / "config.json", "w") as f:
+        json.dump(config, f)
+    assert convert_main(["hf-to-orbax", f"--hf_dir={hf_dir}", f"--out={tmp_path / 'again'}",
+                         "--no_progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {hf_dir / 'config.json'} has no hidden_size: ")
+    assert err.count("\n") == 1 and not (tmp_path / "again").exists()

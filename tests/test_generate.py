@@ -183,28 +183,33 @@ def test_bad_requests_are_refused(variables):
         generate(CONFIG, variables, [[1]], temperature=1.0, top_p=0)
 
 
-def test_cli_streams_what_the_api_returns(tmp_path, variables):
-    """A checkpoint in a trainer workdir's layout; the CLI's stdout is the prompt and the
-    API's greedy text, and --speculative=mtp reports acceptance and agreement."""
-    workdir = tmp_path / "run"
-    meta = {"model": dataclasses.asdict(CONFIG), "tokenizer": {"kind": "bytes"}}
+def save_workdir(workdir, config, variables):
+    """A checkpoint in a trainer workdir's layout, with the byte-level tokenizer."""
+    meta = {"model": dataclasses.asdict(config), "tokenizer": {"kind": "bytes"}}
     workdir.mkdir()
     (workdir / "config.json").write_text(json.dumps(meta))
     checkpoints = Checkpointer(str(workdir / "checkpoints"), keep=1, asynchronous=False)
     checkpoints.save(1, variables, {}, meta)
     checkpoints.close()
+    return workdir
 
+
+def cli(workdir, *args):
+    return subprocess.run(
+        [sys.executable, "-m", "launch.generate", f"--checkpoint={workdir}", *args],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def test_cli_streams_what_the_api_returns(tmp_path, variables):
+    """The CLI's stdout is the prompt and the API's greedy text, and --speculative=mtp reports
+    acceptance and agreement."""
+    workdir = save_workdir(tmp_path / "run", CONFIG, variables)
     config, loaded, tokenizer = load_checkpoint(str(workdir / "checkpoints" / "1"))
     assert config == CONFIG and isinstance(tokenizer, ByteTokenizer)
     prompt = "Hi"  # with BOS 3 tokens: the prefill and step of the one-by-one test
     api = generate(config, loaded, [prompt], max_new_tokens=L - 3, tokenizer=tokenizer)
 
-    def cli(*args):
-        return subprocess.run(
-            [sys.executable, "-m", "launch.generate", f"--checkpoint={workdir}", *args],
-            cwd=REPO, capture_output=True, text=True, timeout=300)
-
-    run = cli(f"--prompt={prompt}", f"--max_new_tokens={L - 3}", "--speculative=mtp",
+    run = cli(workdir, f"--prompt={prompt}", f"--max_new_tokens={L - 3}", "--speculative=mtp",
               "--timing_runs=1")
     assert run.returncode == 0, run.stderr
     assert run.stdout == prompt + api.texts[0] + "\n"
@@ -214,12 +219,40 @@ def test_cli_streams_what_the_api_returns(tmp_path, variables):
     batch_file = tmp_path / "prompts.txt"
     # Three prompts, the longest 14 tokens with BOS: the sampling test's programs.
     batch_file.write_text("Hi\nHello\\tthere\nA long prompt\n")
-    run = cli(f"--batch_file={batch_file}", f"--max_new_tokens={L - 14}", "--temperature=0.9",
-              "--top_p=0.9")
+    run = cli(workdir, f"--batch_file={batch_file}", f"--max_new_tokens={L - 14}",
+              "--temperature=0.9", "--top_p=0.9")
     assert run.returncode == 0, run.stderr
     for line in ("[0] Hi", "[1] Hello\tthere", "[2] A long prompt"):
         assert run.stdout.count(line) == 1, line
     assert "sampled:" in run.stderr
 
-    run = cli("--prompt=" + "x" * 600)
-    assert run.returncode == 2 and "error: prompt 0 has 601 tokens" in run.stderr
+
+def test_cli_refuses_bad_requests_before_printing_anything(tmp_path, variables):
+    """Each refusal is one error line on stderr, in the flags' spelling, and nothing reaches
+    stdout (the prompt is not echoed first), whether the flags alone are wrong or the request
+    does not fit the model."""
+    workdir = save_workdir(tmp_path / "run", CONFIG, variables)
+    without_mtp = {c: {k: v for k, v in tree.items() if k != "mtp_0"}
+                   for c, tree in variables.items()}
+    no_mtp = save_workdir(tmp_path / "no_mtp", CONFIG.replace(mtp_depth=0), without_mtp)
+    for directory, args, message in [
+        (workdir, ["--speculative=mtp", "--temperature=0.8"],
+         "error: --speculative=mtp verifies drafts against the greedy token, but "
+         "--temperature=0.8 samples: use --temperature=0, or leave out --speculative"),
+        (workdir, ["--top_p=0"], "error: --top_p=0.0 must lie in (0, 1]"),
+        (workdir, ["--max_new_tokens=0"], "error: --max_new_tokens=0 must be at least 1"),
+        (workdir, ["--temperature=-1"], "error: --temperature=-1.0 must be >= 0"),
+        (workdir, ["--speculative=mtp", "--timing_runs=0"],
+         "error: --timing_runs=0 must be at least 1"),
+        (no_mtp, ["--speculative=mtp"], "error: --speculative=mtp drafts with the MTP module, "
+                                        f"and {no_mtp} has none (mtp_depth=0)"),
+        (workdir, ["--prompt=" + "x" * 600], "error: prompt 0 has 601 tokens"),
+    ]:
+        if not any(a.startswith("--prompt=") for a in args):
+            args = ["--prompt=Hi", *args]
+        run = cli(directory, *args)
+        assert run.returncode == 2, (args, run.stderr)
+        assert run.stdout == "", (args, run.stdout)
+        errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and errors[0].startswith(message), (args, run.stderr)
+        assert "speculative=None" not in run.stderr
