@@ -4,6 +4,7 @@ schedules for the MTP weight and the bias update rate)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import jax
@@ -11,6 +12,31 @@ import jax.numpy as jnp
 import optax
 
 PHASE_KINDS = ("linear", "constant", "cosine")
+
+
+def check_schedule(start: float, phases: Sequence[Sequence]) -> None:
+    """Refuse a learning-rate schedule that cannot be meant: a malformed phase, a negative or
+    non-finite value anywhere, or a peak of 0 (the weights would never move). Starting or ending
+    at 0 (a warmup from 0, a decay to 0) is fine."""
+    start, ends = float(start), []
+    for i, phase in enumerate(phases):
+        if len(phase) != 3 or phase[0] not in PHASE_KINDS:
+            raise ValueError(
+                f"schedule phase {i} is {tuple(phase)!r}; each phase is (kind, steps, end_value) "
+                f"with kind one of {PHASE_KINDS}")
+        if int(phase[1]) < 0:
+            raise ValueError(f"schedule phase {i} has {phase[1]} steps; steps must be >= 0")
+        ends.append(float(phase[2]))
+    if not (math.isfinite(start) and start >= 0):
+        raise ValueError(f"schedule starts at {start} (start_lr); a learning rate must be a "
+                         f"finite value >= 0")
+    for i, end in enumerate(ends):
+        if not (math.isfinite(end) and end >= 0):
+            raise ValueError(f"schedule phase {i} {tuple(phases[i])!r} ends at {end}; a learning "
+                             f"rate must be a finite value >= 0")
+    if max([start, *ends]) == 0:
+        raise ValueError(f"schedule never rises above 0 (start {start}, phase ends {ends}), so "
+                         f"the weights would never move; give a phase a positive end_value")
 
 
 def piecewise_schedule(start: float, phases: Sequence[Sequence]) -> optax.Schedule:
@@ -21,15 +47,10 @@ def piecewise_schedule(start: float, phases: Sequence[Sequence]) -> optax.Schedu
     Example (paper 4.2, in steps): [("linear", 2000, 2.2e-4), ("constant", n1, 2.2e-4),
     ("cosine", n2, 2.2e-5), ("constant", n3, 2.2e-5), ("constant", n4, 7.3e-6)].
     """
+    check_schedule(start, phases)
     schedules, boundaries, value, step = [], [], float(start), 0
-    for i, phase in enumerate(phases):
-        if len(phase) != 3 or phase[0] not in PHASE_KINDS:
-            raise ValueError(
-                f"schedule phase {i} is {tuple(phase)!r}; each phase is (kind, steps, end_value) "
-                f"with kind one of {PHASE_KINDS}")
+    for phase in phases:
         kind, steps, end = phase[0], int(phase[1]), float(phase[2])
-        if steps < 0:
-            raise ValueError(f"schedule phase {i} has {steps} steps; steps must be >= 0")
         if kind == "linear":
             schedules.append(optax.linear_schedule(value, end, max(steps, 1)))
         elif kind == "cosine":

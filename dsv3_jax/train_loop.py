@@ -20,7 +20,7 @@ import numpy as np
 from ml_collections import config_dict
 
 import dsv3_jax
-from dsv3_jax import flops, implementations, pipeline, sharding
+from dsv3_jax import flops, implementations, optim, pipeline, sharding
 from dsv3_jax.checkpoint import Checkpointer, load_variables
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.data import DataSpec, TokenData
@@ -60,6 +60,10 @@ def validate(cfg: config_dict.ConfigDict, model: ModelConfig) -> None:
     need(cfg.data.source in ("text", "tokens", "synthetic"),
          f"data.source={cfg.data.source!r} is not one of text, tokens, synthetic")
     need(cfg.data.eval_period >= 2, f"data.eval_period={cfg.data.eval_period} must be >= 2")
+    try:
+        optim.check_schedule(cfg.optimizer.start_lr, cfg.optimizer.schedule)
+    except ValueError as e:
+        need(False, f"optimizer.{e}")
     need(cfg.optimizer.clip_norm > 0, f"optimizer.clip_norm={cfg.optimizer.clip_norm} must be > 0")
     need(0 <= cfg.optimizer.b1 < 1 and 0 <= cfg.optimizer.b2 < 1,
          f"optimizer betas ({cfg.optimizer.b1}, {cfg.optimizer.b2}) must lie in [0, 1)")

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from dsv3_jax import train_loop
+from dsv3_jax import optim, train_loop
 from dsv3_jax.trainer import Trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -219,6 +219,13 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, capl
     ({"steps": 0}, "steps=0 must be a positive integer"),
     ({"model.n_activated_experts": 40}, "n_activated_experts"),
     ({"data.source": "web"}, "data.source='web'"),
+    ({"optimizer.schedule": (("linear", 10, 1e-3), ("cosine", 90, -1e-4))},
+     r"optimizer.schedule phase 1 \('cosine', 90, -0.0001\) ends at -0.0001; a learning rate "
+     r"must be a finite value >= 0"),
+    ({"optimizer.start_lr": -1e-3}, r"optimizer.schedule starts at -0.001 \(start_lr\)"),
+    ({"optimizer.schedule": (("linear", 10, 0.0), ("constant", 90, 0.0))},
+     "optimizer.schedule never rises above 0"),
+    ({"optimizer.schedule": (("linear", 10, float("nan")),)}, "ends at nan"),
 ])
 def test_invalid_settings_are_refused_before_compiling(tmp_path, monkeypatch, overrides,
                                                        message):
@@ -229,6 +236,12 @@ def test_invalid_settings_are_refused_before_compiling(tmp_path, monkeypatch, ov
     with pytest.raises(ValueError, match=message):
         train_loop.run(config(**overrides), str(tmp_path / "run"), progress=False)
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_schedules_may_start_and_end_at_zero():
+    # A warmup from 0 and a decay to 0 are what schedules are for; only a peak of 0 is refused.
+    optim.check_schedule(0.0, (("linear", 10, 1e-3), ("cosine", 90, 0.0)))
+    optim.check_schedule(1e-3, (("constant", 10, 1e-3), ("linear", 10, 0.0)))
 
 
 def test_matmul_weights_cast_once_give_the_same_loss_and_gradients():
