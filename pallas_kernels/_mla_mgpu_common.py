@@ -29,7 +29,7 @@ SMEM_LIMIT = 227 * 1024
 _SMEM_ALIGNMENT = 1024
 # Shared memory Mosaic GPU adds to a kernel's own buffers (its count minus ours, from lowering
 # these kernels for CUDA at many head dims: 2048 bytes, 992 in one case).
-_SMEM_RESERVED = 2048
+SMEM_RESERVED = 2048
 WGMMA = plgpu.Layout.WGMMA
 ROWS = plgpu.Layout.WGMMA.reduce(1)  # vector indexed by accumulator row
 COLS = plgpu.Layout.WGMMA.reduce(0)  # vector indexed by accumulator column
@@ -100,14 +100,18 @@ def row_vector(value: float, n: int) -> jax.Array:
 def smem_bytes(scratch: dict) -> int:
     """Shared memory of a kernel's scratch dict (plgpu.SMEM buffers, barriers; None skipped),
     placed as Mosaic GPU places them: each buffer at a 1024-byte boundary, 8 bytes a barrier."""
-    total = _SMEM_RESERVED
+    total = SMEM_RESERVED
     for buf in scratch.values():
         if isinstance(buf, plgpu.Barrier):
             total += 8 * math.prod(buf.num_barriers)
         elif buf is not None:
-            size = math.prod(buf.shape) * jnp.dtype(buf.dtype).itemsize
-            total += -(-size // _SMEM_ALIGNMENT) * _SMEM_ALIGNMENT
+            total += smem_aligned(math.prod(buf.shape) * jnp.dtype(buf.dtype).itemsize)
     return total
+
+
+def smem_aligned(nbytes: int) -> int:
+    """Bytes one SMEM buffer of nbytes takes (Mosaic starts each at a 1024-byte boundary)."""
+    return -(-nbytes // _SMEM_ALIGNMENT) * _SMEM_ALIGNMENT
 
 
 def interpret_params(interpret) -> plgpu.InterpretGPUParams | None:

@@ -22,7 +22,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import _gmm_gpu
-from pallas_kernels._mla_mgpu_common import SMEM_LIMIT
+from pallas_kernels._mla_mgpu_common import SMEM_LIMIT, SMEM_RESERVED, smem_aligned
 
 # Bytes of one pipeline stage; whole rows are used when they fit.
 _STAGE_BYTES = 32 * 1024
@@ -81,11 +81,9 @@ def _view(D: int) -> tuple[int, int]:
 def _pipeline_smem(n_inputs: int, stages: int, rb: int, C: int, in_itemsize: int,
                    out_itemsize: int) -> int:
     """Shared memory of gather/combine: `stages` slots of n_inputs [rb, C] blocks plus the
-    double-buffered output chunk, each buffer at a 1024-byte boundary, and Mosaic's own 2 KiB."""
-    def aligned(n):
-        return -(-n // 1024) * 1024
-    return (2048 + stages * n_inputs * aligned(rb * C * in_itemsize)
-            + aligned(2 * rb * C * out_itemsize))
+    double-buffered output chunk, placed as `_mla_mgpu_common.smem_bytes` places buffers."""
+    return (SMEM_RESERVED + stages * n_inputs * smem_aligned(rb * C * in_itemsize)
+            + smem_aligned(2 * rb * C * out_itemsize))
 
 
 GATHER_STAGES = 4
