@@ -291,6 +291,27 @@ class TokenData:
         held_out = (index % self.spec.eval_period) == self.spec.eval_period - 1
         return index[held_out] if split == "eval" else index[~held_out]
 
+    def eval_batches(self, batch_per_process: int, max_batches: int, process_index: int = 0,
+                     process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+        """The held-out windows, each once and in order, as at most max_batches batches.
+
+        Every process yields the same number of batches (the step is collective); rows past
+        the split's end are all-zero (segment id 0 is padding, which the loss masks off), so a
+        split smaller than one batch still evaluates, on exactly its own windows.
+        """
+        held_out = self.split_indices("eval")
+        per_process = -(-len(held_out) // process_count)
+        n_batches = min(max_batches, -(-per_process // batch_per_process))
+        mine = held_out[process_index::process_count][:n_batches * batch_per_process]
+        L = self.spec.seq_len
+        for b in range(n_batches):
+            batch = {"tokens": np.zeros((batch_per_process, L + 1), np.int32),
+                     "segment_ids": np.zeros((batch_per_process, L + 1), np.int32)}
+            for row, index in enumerate(mine[b * batch_per_process:(b + 1) * batch_per_process]):
+                for key, value in self.window(int(index)).items():
+                    batch[key][row] = value
+            yield batch
+
     def dataset(self, split: str, batch_per_process: int, seed: int, process_index: int = 0,
                 process_count: int = 1, shuffle: bool = True) -> grain.IterDataset:
         """Batches {tokens, segment_ids} of [batch_per_process, seq_len + 1], repeating forever."""

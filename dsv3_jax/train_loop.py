@@ -319,12 +319,14 @@ def check_finite(step: int, metrics: dict, max_in_a_row: int, checkpoints) -> No
 
 
 def evaluate(trainer: Trainer, state, data: TokenData, cfg) -> dict[str, float]:
+    """Token-weighted mean cross-entropy over the held-out windows (each once, at most
+    cfg.eval_batches batches of cfg.batch_size), for the main head and averaged over MTP depths."""
     processes, process = jax.process_count(), jax.process_index()
-    it = iter(data.dataset("eval", cfg.batch_size // processes, 0, process, processes,
-                           shuffle=False))
-    totals = {"eval_loss": 0.0, "eval_mtp_loss": 0.0}
-    for _ in range(cfg.eval_batches):
-        out = jax.device_get(trainer.eval_step(state, trainer.place_batch(next(it))))
-        for key in totals:
-            totals[key] += float(out[key]) / cfg.eval_batches
-    return totals
+    sums = counts = 0.0
+    for batch in data.eval_batches(cfg.batch_size // processes, cfg.eval_batches, process,
+                                   processes):
+        out = jax.device_get(trainer.eval_step(state, trainer.place_batch(batch)))
+        sums, counts = sums + np.asarray(out["ce_sums"], np.float64), counts + out["counts"]
+    per_depth = sums / np.maximum(counts, 1.0)
+    return {"eval_loss": float(per_depth[0]),
+            "eval_mtp_loss": float(per_depth[1:].mean()) if len(per_depth) > 1 else 0.0}

@@ -128,20 +128,27 @@ class Trainer:
     def _loss_terms(self, params, router_bias, tokens_bs, segment_ids_bs, counts):
         """Sums over this (micro)batch divided by the WHOLE batch's counts."""
         cfg = self.model
+        sums, router_stats = self._ce_sums(params, router_bias, tokens_bs, segment_ids_bs)
+        ce = sums[0] / counts[0]
+        mtp = jnp.zeros((), jnp.float32)
+        for k in range(1, cfg.mtp_depth + 1):
+            mtp += sums[k] / (counts[k] * cfg.mtp_depth)
+        balance = objective.balance_loss_sum(cfg, router_stats) / self.hyper.batch_size
+        return ce, mtp, balance, objective.expert_loads(router_stats)
+
+    def _ce_sums(self, params, router_bias, tokens_bs, segment_ids_bs):
+        """Per depth (0 = the main head, then each MTP depth): the summed cross-entropy over the
+        masked targets; and the router statistics."""
+        cfg = self.model
         inputs_bt, seg_bt, targets, masks = objective.targets_and_masks(
             tokens_bs, segment_ids_bs, cfg.mtp_depth)
         out = dsv3_jax.forward(cfg, {"params": params, "router_bias": router_bias}, inputs_bt,
                                seg_bt, return_hidden=True, parallel=self.parallel)
         with jax.named_scope("loss_head"):
-            ce = objective.cross_entropy_sum(params, out.hidden, targets[0], masks[0],
-                                            parallel=self.parallel) / counts[0]
-            mtp = jnp.zeros((), jnp.float32)
-            for k, h_k in enumerate(out.mtp_hidden, start=1):
-                mtp += objective.cross_entropy_sum(params, h_k, targets[k], masks[k],
-                                                  parallel=self.parallel) / (
-                    counts[k] * cfg.mtp_depth)
-        balance = objective.balance_loss_sum(cfg, out.router_stats) / self.hyper.batch_size
-        return ce, mtp, balance, objective.expert_loads(out.router_stats)
+            sums = [objective.cross_entropy_sum(params, h, targets[k], masks[k],
+                                                parallel=self.parallel)
+                    for k, h in enumerate([out.hidden, *out.mtp_hidden])]
+        return sums, out.router_stats
 
     def _target_counts(self, tokens_bs, segment_ids_bs):
         _, _, _, masks = objective.targets_and_masks(tokens_bs, segment_ids_bs,
@@ -216,11 +223,12 @@ class Trainer:
         return new_state, metrics
 
     def _eval_step(self, state: TrainState, batch):
+        """Per depth: summed cross-entropy and target count (`evaluate` divides the totals)."""
         tokens_bs, seg_bs = batch["tokens"], batch["segment_ids"]
-        counts = self._target_counts(tokens_bs, seg_bs)
-        ce, mtp, _, _ = self._loss_terms(state.params, state.router_bias, tokens_bs, seg_bs,
-                                         counts)
-        return {"eval_loss": ce, "eval_mtp_loss": mtp}
+        _, _, _, masks = objective.targets_and_masks(tokens_bs, seg_bs, self.model.mtp_depth)
+        sums, _ = self._ce_sums(state.params, state.router_bias, tokens_bs, seg_bs)
+        return {"ce_sums": jnp.stack(sums),
+                "counts": jnp.stack([m.sum().astype(jnp.float32) for m in masks])}
 
 
 def load_summary(loads: dict[str, Any], router_bias: dict[str, Any]) -> dict[str, jax.Array]:

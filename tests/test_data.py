@@ -185,3 +185,29 @@ def test_malformed_jsonl_keeps_the_line_and_column(tmp_path):
     with pytest.raises(ValueError, match=r"comma.jsonl:1: not valid JSON \(Expecting ',' "
                                          r"delimiter at column 15\)"):
         TokenData(spec(path=str(tmp_path / "comma.jsonl")), VOCAB)
+
+
+def test_eval_batches_cover_the_held_out_windows_once_and_pad_a_small_split():
+    data = TokenData(spec(seq_len=4096, eval_period=50), VOCAB)
+    held = data.split_indices("eval")
+    assert 0 < len(held) < 32  # the `small` preset's case: fewer held-out windows than a batch
+    batches = list(data.eval_batches(32, 4))
+    assert len(batches) == 1 and batches[0]["tokens"].shape == (32, 4097)
+    rows = batches[0]
+    for row, index in enumerate(held):
+        np.testing.assert_array_equal(rows["tokens"][row], data.window(int(index))["tokens"])
+    # the rows past the split are padding: segment id 0, which every loss mask excludes
+    assert not rows["segment_ids"][len(held):].any() and rows["segment_ids"][:len(held)].all()
+
+
+def test_eval_batches_are_capped_and_equal_in_number_across_processes():
+    data = TokenData(spec(eval_period=10), VOCAB)
+    held = data.split_indices("eval")
+    assert len(list(data.eval_batches(4, 3))) == 3
+    # 2 processes of a split of odd length still step the same number of times
+    short = held[:7]
+    data.split_indices = lambda split: short
+    per_process = [list(data.eval_batches(2, 100, p, 2)) for p in range(2)]
+    assert [len(b) for b in per_process] == [2, 2]
+    seen = [w for batches in per_process for b in batches for w in b["tokens"] if w.any()]
+    assert len(seen) == 7

@@ -282,3 +282,26 @@ def test_matmul_weights_cast_once_give_the_same_loss_and_gradients():
                             strict=True):
         assert a.dtype == jnp.float32
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7, err_msg=jax.tree_util.keystr(path))
+
+
+def test_eval_is_the_token_weighted_mean_over_held_out_windows_with_padding_masked():
+    cfg = config(eval_batches=3)
+    trainer = Trainer(train_loop.model_config(cfg), train_loop.hyper(cfg))
+    state = trainer.init_state(jax.random.key(0))
+    data = train_loop.TokenData(
+        train_loop.DataSpec("text", "", "text", "bytes", cfg.seq_len, 50), 320)
+    held = data.split_indices("eval")
+    windows = [data.window(int(i)) for i in held[:10]]
+    data.split_indices = lambda split: held[:10]  # 10 windows: batches of 4, 4 and 2 + padding
+    got = train_loop.evaluate(trainer, state, data, cfg)
+    # Reference: each window alone (a batch of one, no padding), weighted by its target count.
+    one = Trainer(train_loop.model_config(cfg), train_loop.hyper(config(batch_size=1)))
+    sums = np.zeros(2)
+    counts = np.zeros(2)
+    for w in windows:
+        out = one.eval_step(state, {k: v[None] for k, v in w.items()})
+        sums += np.asarray(out["ce_sums"], np.float64)
+        counts += np.asarray(out["counts"])
+    # fp32 sums over a few thousand tokens, in a different grouping: 1e-5 relative.
+    np.testing.assert_allclose(got["eval_loss"], sums[0] / counts[0], rtol=1e-5)
+    np.testing.assert_allclose(got["eval_mtp_loss"], sums[1] / counts[1], rtol=1e-5)
