@@ -41,6 +41,10 @@ from dsv3_jax.trainer import Trainer
 _PALLAS = {"model.attention_impl": "pallas", "model.moe_impl": "pallas"}
 SETTINGS = {
     "xla": {"model.attention_impl": "cudnn", "model.moe_impl": "xla"},
+    # What `auto` takes (the kernels where their support predicates hold), and plain XLA
+    # everywhere: the comparison that decides `auto` at small dims (configs/tiny.py).
+    "auto": {"model.attention_impl": "auto", "model.moe_impl": "auto"},
+    "xla_plain": {"model.attention_impl": "xla", "model.moe_impl": "xla"},
     "pallas": _PALLAS,
     "pallas_remat_full": {**_PALLAS, "model.remat": "full"},
     "pallas_save_dots": {**_PALLAS, "model.remat": "save_dots_no_batch"},
