@@ -4,8 +4,11 @@
 and `moe_impl` into what runs. "auto" takes a Pallas kernel only where the kernel's own support
 predicate (`pallas_unsupported` beside each kernel) holds for the model's shapes and the kernel is
 measured faster there (benchmarks/RESULTS.md, one H200), and otherwise the XLA path, saying why.
-An explicit "pallas" on shapes its kernel cannot run is refused with that reason, before anything
-is traced or compiled.
+Shapes the GPU kernels run only zero-padded (head dims or expert widths that are not whole
+64-wide tiles, as `tiny`'s) are not measured faster: there `auto` takes XLA (on one H200, `tiny`
+ran 529k tokens/s on XLA after a 25 s compile; the padded kernels did not finish compiling and
+32 steps in 150 s), while an explicit "pallas" runs them padded. An explicit "pallas" on shapes
+its kernel cannot run is refused with that reason, before anything is traced or compiled.
 """
 
 from __future__ import annotations
@@ -58,8 +61,31 @@ def moe_unsupported(cfg: ModelConfig, chip: str) -> str | None:
                                               cfg.n_routed_experts, cfg.n_activated_experts)
 
 
-def _pick(field: str, requested: str, chip: str, reason: str | None, notes: list[str]) -> str:
-    """requested "auto": Pallas on GPU where supported; an explicit "pallas" must be supported."""
+def attention_padding(cfg: ModelConfig) -> str | None:
+    """Why "auto" leaves the GPU attention kernel out at these head dims (padded), or None."""
+    dims = (cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim)
+    pads = mla_attention.gpu_head_padding(*dims)
+    if not any(pads):
+        return None
+    padded = "/".join(str(d + p) for d, p in zip(dims, pads, strict=True))
+    return (f"head dims {'/'.join(map(str, dims))} run on the GPU kernel only zero-padded to "
+            f"{padded}, not measured faster than XLA")
+
+
+def moe_padding(cfg: ModelConfig) -> str | None:
+    """Why "auto" leaves the GPU expert kernels out at these widths (padded), or None."""
+    pad_d, pad_f = expert_dispatch.gpu_padding(cfg.dim, cfg.moe_inter_dim)
+    if not (pad_d or pad_f):
+        return None
+    return (f"dim={cfg.dim}, moe_inter_dim={cfg.moe_inter_dim} run on the GPU grouped matmuls "
+            f"only zero-padded to {cfg.dim + pad_d}/{cfg.moe_inter_dim + pad_f}, not measured "
+            f"faster than XLA")
+
+
+def _pick(field: str, requested: str, chip: str, reason: str | None, notes: list[str],
+          padded: str | None = None) -> str:
+    """requested "auto": Pallas on GPU where supported without padding; an explicit "pallas"
+    must be supported (padding allowed)."""
     if requested == "pallas":
         if reason:
             raise ValueError(f"model.{field}='pallas' cannot run on {chip}: {reason}. Use "
@@ -70,8 +96,8 @@ def _pick(field: str, requested: str, chip: str, reason: str | None, notes: list
     if chip != "gpu":
         # The TPU kernels are tested interpreted and compiled, not yet measured on a TPU.
         return "xla"
-    if reason:
-        notes.append(f"{field} auto -> xla: {reason}")
+    if reason or padded:
+        notes.append(f"{field} auto -> xla: {reason or padded}")
         return "xla"
     return "pallas"
 
@@ -82,7 +108,8 @@ def resolve(cfg: ModelConfig, backend: str) -> Implementations:
     chip = _chip(backend)
     notes: list[str] = []
     attention = _pick("attention_impl", cfg.attention_impl, chip,
-                      attention_unsupported(cfg, chip), notes)
+                      attention_unsupported(cfg, chip), notes, attention_padding(cfg))
     decode = _pick("decode_impl", cfg.decode_impl, chip, decode_unsupported(cfg, chip), notes)
-    moe = _pick("moe_impl", cfg.moe_impl, chip, moe_unsupported(cfg, chip), notes)
+    moe = _pick("moe_impl", cfg.moe_impl, chip, moe_unsupported(cfg, chip), notes,
+                moe_padding(cfg))
     return Implementations(attention, decode, moe, tuple(notes))

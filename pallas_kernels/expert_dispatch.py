@@ -332,6 +332,16 @@ _routed_pallas.defvjp(_routed_pallas_fwd, _routed_pallas_bwd)
 IMPLEMENTATIONS = ("dense", "xla", *PALLAS_IMPLEMENTATIONS)
 
 
+# The GPU grouped matmuls zero-pad K and N (dim, expert_dim) up to whole tiles of this width.
+GPU_DIM_MULTIPLE = 64
+
+
+def gpu_padding(dim: int, expert_dim: int) -> tuple[int, int]:
+    """Zero columns the Mosaic GPU grouped matmuls add to dim and expert_dim."""
+    m = GPU_DIM_MULTIPLE
+    return -dim % m, -expert_dim % m
+
+
 def pallas_unsupported(backend: str, dim: int, expert_dim: int, num_experts: int,
                        top_k: int) -> str | None:
     """Why implementation="pallas" cannot run this routed-expert block on `backend`; None when

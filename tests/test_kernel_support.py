@@ -214,9 +214,11 @@ def _sweep():
 @pytest.mark.parametrize("cfg", [*PRESETS.values(), *_sweep()])
 def test_auto_picks_a_kernel_only_where_its_predicate_holds(cfg):
     impls = implementations.resolve(cfg, "gpu")
-    checks = [(impls.attention, implementations.attention_unsupported(cfg, "gpu")),
+    checks = [(impls.attention, implementations.attention_unsupported(cfg, "gpu")
+               or implementations.attention_padding(cfg)),
               (impls.decode, implementations.decode_unsupported(cfg, "gpu")),
-              (impls.moe, implementations.moe_unsupported(cfg, "gpu"))]
+              (impls.moe, implementations.moe_unsupported(cfg, "gpu")
+               or implementations.moe_padding(cfg))]
     for picked, reason in checks:
         assert picked == ("xla" if reason else "pallas")
         if reason:
@@ -230,8 +232,16 @@ def test_presets_pick_what_the_readme_says():
     assert implementations.resolve(PRESETS["small"], "gpu").describe() == (
         "attention pallas, decode pallas, experts pallas")
     tiny = implementations.resolve(PRESETS["tiny"], "gpu")
-    assert (tiny.attention, tiny.decode, tiny.moe) == ("pallas", "xla", "pallas")
+    # tiny's head dims (16/8/16) and expert width (32) would run padded: unmeasured, so XLA.
+    assert (tiny.attention, tiny.decode, tiny.moe) == ("xla", "xla", "xla")
+    assert "head dims 16/8/16 run on the GPU kernel only zero-padded to 64/64/64" in (
+        tiny.describe())
+    assert "moe_inter_dim=32 run on the GPU grouped matmuls only zero-padded" in tiny.describe()
     assert "kv_lora_rank=32 is not a multiple of 128" in tiny.describe()
+    # An explicit "pallas" runs the padded kernels.
+    explicit = PRESETS["tiny"].replace(attention_impl="pallas", moe_impl="pallas")
+    assert implementations.resolve(explicit, "gpu").describe().startswith(
+        "attention pallas, decode xla, experts pallas")
 
 
 @pytest.mark.parametrize("field, changes, needle", [
@@ -261,9 +271,11 @@ def _reduced(name):
     return cfg.replace(dtype="bfloat16")
 
 
-@pytest.mark.parametrize("name", sorted(PRESETS))
-def test_every_preset_lowers_for_cuda_through_auto(name, monkeypatch):
-    cfg = _reduced(name)
+# Every preset through auto; tiny's auto is XLA (padded shapes), so its kernels are asked for.
+@pytest.mark.parametrize("name, impl", [*((n, "auto") for n in sorted(PRESETS) if n != "tiny"),
+                                        ("tiny", "pallas")])
+def test_every_preset_lowers_for_cuda_with_its_kernels(name, impl, monkeypatch):
+    cfg = _reduced(name).replace(attention_impl=impl, moe_impl=impl)
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # what the model resolves on
     impls = implementations.resolve(cfg, "gpu")
     assert impls.attention == impls.moe == "pallas"
