@@ -4,7 +4,7 @@
 
 Steps (each a child process, as a user would run it; one line per step with pass/fail and time):
   train_tiny        the README's first command, shortened (`auto` kernels)
-  train_tiny_xla    the same with attention, decode and experts on XLA (a speed reference)
+  train_tiny_pallas the same with the GPU kernels asked for (zero-padded at tiny's dims)
   generate_greedy / generate_sampled / generate_mtp    launch.generate on the tiny run
   convert_logits    launch.convert orbax-to-hf (fp32), then transformers' logits vs ours
   notebook          notebooks/quickstart.ipynb end to end through nbclient, shortened
@@ -76,9 +76,9 @@ def steps(w: str) -> list[tuple[str, list[str]]]:
            "--max_new_tokens=40"]
     return [
         ("train_tiny", [*train, f"--workdir={tiny}", "--config.steps=40"]),
-        ("train_tiny_xla", [*train, f"--workdir={w}/tiny_xla", "--config.steps=40",
-                            "--config.model.attention_impl=xla", "--config.model.moe_impl=xla",
-                            "--config.model.decode_impl=xla"]),
+        ("train_tiny_pallas", [*train, f"--workdir={w}/tiny_pallas", "--config.steps=40",
+                               "--config.model.attention_impl=pallas",
+                               "--config.model.moe_impl=pallas"]),
         ("generate_greedy", gen),
         ("generate_sampled", [*gen, "--temperature=0.8", "--top_p=0.95"]),
         ("generate_mtp", [*gen, "--speculative=mtp", "--timing_runs=2"]),
