@@ -30,6 +30,8 @@ def get_config() -> config_dict.ConfigDict:
     c.seq_len = 128
     c.seed = 0
     c.init_from = ""  # an orbax checkpoint (trainer or launch.convert) to fine-tune from
+    # Start from step 0 in a workdir whose every checkpoint failed to restore (else refused).
+    c.allow_fresh_start = False
 
     c.data = config_dict.ConfigDict()
     c.data.source = "text"  # text | tokens | synthetic

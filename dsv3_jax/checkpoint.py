@@ -5,13 +5,19 @@ iterator's state, JSON) and `meta` (JSON: the model config, the run config, the 
 fingerprint of the state). Orbax writes into a temporary directory and renames it when complete,
 so a half-written save is never listed. A listed checkpoint that fails to restore, or whose
 restored values do not match the fingerprint saved beside them, is moved aside (renamed, never
-deleted) and the previous one is used.
+deleted) and the previous one is used. A save that runs out of disk raises one
+`CheckpointWriteError` naming the directory, the free space and the space needed; the earlier
+checkpoints are left as they were.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import os
+import re
+import shutil
 import time
 from typing import Any
 
@@ -22,6 +28,42 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 log = logging.getLogger(__name__)
+
+# Out of disk, out of quota, or over the file-size limit: a save cannot complete here.
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (the disk is full); earlier checkpoints are intact."""
+
+
+def no_space(error: BaseException | None) -> bool:
+    """Whether `error` (or what caused it) is running out of space. Orbax's TensorStore writes
+    report the OS error only in the message ("... [os_error_code='28']")."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in _NO_SPACE:
+            return True
+        codes = re.findall(r"os_error_code='(\d+)'", str(error))
+        if any(int(c) in _NO_SPACE for c in codes):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+class _DropNoSpaceTracebacks(logging.Filter):
+    """Orbax logs each failed write thread with its traceback; a full disk is reported once, by
+    CheckpointWriteError, so those records are dropped (any other error still logs)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not (no_space(error) or no_space(RuntimeError(record.getMessage())))
+
+
+logging.getLogger("absl").addFilter(_DropNoSpaceTracebacks())
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
 
 
 def fingerprint(tree: Any) -> list[float]:
@@ -49,11 +91,14 @@ class Checkpointer:
         self.directory = os.path.abspath(directory)
         self.keep = keep
         self.asynchronous = asynchronous
+        self.set_aside: list[str] = []  # checkpoints this run found unusable, where they went
+        self._saving: tuple[int, int] | None = None  # (step, bytes) of the save in flight
+        self._failed = False
         self._open()
 
     def _open(self) -> None:
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=self.keep, create=True,
+            max_to_keep=self.keep, create=True, cleanup_tmp_directories=True,
             enable_async_checkpointing=self.asynchronous)
         self.manager = ocp.CheckpointManager(
             self.directory, options=options, item_names=("state", "data", "meta"))
@@ -61,19 +106,55 @@ class Checkpointer:
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
+    def unusable_on_disk(self) -> list[str]:
+        """Checkpoints an earlier run set aside (`<step>.corrupt-<time>`)."""
+        return sorted(os.path.join(self.directory, d) for d in os.listdir(self.directory)
+                      if re.fullmatch(r"\d+\.corrupt-.*", d))
+
     def save(self, step: int, state: Any, data_state: dict, meta: dict) -> None:
         """Start saving (returns once the arrays are copied off the device)."""
         meta = dict(meta, step=int(step), fingerprint=fingerprint(state))
-        self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.PyTreeSave(state), data=ocp.args.JsonSave(data_state),
-            meta=ocp.args.JsonSave(meta)), force=True)
+        with self._reporting_no_space():  # the previous save's error surfaces here too
+            self.manager.wait_until_finished()
+            self._saving = (int(step), sum(x.nbytes for x in jax.tree.leaves(state)))
+            self.manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.PyTreeSave(state), data=ocp.args.JsonSave(data_state),
+                meta=ocp.args.JsonSave(meta)), force=True)
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        with self._reporting_no_space():
+            self.manager.wait_until_finished()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.wait()
+        finally:
+            with self._reporting_no_space():
+                self.manager.close()
+
+    @contextlib.contextmanager
+    def _reporting_no_space(self):
+        """Turns running out of space into one CheckpointWriteError (later ones are the same
+        failure surfacing again, and pass silently)."""
+        try:
+            yield
+        except Exception as e:
+            if not no_space(e):
+                raise
+            if not self._failed:
+                self._failed = True
+                raise self._no_space_error() from None
+
+    def _no_space_error(self) -> CheckpointWriteError:
+        step, needed = self._saving or (-1, 0)
+        free = shutil.disk_usage(self.directory).free
+        kept = [s for s in self.steps() if s != step]
+        return CheckpointWriteError(
+            f"checkpoint {step} could not be written to {self.directory}: no space left "
+            f"({_gib(free)} free there, a checkpoint of this run takes about {_gib(needed)}); "
+            f"the earlier checkpoints are untouched ({', '.join(map(str, kept)) or 'none'}). "
+            f"Free space (or give --workdir on a larger disk) and run the same command again "
+            f"to resume")
 
     def restore_latest(self, abstract_state: Any):
         """(step, state, data_state, meta) of the newest checkpoint that restores and verifies,
@@ -103,6 +184,7 @@ class Checkpointer:
                   "previous checkpoint", src, type(error).__name__, str(error)[:300], dst)
         if jax.process_index() == 0:
             os.rename(src, dst)
+        self.set_aside.append(dst)
         if jax.process_count() > 1:  # every process re-lists the steps after the rename
             from jax.experimental import multihost_utils
 

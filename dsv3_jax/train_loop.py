@@ -21,6 +21,7 @@ from ml_collections import config_dict
 
 import dsv3_jax
 from dsv3_jax import flops, implementations, optim, pipeline, sharding
+from dsv3_jax import workdir as workdirs
 from dsv3_jax.checkpoint import Checkpointer, load_variables
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.data import DataSpec, TokenData
@@ -162,14 +163,27 @@ def to_host(tree):
 
 def run(cfg: config_dict.ConfigDict, workdir: str, *, progress: bool = True) -> dict[str, Any]:
     """Train until cfg.steps; resume from the latest good checkpoint in workdir. Returns the
-    last logged metrics."""
+    last logged metrics. Everything about the config, the workdir and the data is checked
+    before the workdir is created, and the workdir is held by this run alone."""
     model = model_config(cfg)
     validate(cfg, model)
-    os.makedirs(workdir, exist_ok=True)
-    processes, process = jax.process_count(), jax.process_index()
+    workdirs.check_writable(workdir)
     data = TokenData(DataSpec(cfg.data.source, cfg.data.path, cfg.data.text_field,
                               cfg.data.tokenizer, cfg.seq_len, cfg.data.eval_period),
                      model.vocab_size)
+    os.makedirs(workdir, exist_ok=True)
+    lock = workdirs.WorkdirLock(workdir).acquire() if jax.process_index() == 0 else None
+    try:
+        return _train(cfg, workdir, model, data, progress)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: config_dict.ConfigDict, workdir: str, model: ModelConfig, data: TokenData,
+           progress: bool) -> dict[str, Any]:
+    began = time.perf_counter()
+    processes, process = jax.process_count(), jax.process_index()
     parallel = parallel_layout(cfg)
     trainer = Trainer(model, hyper(cfg), parallel)
     checkpoints = Checkpointer(os.path.join(workdir, "checkpoints"), cfg.keep_checkpoints)
@@ -187,6 +201,14 @@ def run(cfg: config_dict.ConfigDict, workdir: str, *, progress: bool = True) -> 
         train_iter.set_state(data_state)
         log.info("resumed from %s/%d", checkpoints.directory, start)
     else:
+        unusable = checkpoints.set_aside or checkpoints.unusable_on_disk()
+        if unusable and not cfg.allow_fresh_start:
+            raise ValueError(
+                f"no checkpoint in {checkpoints.directory} can be restored: "
+                f"{', '.join(os.path.basename(u) for u in unusable)} were set aside as unusable "
+                f"(renamed, not deleted); starting again from step 0 would replace this run. "
+                f"Pass --config.allow_fresh_start=True to start over in this workdir, or use "
+                f"another --workdir")
         start = 0
         state = trainer.init_state(jax.random.key(cfg.seed))
         if cfg.init_from:
@@ -211,6 +233,11 @@ def run(cfg: config_dict.ConfigDict, workdir: str, *, progress: bool = True) -> 
     say(f"kernels on {jax.default_backend()}: "
         f"{implementations.resolve(model, jax.default_backend()).describe()}")
 
+    if process == 0:
+        moved = workdirs.supersede_metrics(workdir, start)
+        if moved:
+            say(f"{moved} metrics records past step {start} (logged after the checkpoint this "
+                f"run starts from) moved to {workdirs.SUPERSEDED}")
     writer = MetricsWriter(workdir)
     if start > 0:
         writer.write({"step": start, "event": "resumed"})
@@ -237,6 +264,7 @@ def run(cfg: config_dict.ConfigDict, workdir: str, *, progress: bool = True) -> 
                    file=sys.stderr, mininterval=1.0)
 
     last: dict[str, Any] = {}
+    last_eval: dict[str, Any] = {}
     window_start, window_steps = time.perf_counter(), 0
     pending = None  # the previous step's metrics: checked one step late to keep dispatch async
 
@@ -268,10 +296,11 @@ def run(cfg: config_dict.ConfigDict, workdir: str, *, progress: bool = True) -> 
                     last["mfu"] = tokens_per_sec * flops_per_token / (peak * devices)
                 writer.write(last)
                 if bar is not None:
-                    bar.set_postfix(loss=f"{host['loss']:.3f}", tok_s=f"{tokens_per_sec:,.0f}")
+                    bar.set_postfix(progress_fields(host, tokens_per_sec, model.mtp_depth))
                 window_start, window_steps = time.perf_counter(), 0
             if step % cfg.eval_every == 0 or step == cfg.steps:
-                writer.write({"step": step, **evaluate(trainer, state, data, cfg)})
+                last_eval = {"step": step, **evaluate(trainer, state, data, cfg)}
+                writer.write(last_eval)
                 window_start, window_steps = time.perf_counter(), 0
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 save(step)
@@ -285,6 +314,8 @@ def run(cfg: config_dict.ConfigDict, workdir: str, *, progress: bool = True) -> 
                 log.warning("SIGTERM: saved a checkpoint at step %d; exiting", step)
                 say(f"stopped by SIGTERM: checkpoint saved at step {step}")
                 break
+        checkpoints.wait()
+        say(summary(last, last_eval, checkpoints, time.perf_counter() - began))
     finally:
         if bar is not None:
             bar.close()
@@ -293,6 +324,31 @@ def run(cfg: config_dict.ConfigDict, workdir: str, *, progress: bool = True) -> 
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     return last
+
+
+def progress_fields(host: dict, tokens_per_sec: float, mtp_depth: int) -> dict[str, str]:
+    """The progress bar's fields: the cross-entropies (as the plots show them), not the total
+    objective (which adds the weighted MTP and balance terms)."""
+    fields = {"ce": f"{host['ce_loss']:.3f}"}
+    if mtp_depth:
+        fields["mtp"] = f"{host['mtp_loss']:.3f}"
+    return {**fields, "tok/s": f"{tokens_per_sec:,.0f}"}
+
+
+def summary(last: dict, last_eval: dict, checkpoints: Checkpointer, seconds: float) -> str:
+    """The end-of-run lines: final cross-entropy and eval loss, tokens seen, wall time, and the
+    latest checkpoint."""
+    if not last:
+        return "no step was run (the run had already reached config.steps)"
+    lines = [f"done: step {last['step']}, train cross-entropy {last['ce_loss']:.4f}"
+             + (f" (MTP {last['mtp_loss']:.4f})" if last.get("mtp_loss") else "")
+             + (f", eval loss {last_eval['eval_loss']:.4f} at step {last_eval['step']}"
+                if last_eval else "")]
+    steps = checkpoints.steps()
+    lines.append(f"  {last['tokens_seen']:,} tokens seen; wall time "
+                 f"{time.strftime('%H:%M:%S', time.gmtime(seconds))}; latest checkpoint "
+                 f"{os.path.join(checkpoints.directory, str(steps[-1])) if steps else 'none'}")
+    return "\n".join(lines)
 
 
 def say(message: str) -> None:

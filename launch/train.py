@@ -17,6 +17,7 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from dsv3_jax import train_loop
+from dsv3_jax.checkpoint import CheckpointWriteError
 from launch import cli, distributed
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.",
@@ -38,7 +39,7 @@ def main(argv):
     try:
         distributed.maybe_initialize(_DISTRIBUTED.value)  # before anything touches a device
         train_loop.run(_CONFIG.value, _WORKDIR.value)
-    except (ValueError, train_loop.NonFiniteError) as e:
+    except (ValueError, train_loop.NonFiniteError, CheckpointWriteError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
