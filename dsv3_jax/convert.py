@@ -15,14 +15,16 @@ leaves (never a whole stacked leaf; see dsv3_jax/convert_orbax.py), so host memo
 a few times the largest released tensor plus a few output shards (`max_shard_bytes`: the
 safetensors shard size, which is never buffered, or the bytes per OCDBT commit, which
 tensorstore holds about 4-5 times over). Everything is checked before the first
-byte is written where the headers and shapes allow it; output goes to `<out>.partial-XXXX` and
-is renamed to `out` only when complete, and removed after a failure.
+byte is written where the headers and shapes allow it; output goes to `<out>.partial-XXXXXXXX`
+and is renamed to `out` only when complete, and removed after a failure; what a killed
+conversion left is removed by the next conversion to the same `out` (see _staging).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import json
 import math
 import os
@@ -110,25 +112,92 @@ def largest_tensor_bytes(cfg: ModelConfig) -> int:
     return max(math.prod(released_shape(leaves, s)) for s in tensor_map(cfg)) * 4
 
 
+PARTIAL_LOCK = ".conversion.lock"  # in a partial directory: flock-held by its live converter
+
+
 @contextlib.contextmanager
 def _staging(out: str) -> Iterator[str]:
-    """A fresh `<out>.partial-XXXX` directory, renamed to `out` on success, removed on error."""
+    """A fresh `<out>.partial-XXXXXXXX` directory, renamed to `out` on success, removed on error.
+
+    Partial directories of `out` that killed conversions left are removed first (in one line):
+    those whose PARTIAL_LOCK no process holds, the OS having released their converter's flock.
+    """
     out = os.path.abspath(out)
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         raise ValueError(f"output {out!r} already exists and is not an empty directory; "
                          "choose a new path (conversions never overwrite)")
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f"{os.path.basename(out)}.partial-", dir=parent)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    _remove_stale_partials(out)
+    tmp, lock = _new_partial(out)
     try:
         yield tmp
         os.chmod(tmp, 0o755)
+        if lock is not None:  # `out` gets no lock file; the flock is held past the rename, and
+            os.unlink(os.path.join(tmp, PARTIAL_LOCK))  # a partial without one is never removed
         if os.path.isdir(out):
             os.rmdir(out)
         os.rename(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        if lock is not None:
+            os.close(lock)
+
+
+def _new_partial(out: str) -> tuple[str, int | None]:
+    """A fresh partial directory of `out` and the fd holding flock on its PARTIAL_LOCK, which is
+    locked before it is renamed into place, so never seen free while this process lives (fd None
+    and no PARTIAL_LOCK where the filesystem has no flock: the directory is then never removed).
+    """
+    parent, name = os.path.split(out)
+    tmp = tempfile.mkdtemp(prefix=f"{name}.partial-", dir=parent)
+    fd, path = tempfile.mkstemp(dir=tmp)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError:
+        os.close(fd)
+        os.unlink(path)
+        return tmp, None
+    os.rename(path, os.path.join(tmp, PARTIAL_LOCK))
+    return tmp, fd
+
+
+def _remove_stale_partials(out: str) -> None:
+    """Remove the partial directories of `out` whose PARTIAL_LOCK is free, saying so in one line.
+
+    Only `<out>.partial-` + tempfile.mkdtemp's 8-character suffix: never `out` itself, another
+    output's partials (`<out>2.partial-*`) or an output named like `<out>.partial-final`.
+    """
+    parent, name = os.path.split(out)
+    ours = re.compile(re.escape(name) + r"\.partial-[a-z0-9_]{8}")
+    removed = []
+    for entry in sorted(os.listdir(parent)):
+        path = os.path.join(parent, entry)
+        if ours.fullmatch(entry) and not os.path.islink(path) and _remove_if_free(path):
+            removed.append(path)
+    if removed:
+        _notice(f"removed {len(removed)} stale partial output(s) of an interrupted conversion: "
+                f"{', '.join(removed)}")
+
+
+def _remove_if_free(partial: str) -> bool:
+    """Remove `partial` if its PARTIAL_LOCK is there and no process holds it; whether removed."""
+    lock = os.path.join(partial, PARTIAL_LOCK)
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_NOFOLLOW)
+    except OSError:  # none: a live converter's, being set up or finishing, or not a partial
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if not os.path.samestat(os.fstat(fd), os.stat(lock)):
+            return False
+        shutil.rmtree(partial, ignore_errors=True)
+        return not os.path.exists(partial)
+    except OSError:  # held by a live converter, or gone meanwhile
+        return False
+    finally:
+        os.close(fd)
 
 
 def _progress(total: int, desc: str, enabled: bool):

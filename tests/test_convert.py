@@ -6,10 +6,12 @@ tensor, a swapped layout or a lost bias moves logits by O(1e-1).
 """
 
 import dataclasses
+import errno
 import glob
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -604,6 +606,149 @@ def test_export_errors(tmp_path, capsys):
     with pytest.raises(ValueError, match=r"gone/tokenizer\.json"):
         convert.orbax_to_hf(str(tmp_path / "step2"), str(out), progress=False)
     assert not out.exists()
+
+
+# Interrupted conversions: what a killed run left is removed by the next run, and nothing else. -
+
+MIDWAY = textwrap.dedent("""
+    import sys, time
+    from dsv3_jax import convert
+    with convert._staging(sys.argv[1]) as partial:
+        with open(partial + "/model-00001-of-00002.safetensors", "w") as f:
+            f.write("half written")
+        print(partial, flush=True)
+        time.sleep(300)
+""")
+
+
+@pytest.fixture
+def midway():
+    """start(out): a conversion to `out` in another process, stopped midway through writing, as
+    (the process, its partial directory). kill(process) (SIGKILL: none of its cleanup runs)
+    leaves the partial as a killed conversion does; any still running die with the test."""
+    started = []
+
+    def start(out):
+        proc = subprocess.Popen([sys.executable, "-c", MIDWAY, str(out)], cwd=REPO,
+                                stdout=subprocess.PIPE, text=True)
+        started.append(proc)
+        partial = proc.stdout.readline().strip()
+        assert partial, "the conversion did not start"
+        return proc, partial
+
+    yield start
+    for proc in started:
+        kill(proc)
+
+
+def kill(proc):
+    proc.kill()
+    proc.wait()
+    proc.stdout.close()
+
+
+def killed_conversions(midway, out, n=1):
+    """The partial directories of `n` conversions to `out` run at once and killed midway (one
+    run after another would each remove the last one's)."""
+    started = [midway(out) for _ in range(n)]
+    for proc, partial in started:
+        kill(proc)
+        assert os.path.isdir(partial)
+    return [partial for _, partial in started]
+
+
+@pytest.fixture
+def sources(tmp_path):
+    """{direction: what it converts}: the same tiny model as a Hugging Face directory and as a
+    trainer's step directory."""
+    variables = random_variables(TINY, 3)
+    write_hf_dir(tmp_path / "src" / "hf", TINY, dsv3_jax.to_hf_state_dict(TINY, variables))
+    save_trainer_like(tmp_path / "src" / "step", TINY, variables)
+    return {"hf-to-orbax": tmp_path / "src" / "hf", "orbax-to-hf": tmp_path / "src" / "step"}
+
+
+def convert_cli(direction, source, out):
+    flag = "--hf_dir" if direction == "hf-to-orbax" else "--checkpoint"
+    return convert_main([direction, f"{flag}={source}", f"--out={out}", "--no_progress"])
+
+
+def notes(capsys):
+    return [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+
+
+def removed_note(*partials):
+    return (f"note: removed {len(partials)} stale partial output(s) of an interrupted "
+            f"conversion: {', '.join(sorted(partials))}")
+
+
+def files_under(root):
+    return sorted(os.path.relpath(os.path.join(d, f), root)
+                  for d, _, names in os.walk(root) for f in names)
+
+
+@pytest.mark.parametrize("direction", ["hf-to-orbax", "orbax-to-hf"])
+def test_the_partial_output_of_a_killed_conversion_is_removed_by_the_next(direction, sources,
+                                                                          midway, tmp_path,
+                                                                          capsys):
+    out = tmp_path / "outs" / "model"
+    stale = killed_conversions(midway, out, 2)
+    assert convert_cli(direction, sources[direction], out) == 0
+    assert notes(capsys) == [removed_note(*stale)]
+    assert os.listdir(out.parent) == ["model"]
+    assert convert.PARTIAL_LOCK not in os.listdir(out)
+
+
+def test_completed_outputs_and_other_outputs_partials_are_never_removed(sources, midway,
+                                                                          tmp_path, capsys):
+    parent = tmp_path / "outs"
+    out = parent / "hf"
+    [stale] = killed_conversions(midway, out)
+    killed_conversions(midway, parent / "hf2")
+    killed_conversions(midway, parent / "hf-old")
+    killed_conversions(midway, parent / "hf.partial-final")  # hf.partial-final.partial-*
+    # hf.partial-12345678 has a partial's name but no lock file: someone else's, or that of a
+    # conversion between making it and locking it.
+    for completed in ("hf2", "hf.partial-12345678/sub"):
+        os.makedirs(parent / completed)
+        (parent / completed / "config.json").write_text("{}")
+    os.makedirs(out)  # a completed `out`: refused, and nothing is removed
+    (out / "config.json").write_text("{}")
+    before = files_under(parent)
+    assert convert_cli("orbax-to-hf", sources["orbax-to-hf"], out) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert files_under(parent) == before
+
+    shutil.rmtree(out)
+    kept = [f for f in before if not f.startswith(("hf/", os.path.basename(stale) + "/"))]
+    assert convert_cli("orbax-to-hf", sources["orbax-to-hf"], out) == 0
+    assert notes(capsys) == [removed_note(stale)]
+    assert [f for f in files_under(parent) if not f.startswith("hf/")] == kept
+
+
+def test_a_running_conversion_s_partial_output_is_left_alone(sources, midway, tmp_path,
+                                                             capsys):
+    out = tmp_path / "outs" / "hf"
+    (killed, stale), (_, running) = midway(out), midway(out)
+    kill(killed)
+    assert convert_cli("orbax-to-hf", sources["orbax-to-hf"], out) == 0
+    assert notes(capsys) == [removed_note(stale)]
+    assert files_under(running) == [convert.PARTIAL_LOCK, "model-00001-of-00002.safetensors"]
+    assert sorted(os.listdir(out.parent)) == ["hf", os.path.basename(running)]
+
+
+def test_without_flock_conversions_run_and_remove_nothing(sources, midway, tmp_path, capsys,
+                                                          monkeypatch):
+    out = tmp_path / "outs" / "hf"
+    [stale] = killed_conversions(midway, out)
+
+    def no_flock(fd, operation):
+        raise OSError(errno.ENOLCK, "no locks available")
+
+    monkeypatch.setattr(convert.fcntl, "flock", no_flock)
+    assert convert_cli("orbax-to-hf", sources["orbax-to-hf"], out) == 0
+    assert notes(capsys) == []
+    assert sorted(os.listdir(out.parent)) == ["hf", os.path.basename(stale)]
+    assert convert.PARTIAL_LOCK not in os.listdir(out)
 
 
 def test_written_checkpoint_metadata_matches_what_orbax_writes(tmp_path):
