@@ -5,6 +5,9 @@
       --config.mesh.pipeline=16 --config.mesh.expert=64 --config.mesh.data=-1 \
       --device_memory_gb=141
 
+A layout that does not fit, or that the trainer refuses, is followed by the single flag changes
+that lower its total (or that the trainer accepts), each with its total (`alternatives`).
+
 Nothing is allocated and no accelerator is touched: shapes come from
 `dsv3_jax.abstract_variables` (jax.eval_shape) with their logical axes, shardings from the one
 logical-axis table (`dsv3_jax.sharding.spec`), and per-device shard shapes are plain arithmetic
@@ -81,7 +84,7 @@ from ml_collections import config_dict, config_flags
 
 import dsv3_jax
 from dsv3_jax import implementations, pipeline, sharding, train_loop
-from dsv3_jax.config import ModelConfig
+from dsv3_jax.config import REMAT_POLICIES, ModelConfig
 from dsv3_jax.model import MATMUL_WEIGHTS
 from launch import cli
 
@@ -164,9 +167,19 @@ def shard_shape(shape: tuple[int, ...], spec: PartitionSpec,
     return tuple(out)
 
 
-@functools.lru_cache(maxsize=8)
+# The implementation fields change how, not what, the model computes: the shapes are traced with
+# these (on CPU, where an explicit Pallas kernel would be refused), and traced once for them all.
+SHAPE_NEUTRAL = {"dtype": "float32", "remat": "none", "attention_impl": "xla",
+                 "decode_impl": "xla", "moe_impl": "xla"}
+
+
 def variable_leaves(model: ModelConfig) -> tuple:
     """((path keys, logical names, shape), ...) of every variable; shapes only (eval_shape)."""
+    return _leaves(dataclasses.replace(model, **SHAPE_NEUTRAL))
+
+
+@functools.lru_cache(maxsize=8)
+def _leaves(model: ModelConfig) -> tuple:
     boxed = dsv3_jax.abstract_variables(model)
     logical = jax.tree_util.tree_flatten_with_path(
         nn.get_partition_spec(boxed), is_leaf=lambda x: isinstance(x, PartitionSpec))[0]
@@ -408,30 +421,103 @@ def make_plan(cfg: config_dict.ConfigDict, devices: int,
                     f"the trainer refuses this pipeline today: {refusal}",))
 
 
-ALTERNATIVES = (("--config.mesh.fsdp=True", "mesh", "fsdp", True),
-                ("--config.model.remat=full", "model", "remat", "full"),
-                ("--config.model.attention_impl=pallas", "model", "attention_impl", "pallas"))
+# Single flag changes ------------------------------------------------------------------------
+SHOWN = 5  # single flag changes printed for a layout that does not fit or is refused
+# attention_impl values suggested per backend (make_plan then refuses a kernel that cannot run
+# the shapes). The TPU kernels are tested but not measured on a TPU, so `auto` takes XLA there
+# (dsv3_jax.implementations) and a TPU plan suggests none; moe_impl changes no term of the plan.
+SUGGESTED_ATTENTION = {"gpu": ("pallas",), "tpu": ()}
+
+
+def _divisors(n: int) -> list[int]:
+    return [k for k in range(1, n + 1) if n % k == 0]
+
+
+def flag_changes(cfg: config_dict.ConfigDict, plan: Plan,
+                 backend: str) -> list[tuple[tuple[str, ...], object]]:
+    """(field path, value) of every single flag change worth sizing against `plan` (the plan of
+    `cfg`): the layout and memory knobs the module sizes, each value the trainer might accept."""
+    c, m, P = plan.model, plan.mesh, plan.mesh["pipeline"]
+    devices = math.prod(m.values())
+    changes: list[tuple[tuple[str, ...], object]] = [(("mesh", "fsdp"), not plan.fsdp)]
+    changes += [(("model", "remat"), r) for r in REMAT_POLICIES if r != c.remat]
+    changes += [(("model", "attention_impl"), a) for a in SUGGESTED_ATTENTION[backend]
+                if a != c.attention_impl]
+    changes += [(("microbatches",), k) for k in _divisors(cfg.batch_size)
+                if k > cfg.microbatches]
+    changes += [(("mesh", "expert"), k) for k in _divisors(c.n_routed_experts)
+                if k != m["expert"]]
+    changes += [(("mesh", axis), k) for axis in ("pipeline", "data") for k in _divisors(devices)
+                if k != m[axis] and (axis == "data" or k <= c.n_moe_layers)]
+    if P > 1:
+        per_step = cfg.batch_size // cfg.microbatches
+        changes += [(("mesh", "pipeline_microbatches"), k) for k in _divisors(per_step)
+                    if k != plan.pipeline.microbatches]
+        changes += [(("mesh", "pipeline_schedule"), s) for s in pipeline.SCHEDULES
+                    if s != cfg.mesh.pipeline_schedule]
+        if cfg.mesh.pipeline_schedule == "circular":
+            changes += [(("mesh", "pipeline_repeats"), k)
+                        for k in range(2, c.n_moe_layers // P + 1)
+                        if k != cfg.mesh.pipeline_repeats]
+    return changes
+
+
+def flag(path: tuple[str, ...], value) -> str:
+    """The command-line override that sets `path` to `value`."""
+    return f"--config.{'.'.join(path)}={value}"
 
 
 def alternatives(cfg: config_dict.ConfigDict, devices: int, device_memory_gb: float,
                  backend: str = "gpu") -> list[tuple[str, Plan]]:
-    """Single flag changes that lower the total, with their plans."""
-    base = make_plan(cfg, devices, device_memory_gb, backend).total
-    out = []
-    for flag, section, field, value in ALTERNATIVES:
+    """Single flag changes for a layout that does not fit or that the trainer refuses, with
+    their plans, lowest total first: one per field, only what the trainer accepts (make_plan
+    raises nothing and warns nothing) and, for a layout it accepts, only what lowers the total.
+    Per field, the fitting value with the highest total (the least change that fits: fewest
+    microbatches, smallest expert axis, the remat policy that keeps the most), or the lowest
+    total when no value fits."""
+    base = make_plan(cfg, devices, device_memory_gb, backend)
+    by_field: dict[tuple[str, ...], list[tuple[str, Plan]]] = {}
+    for path, value in flag_changes(cfg, base, backend):
         variant = cfg.copy_and_resolve_references()
         with variant.unlocked():
-            variant[section][field] = value
-        plan = make_plan(variant, devices, device_memory_gb, backend)
-        if plan.total < base:
-            out.append((flag, plan))
-    return out
+            functools.reduce(lambda node, key: node[key], path[:-1], variant)[path[-1]] = value
+        try:
+            plan = make_plan(variant, devices, device_memory_gb, backend)
+        except ValueError:  # a mesh that cannot be built, a kernel that cannot run: refused
+            continue
+        if plan.warnings or not (base.warnings or plan.total < base.total):
+            continue
+        by_field.setdefault(path, []).append((flag(path, value), plan))
+    picks = []
+    for options in by_field.values():
+        fitting = [o for o in options if o[1].fits]
+        picks.append(max(fitting, key=lambda o: o[1].total) if fitting
+                     else min(options, key=lambda o: o[1].total))
+    return sorted(picks, key=lambda o: o[1].total)
+
+
+def format_alternatives(plan: Plan, options: list[tuple[str, Plan]]) -> str:
+    """What `python -m launch.plan` prints after a plan that does not fit or that the trainer
+    refuses: the first SHOWN of `options` (from `alternatives`), each with its total."""
+    limit = f"{HEADROOM * plan.device_memory / GB:.2f} GB"
+    which = "the trainer accepts" if plan.warnings else "that lower it"
+    if not options:
+        return f"no single flag change {which}: change several at once, or add devices"
+    shown = options[:SHOWN]
+    width = max(len(f) for f, _ in shown)
+    rows = [f"  {f:<{width}}  {p.total / GB:9.2f} GB  {'fits' if p.fits else 'does not fit'}"
+            for f, p in shown]
+    if shown[0][1].fits:
+        return "\n".join([f"single flag changes {which} (per-device total; at most {limit} "
+                          "fits):", *rows])
+    return "\n".join([f"no single flag change fits (at most {limit} per device); the lowest "
+                      "totals:", *rows, "combine several of them, or add devices"])
 
 
 def format_plan(plan: Plan) -> str:
     """The report `python -m launch.plan` prints."""
     m, c = plan.mesh, plan.model
-    counts = dsv3_jax.param_counts(c)
+    counts = dsv3_jax.param_counts(dataclasses.replace(c, **SHAPE_NEUTRAL))
     devices = math.prod(m.values())
 
     def row(name: str, value: float, indent: int = 0) -> str:
@@ -494,13 +580,10 @@ def main() -> None:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
         print(format_plan(plan))
-        if plan.fits:
+        if plan.fits and not plan.warnings:
             return
-        options = alternatives(config.value, devices.value, memory.value, backend.value)
-        for flag, p in options:
-            print(f"  with {flag}: {p.total / GB:.1f} GB{' (fits)' if p.fits else ''}")
-        print("  (parameters shrink with more devices on `expert` or `pipeline`, or fsdp over "
-              "`data`; activations with more microbatches, remat=full or a flash attention)")
+        print(format_alternatives(plan, alternatives(config.value, devices.value, memory.value,
+                                                     backend.value)))
         sys.exit(1)
 
     cli.run(run, config)

@@ -1,6 +1,8 @@
 """launch.plan sizes a job without devices: the 671B model on 2048 GPUs against a hand count
-of its parameters, a mesh too small to fit, and meshes that cannot be built."""
+of its parameters, a mesh too small to fit, meshes that cannot be built, and the single flag
+changes it prints for a layout that does not fit or that the trainer refuses."""
 
+import ast
 import math
 import os
 import subprocess
@@ -9,7 +11,7 @@ import sys
 import pytest
 
 import dsv3_jax
-from configs import deepseek_v3_671b, tiny
+from configs import deepseek_v3_671b, small, tiny
 from launch import plan as planner
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -156,9 +158,89 @@ def test_command_line_reports_fits_does_not_fit_and_errors():
     small = run_plan("--config=configs/deepseek_v3_671b.py", "--config.mesh.pipeline=1",
                      "--config.mesh.data=1", "--devices=64")
     assert small.returncode == 1, small.stderr[-2000:]
-    assert "does NOT fit" in small.stdout
+    assert "does NOT fit" in small.stdout and "Traceback" not in small.stderr
 
     bad = run_plan(*big, "--config.mesh.expert=48", f"--devices={DEVICES}")
     assert bad.returncode == 2
     assert ("error: mesh: 2048 devices do not divide into pipeline=16 x expert=48 = 768"
             in bad.stderr)
+
+
+def with_flag(cfg, flag: str):
+    """`cfg` with one printed `--config.a.b=value` override applied, as the command line would."""
+    path, text = flag.removeprefix("--config.").split("=", 1)
+    *sections, field = path.split(".")
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        value = text  # a bare string: --config.model.remat=full
+    cfg = cfg.copy_and_resolve_references()
+    node = cfg
+    for section in sections:
+        node = node[section]
+    node[field] = value
+    return cfg
+
+
+def printed_changes(stdout: str) -> list[tuple[str, float, bool]]:
+    """(flag, total GB, fits) of every single flag change launch.plan printed."""
+    rows = []
+    for line in stdout.splitlines():
+        parts = line.split()
+        if line.startswith("  --config.") and parts[2] == "GB":
+            rows.append((parts[0], float(parts[1]), " ".join(parts[3:]) == "fits"))
+    return rows
+
+
+CIRCULAR_TOO_FEW = ["--config.batch_size=16384", "--config.microbatches=8",
+                    "--config.mesh.pipeline=16", "--config.mesh.fsdp=False",
+                    "--config.mesh.pipeline_schedule=circular",
+                    "--config.mesh.pipeline_microbatches=8"]
+
+
+@pytest.mark.parametrize("module, args, devices, memory, heading", [
+    # small on one 80 GB GPU: more microbatches fit.
+    (small, [], 1, 80, "single flag changes that lower it"),
+    # 671B on 64 GPUs: nothing single fits, said so, with the lowest totals still shown.
+    (deepseek_v3_671b, [], 64, 141, "no single flag change fits"),
+    # Fits in memory, but the trainer refuses a circular pipeline of 8 < 16 microbatches.
+    (deepseek_v3_671b, CIRCULAR_TOO_FEW, DEVICES, 141, "single flag changes the trainer accepts"),
+])
+def test_a_layout_that_cannot_run_prints_flag_changes_with_their_totals(module, args, devices,
+                                                                        memory, heading):
+    out = run_plan(f"--config=configs/{module.__name__.split('.')[-1]}.py", *args,
+                   f"--devices={devices}", f"--device_memory_gb={memory}")
+    assert out.returncode == 1, out.stderr[-2000:]
+    assert f"\n{heading}" in out.stdout, out.stdout
+    rows = printed_changes(out.stdout)
+    assert 0 < len(rows) <= planner.SHOWN, out.stdout
+    assert [r[1] for r in rows] == sorted(r[1] for r in rows)
+    assert any(fits for _, _, fits in rows) == (heading != "no single flag change fits")
+    cfg = module.get_config()
+    for arg in args:
+        cfg = with_flag(cfg, arg)
+    base = planner.make_plan(cfg, devices, memory)
+    for flag, total, fits in rows:  # each printed total is that flag's own plan
+        plan = planner.make_plan(with_flag(cfg, flag), devices, memory)
+        assert (round(plan.total / planner.GB, 2), plan.fits, plan.warnings) == (total, fits, ())
+        assert base.warnings or plan.total < base.total
+
+
+def test_flash_attention_is_suggested_on_gpu_only():
+    """XLA attention keeps [N, T] scores per token: on a GPU the Pallas kernel is a single flag
+    change that lowers the total; on a TPU its kernel is unmeasured and never suggested."""
+    cfg = deepseek_v3_671b.get_config()
+    cfg.model.attention_impl = "xla"
+    cfg.mesh.pipeline, cfg.mesh.data = 1, 1
+    gpu = dict(planner.alternatives(cfg, 64, 141, "gpu"))
+    pallas = gpu["--config.model.attention_impl=pallas"]
+    assert pallas.total < planner.make_plan(cfg, 64, 141, "gpu").total
+    flash = with_flag(cfg, "--config.model.attention_impl=pallas")
+    assert planner.make_plan(flash, 64, 141, "gpu") == pallas
+    assert "attention=pallas (pallas on gpu)" in planner.format_plan(pallas)
+    for c in (cfg, deepseek_v3_671b.get_config()):  # explicit xla, and auto
+        c.mesh.pipeline, c.mesh.data = 1, 1
+        tpu = planner.alternatives(c, 64, 141, "tpu")
+        assert tpu and not any("pallas" in flag for flag, _ in tpu)
+        base = planner.make_plan(c, 64, 141, "tpu")
+        assert "pallas" not in planner.format_alternatives(base, tpu)
