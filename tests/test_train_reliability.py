@@ -180,3 +180,26 @@ def test_the_progress_bar_shows_the_cross_entropies():
     assert train_loop.progress_fields(host, 1234.0, mtp_depth=1) == {
         "ce": "5.250", "mtp": "5.500", "tok/s": "1,234"}
     assert "mtp" not in train_loop.progress_fields(host, 1.0, mtp_depth=0)
+
+
+@pytest.mark.parametrize("damage", ["truncate_arrays", "metadata"])
+def test_restoring_past_a_corrupt_checkpoint_prints_no_traceback(tmp_path, damage):
+    # Issue 20.14 reported a spurious "RuntimeError: Event loop is closed" traceback here.
+    train_loop.run(config(steps=8), str(tmp_path), progress=False)
+    step_dir = tmp_path / "checkpoints" / "8"
+    if damage == "metadata":
+        spoil(step_dir)
+    else:
+        for root, _, files in os.walk(step_dir / "state"):
+            for name in files:
+                if name not in ("_METADATA", "_sharding", "commit_success.txt"):
+                    path = os.path.join(root, name)
+                    os.truncate(path, max(os.path.getsize(path) // 2, 1))
+    args = [sys.executable, "-m", "launch.train", "--config=configs/tiny.py",
+            f"--workdir={tmp_path}", "--config.steps=10"]
+    args += [f"--config.{k}={v}" for k, v in FAST.items()]
+    out = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "checkpoints/8 cannot be used" in out.stderr
+    assert "Traceback" not in out.stderr and "Event loop is closed" not in out.stderr
+    assert sorted(losses(tmp_path)) == list(range(1, 11))
