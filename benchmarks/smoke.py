@@ -33,7 +33,7 @@ PY = sys.executable
 LOGITS_CHECK = """
 import sys, numpy as np, torch, transformers, jax, jax.numpy as jnp
 import dsv3_jax
-from dsv3_jax.generate import load_checkpoint
+from dsv3_jax.infer.generate import load_checkpoint
 run, hf = sys.argv[1], sys.argv[2]
 config, variables, _ = load_checkpoint(run)
 # The check is of the converted weights: our fp32 XLA path at full fp32 matmul precision (the GPU

@@ -6,7 +6,7 @@ memory, and a per-part breakdown from a profile, for several settings side by si
 
   python -m benchmarks.train_step --config=configs/small.py --settings=pallas,ep2,pp2,ep4
 
-MFU = tokens/s x FLOPs per token (dsv3_jax/flops.py: 6 x active matmul parameters + causal
+MFU = tokens/s x FLOPs per token (dsv3_jax/model/flops.py: 6 x active matmul parameters + causal
 attention) / the device's dense bf16 peak (989 TFLOP/s for an H100/H200); tokens/s, TFLOP/s and
 MFU are per device. Each setting runs in its own process (on its first N GPUs), so peak memory
 is its own and an out-of-memory setting does not stop the rest. Multi-device settings scale
@@ -32,8 +32,9 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from dsv3_jax import flops, implementations, train_loop
-from dsv3_jax.trainer import Trainer
+from dsv3_jax.model import flops, implementations
+from dsv3_jax.train import loop as train_loop
+from dsv3_jax.train.step import Trainer
 
 # name -> config overrides ("devices": how many GPUs). "xla": cuDNN attention (v padded) +
 # jax.lax.ragged_dot; the rest use our Pallas kernels. "pallas" keeps the config's own

@@ -47,7 +47,7 @@ def get_config() -> config_dict.ConfigDict:
     c.optimizer.weight_decay = 0.1
     c.optimizer.clip_norm = 1.0
     c.optimizer.start_lr = 0.0
-    # (kind, steps, end_value) phases; kind in linear | constant | cosine (dsv3_jax.optim).
+    # (kind, steps, end_value) phases; kind in linear | constant | cosine (dsv3_jax.train.optim).
     c.optimizer.schedule = (("linear", 100, 3e-3), ("cosine", 900, 3e-4))
 
     c.objective = config_dict.ConfigDict()

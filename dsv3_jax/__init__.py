@@ -1,41 +1,39 @@
-"""dsv3-jax: DeepSeek-V3 (MLA, DeepSeekMoE, MTP) in JAX/Flax."""
+"""dsv3-jax: DeepSeek-V3 (MLA, DeepSeekMoE, MTP) in JAX/Flax.
 
-from dsv3_jax.api import (
-    Cache,
-    ModelOutput,
-    abstract_variables,
-    decode,
-    forward,
-    init,
-    init_cache,
-    init_mtp_cache,
-    logical_axes,
-    mtp_step,
-    param_counts,
-    prefill,
-)
-from dsv3_jax.config import PRESETS, ModelConfig, preset
-from dsv3_jax.generate import generate, load_checkpoint
-from dsv3_jax.hf_weights import from_hf_state_dict, to_hf_state_dict
+The public API. Its names load on first use (PEP 562), so importing one subpackage
+(`dsv3_jax.train.loop`, say) does not import generation or conversion with it.
 
-__all__ = [
-    "PRESETS",
-    "Cache",
-    "ModelConfig",
-    "ModelOutput",
-    "abstract_variables",
-    "decode",
-    "forward",
-    "from_hf_state_dict",
-    "generate",
-    "init",
-    "init_cache",
-    "init_mtp_cache",
-    "load_checkpoint",
-    "logical_axes",
-    "mtp_step",
-    "param_counts",
-    "prefill",
-    "preset",
-    "to_hf_state_dict",
-]
+  dsv3_jax.config       ModelConfig and the presets            (imports nothing of ours)
+  dsv3_jax.tokenizer    byte-level and Hugging Face tokenizers  (nothing of ours)
+  dsv3_jax.checkpoints  find and read a saved run              (config, tokenizer)
+  dsv3_jax.parallel     mesh, logical axes, expert and pipeline parallelism   (config)
+  dsv3_jax.model        the model, its public functions, implementations      (parallel)
+  dsv3_jax.train        data, objective, optimizer, step, loop, checkpointer  (model)
+  dsv3_jax.convert      the released layout, safetensors, orbax files          (model)
+  dsv3_jax.infer        generation                                              (model)
+"""
+
+import importlib
+
+_EXPORTS = {
+    "dsv3_jax.config": ("PRESETS", "ModelConfig", "preset"),
+    "dsv3_jax.model.api": ("Cache", "ModelOutput", "abstract_variables", "decode", "forward",
+                           "init", "init_cache", "init_mtp_cache", "logical_axes", "mtp_step",
+                           "param_counts", "prefill"),
+    "dsv3_jax.infer.generate": ("generate", "load_checkpoint"),
+    "dsv3_jax.convert.released": ("from_hf_state_dict", "to_hf_state_dict"),
+}
+_HOME = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_HOME)
+
+
+def __getattr__(name: str):
+    if name not in _HOME:
+        raise AttributeError(f"module 'dsv3_jax' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_HOME[name]), name)
+    globals()[name] = value  # once loaded, a plain attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -68,7 +68,7 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype; parameters are always float32
     remat: str = "none"
     # "auto": the fastest measured implementation the kernels support for the backend and these
-    # shapes (dsv3_jax/implementations.py); decode is the absorbed attention of generation.
+    # shapes (dsv3_jax/model/implementations.py); decode is the absorbed attention of generation.
     attention_impl: str = "auto"
     decode_impl: str = "auto"
     moe_impl: str = "auto"

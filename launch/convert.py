@@ -8,7 +8,7 @@ orbax-to-hf reads a trainer workdir (its latest step), its checkpoints directory
 directory, and writes a directory `transformers.AutoModelForCausalLM.from_pretrained` loads.
 hf-to-orbax reads a Hugging Face or official DeepSeek-V3 directory (bf16, or FP8 with block
 scales) and writes an orbax checkpoint for `launch.train --config.init_from=DIR`. Both stream
-tensor by tensor; see dsv3_jax/convert.py.
+tensor by tensor; see dsv3_jax/convert/stream.py.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dsv3_jax import convert
+from dsv3_jax.convert import stream as convert
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -80,8 +80,8 @@ def run() -> None:
     prompts = read_prompts()
     import jax
 
-    from dsv3_jax import implementations
-    from dsv3_jax.generate import TextStream, generate, load_checkpoint
+    from dsv3_jax.infer.generate import TextStream, generate, load_checkpoint
+    from dsv3_jax.model import implementations
 
     config, variables, tokenizer = load_checkpoint(_CHECKPOINT.value, _TOKENIZER.value)
     if tokenizer is None:
@@ -129,7 +129,7 @@ def compare(config, variables, prompts, tokenizer, streamed) -> None:
     that both give the streamed output."""
     import numpy as np
 
-    from dsv3_jax.generate import generate
+    from dsv3_jax.infer.generate import generate
 
     rates: dict[str | None, list[float]] = {"mtp": [], None: []}
     same = True

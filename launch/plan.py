@@ -10,8 +10,8 @@ that lower its total (or that the trainer accepts), each with its total (`altern
 
 Nothing is allocated and no accelerator is touched: shapes come from
 `dsv3_jax.abstract_variables` (jax.eval_shape) with their logical axes, shardings from the one
-logical-axis table (`dsv3_jax.sharding.spec`), and per-device shard shapes are plain arithmetic
-over the mesh sizes (ZeRO-1 placement from `sharding.zero1` on a jax AbstractMesh).
+logical-axis table (`dsv3_jax.parallel.sharding.spec`), and per-device shard shapes are plain
+arithmetic over the mesh sizes (ZeRO-1 placement from `sharding.zero1` on a jax AbstractMesh).
 
 Per device, in bytes (GB = 1e9):
   parameters   fp32 shards of every parameter, plus the router bias (fp32, not trained).
@@ -21,11 +21,12 @@ Per device, in bytes (GB = 1e9):
                norm and the MTP modules are not split by `pipeline` (every stage holds them).
   gradients    sharded like the parameters: fp32; with microbatches > 1 one microbatch's
                gradients as the backward makes them (the matmul weights, cast once per step by
-               dsv3_jax.model.cast_matmul_weights, in model.dtype; the rest fp32) plus the
+               dsv3_jax.model.transformer.cast_matmul_weights, in model.dtype; the rest fp32)
+               plus the
                accumulated fp32 sum, sharded like one of the optimizer's moments (ZeRO-2,
-               dsv3_jax.trainer).
+               dsv3_jax.train.step).
   optimizer    AdamW mu and nu, fp32, sharded like the parameters plus ZeRO-1: `data` on the
-               first free dimension it divides (dsv3_jax.sharding.zero1).
+               first free dimension it divides (dsv3_jax.parallel.sharding.zero1).
   activations  b = bytes of model.dtype; c = every intermediate of one layer per token;
                s = what the remat policy keeps of it (below). Without a pipeline (P = 1), each
                accumulation microbatch (`microbatches` of them) runs its forward and backward
@@ -38,11 +39,12 @@ Per device, in bytes (GB = 1e9):
                            bytes + the loss chunk (2 x rows x 512 x vocab fp32)
                Both add to saved the fused loss's gradients, kept from its forward pass:
                  (1 + mtp_depth) x (D x vocab + tokens_out x D) fp32
-               With a pipeline (dsv3_jax.pipeline: M = mesh.pipeline_microbatches, V repeats of
-               a circular schedule, else 1), embedding, dense layers, MTP and head run outside
-               the stages on rows split over every device; the MoE stack runs n = M V + P - 1
-               iterations of Lc = ceil(L_m / (P V)) layers on one pipeline microbatch, and the
-               backward (JAX's reverse of the loop, GPipe order) keeps every iteration's values:
+               With a pipeline (dsv3_jax.parallel.pipeline: M = mesh.pipeline_microbatches, V
+               repeats of a circular schedule, else 1), embedding, dense layers, MTP and head run
+               outside the stages on rows split over every device; the MoE stack runs
+               n = M V + P - 1 iterations of Lc = ceil(L_m / (P V)) layers on one pipeline
+               microbatch, and the backward (JAX's reverse of the loop, GPipe order) keeps every
+               iteration's values:
                  tokens_out = batch_size / microbatches / (P x data x expert) x seq_len
                  tokens_in  = batch_size / microbatches / M / (data x expert) x seq_len
                  saved   = tokens_out x [L_d s_dense + X] + n x tokens_in x (Lc s_moe + D b)
@@ -83,15 +85,17 @@ from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec
 from ml_collections import config_dict, config_flags
 
 import dsv3_jax
-from dsv3_jax import implementations, pipeline, sharding, train_loop
 from dsv3_jax.config import REMAT_POLICIES, ModelConfig
-from dsv3_jax.model import MATMUL_WEIGHTS
+from dsv3_jax.model import implementations
+from dsv3_jax.model.transformer import MATMUL_WEIGHTS
+from dsv3_jax.parallel import pipeline, sharding
+from dsv3_jax.train import loop as train_loop
 from launch import cli
 
 GB = 1e9
 HEADROOM = 0.9  # the plan fits when the total is at most this share of the device
 DEFAULT_DEVICE_MEMORY_GB = 141.0  # one H200
-LOSS_CHUNK = 512  # dsv3_jax.objective.cross_entropy_sum's default chunk of positions
+LOSS_CHUNK = 512  # dsv3_jax.train.objective.cross_entropy_sum's default chunk of positions
 BACKENDS = ("gpu", "tpu")
 GROUPS = ("MoE layers", "dense layers", "embedding, head, final norm", "MTP modules",
           "router bias (not trained)")
@@ -99,7 +103,7 @@ GROUPS = ("MoE layers", "dense layers", "embedding, head, final norm", "MTP modu
 
 @dataclasses.dataclass(frozen=True)
 class Pipeline:
-    """How the MoE stack is pipelined (dsv3_jax.pipeline); stages == 1: not at all."""
+    """How the MoE stack is pipelined (dsv3_jax.parallel.pipeline); stages == 1: not at all."""
 
     stages: int = 1
     microbatches: int = 1  # mesh.pipeline_microbatches
@@ -321,8 +325,8 @@ def activation_bytes(c: ModelConfig, mesh: dict[str, int], batch_size: int, micr
                  + pipe.iterations * tokens_in * (per_pass * saved_per_token(c, moe, b) + D * b))
         layer = max(2 * every_value(dense) * tokens_out,
                     (2 * every_value(moe) + exchange) * tokens_in)
-    # The fused loss (dsv3_jax.objective) keeps its head and hidden-state gradients, fp32, from
-    # the forward pass to the backward, for the main head and every MTP depth.
+    # The fused loss (dsv3_jax.train.objective) keeps its head and hidden-state gradients, fp32,
+    # from the forward pass to the backward, for the main head and every MTP depth.
     saved += (1 + c.mtp_depth) * (D * c.vocab_size + rows_out * seq_len * D) * 4
     loss_chunk = 2 * rows_out * min(LOSS_CHUNK, seq_len) * c.vocab_size * 4
     working = layer + layer_weights * b // 4 + loss_chunk
@@ -332,7 +336,7 @@ def activation_bytes(c: ModelConfig, mesh: dict[str, int], batch_size: int, micr
 # The plan ----------------------------------------------------------------------------------------
 def pipeline_of(cfg: config_dict.ConfigDict, stages: int) -> Pipeline:
     """The pipeline settings of a run config (mesh.pipeline_microbatches / _schedule /
-    _repeats, as dsv3_jax.train_loop reads them)."""
+    _repeats, as dsv3_jax.train.loop reads them)."""
     if stages == 1:
         return Pipeline()
     mesh = cfg.mesh
@@ -342,7 +346,8 @@ def pipeline_of(cfg: config_dict.ConfigDict, stages: int) -> Pipeline:
 
 
 def trainer_refusal(cfg: config_dict.ConfigDict, model: ModelConfig, stages: int) -> str | None:
-    """The trainer's own pipeline check (dsv3_jax.pipeline.check), as a message, or None."""
+    """The trainer's own pipeline check (dsv3_jax.parallel.pipeline.check) as a message, or
+    None."""
     if stages == 1:
         return None
     try:
@@ -388,7 +393,7 @@ def make_plan(cfg: config_dict.ConfigDict, devices: int,
     activations = activation_bytes(model, mesh, cfg.batch_size, cfg.microbatches, cfg.seq_len,
                                    cfg.mesh.capacity_factor, pipe, layer_weights,
                                    flash=attention != "xla")
-    if pipe.repeats > 1:  # the circular layout is made inside the step (dsv3_jax.pipeline)
+    if pipe.repeats > 1:  # the circular layout is made inside the step (dsv3_jax.parallel.pipeline)
         activations["working"] += pb.groups.get(GROUPS[0], 0)
     if P == 1:
         schedule = (f"no pipeline: {cfg.microbatches} accumulation microbatch(es), one at a "
@@ -401,7 +406,7 @@ def make_plan(cfg: config_dict.ConfigDict, devices: int,
     assumptions = [
         f"parameters: each stage holds ceil({model.n_moe_layers} / {P}) = {moe_here} MoE "
         "layers; dense layers, embedding, head and MTP are replicated over the pipeline "
-        "(dsv3_jax.pipeline runs them outside the stages)",
+        "(dsv3_jax.parallel.pipeline runs them outside the stages)",
         f"activations: {schedule}; remat={model.remat}, attention={attention} "
         f"({model.attention_impl} on {backend}), dtype={model.dtype}",
     ]
@@ -425,7 +430,8 @@ def make_plan(cfg: config_dict.ConfigDict, devices: int,
 SHOWN = 5  # single flag changes printed for a layout that does not fit or is refused
 # attention_impl values suggested per backend (make_plan then refuses a kernel that cannot run
 # the shapes). The TPU kernels are tested but not measured on a TPU, so `auto` takes XLA there
-# (dsv3_jax.implementations) and a TPU plan suggests none; moe_impl changes no term of the plan.
+# (dsv3_jax.model.implementations) and a TPU plan suggests none; moe_impl changes no term of
+# the plan.
 SUGGESTED_ATTENTION = {"gpu": ("pallas",), "tpu": ()}
 
 

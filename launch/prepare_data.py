@@ -13,7 +13,8 @@ import os
 import numpy as np
 from absl import app, flags
 
-from dsv3_jax.data import load_tokenizer, text_stream
+from dsv3_jax.tokenizer import load_tokenizer
+from dsv3_jax.train.data import text_stream
 
 _INPUT = flags.DEFINE_string("input", "", "A file, directory or glob of .txt/.jsonl/.parquet "
                              "('' for the embedded corpus).")

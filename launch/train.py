@@ -16,8 +16,8 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from dsv3_jax import train_loop
-from dsv3_jax.checkpoint import CheckpointWriteError
+from dsv3_jax.train import loop as train_loop
+from dsv3_jax.train.checkpointer import CheckpointWriteError
 from launch import cli, distributed
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.",

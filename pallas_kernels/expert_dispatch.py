@@ -304,7 +304,7 @@ def _routed_pallas_fwd(x_td, expert_idx_tk, expert_weights_tk, w_gate_edf, w_up_
                                                      w_up_edf, w_down_efd, options)
     with jax.named_scope("unpermute_combine"):
         y_td = _combine(y_sorted_md, inv_m.reshape(T, K), expert_weights_tk, x_td.dtype, options)
-    # Named so a remat policy may keep them (dsv3_jax.model's "save_kernels").
+    # Named so a remat policy may keep them (dsv3_jax.model.transformer's "save_kernels").
     x_sorted_md, h_mf, gate_mf, up_mf = residuals.saveable(x_sorted_md, h_mf, gate_mf, up_mf)
     res = (x_sorted_md, h_mf, gate_mf, up_mf, order_m, inv_m, group_sizes_e, expert_weights_tk,
            w_gate_edf, w_up_edf, w_down_efd)

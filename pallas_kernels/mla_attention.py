@@ -228,7 +228,7 @@ def _flash_fwd(q_nope, q_rope, k_nope, k_rope, v, seg_bt, scale, backend, config
     with jax.named_scope("mla_flash_fwd"):
         o, lse = module.forward(q_nope, q_rope, k_nope, k_rope, v, seg_bt, bounds, scale=scale,
                                 config=config, has_segments=has_segments, interpret=interpret)
-    # Named so a remat policy may keep them (dsv3_jax.model's "save_kernels"). The output is
+    # Named so a remat policy may keep them (the model's "save_kernels"). The output is
     # named where it leaves too: the layer's next matmul needs it as well, and an unnamed copy
     # would make the backward run this kernel again to get it.
     o, lse = residuals.saveable(o, lse)

@@ -1,6 +1,6 @@
 """Naming the values a kernel's custom_vjp forward keeps for its backward pass.
 
-Under a remat policy that saves them (dsv3_jax.model's "save_kernels"), a scanned layer stacks
+Under a remat policy that saves them (the model's "save_kernels"), a scanned layer stacks
 these values into its saved outputs with a dynamic-update-slice. XLA's GPU dynamic-slice fusion
 then rewrites "kernel -> dynamic-update-slice" so the kernel writes straight into the stack, and
 when the kernel's results have other users too it keeps the original call as well: every

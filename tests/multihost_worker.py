@@ -31,9 +31,10 @@ jax.config.update("jax_num_cpu_devices", 4 if MODE == "multi" else 8)
 import numpy as np  # noqa: E402
 
 from configs import tiny  # noqa: E402
-from dsv3_jax import sharding, train_loop  # noqa: E402
-from dsv3_jax.checkpoint import Checkpointer  # noqa: E402
-from dsv3_jax.trainer import Trainer  # noqa: E402
+from dsv3_jax.parallel import sharding  # noqa: E402
+from dsv3_jax.train import loop as train_loop  # noqa: E402
+from dsv3_jax.train.checkpointer import Checkpointer  # noqa: E402
+from dsv3_jax.train.step import Trainer  # noqa: E402
 from launch import distributed  # noqa: E402
 
 PROCESSES = 2  # of the multi-process job, whose rows both modes use

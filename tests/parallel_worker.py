@@ -11,8 +11,8 @@ jax.config.update("jax_num_cpu_devices", 8)
 import numpy as np  # noqa: E402
 
 from configs import tiny  # noqa: E402
-from dsv3_jax import train_loop  # noqa: E402
-from dsv3_jax.trainer import Trainer  # noqa: E402
+from dsv3_jax.train import loop as train_loop  # noqa: E402
+from dsv3_jax.train.step import Trainer  # noqa: E402
 
 
 def step(cfg, parallel):

@@ -29,14 +29,15 @@ import transformers
 
 import dsv3_jax
 from configs import tiny
-from dsv3_jax import convert, train_loop
-from dsv3_jax.checkpoint import load_variables
+from dsv3_jax.checkpoints import load_variables
 from dsv3_jax.config import HF_REQUIRED, ModelConfig
-from dsv3_jax.convert_orbax import OrbaxReader
-from dsv3_jax.data import ByteTokenizer
-from dsv3_jax.hf_weights import tensor_map
-from dsv3_jax.layers import rope_attention_factor, rope_frequencies
-from dsv3_jax.safetensors_io import read_header
+from dsv3_jax.convert import stream as convert
+from dsv3_jax.convert.orbax_files import OrbaxReader
+from dsv3_jax.convert.released import tensor_map
+from dsv3_jax.convert.safetensors_io import read_header
+from dsv3_jax.model.layers import rope_attention_factor, rope_frequencies
+from dsv3_jax.tokenizer import ByteTokenizer
+from dsv3_jax.train import loop as train_loop
 from launch.convert import main as convert_main
 from tests.hf_reference import random_hf_model
 
@@ -443,10 +444,10 @@ def test_trained_model_generates_the_same_greedy_tokens_in_transformers(trained,
     tok = ByteTokenizer()
     prompt = [tok.bos_id, *tok.encode("def main():\n    return")]
     n = 16
-    # dsv3_jax.generate is what `python -m launch.generate` runs; plain and MTP-speculative.
-    ours = dsv3_jax.generate(cfg, variables, [prompt], max_new_tokens=n,
+    # dsv3_jax.infer.generate is what `python -m launch.generate` runs; plain and MTP-speculative.
+    ours = dsv3_jax.infer.generate(cfg, variables, [prompt], max_new_tokens=n,
                              eos_id=tok.eos_id).tokens[0]
-    speculative = dsv3_jax.generate(cfg, variables, [prompt], max_new_tokens=n,
+    speculative = dsv3_jax.infer.generate(cfg, variables, [prompt], max_new_tokens=n,
                                     eos_id=tok.eos_id, speculative="mtp").tokens[0]
     assert speculative == ours
 
@@ -612,7 +613,7 @@ def test_export_errors(tmp_path, capsys):
 
 MIDWAY = textwrap.dedent("""
     import sys, time
-    from dsv3_jax import convert
+    from dsv3_jax.convert import stream as convert
     with convert._staging(sys.argv[1]) as partial:
         with open(partial + "/model-00001-of-00002.safetensors", "w") as f:
             f.write("half written")

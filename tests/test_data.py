@@ -5,7 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from dsv3_jax.data import ByteTokenizer, DataSpec, TokenData, load_tokenizer, text_files
+from dsv3_jax.tokenizer import ByteTokenizer, load_tokenizer
+from dsv3_jax.train.data import DataSpec, TokenData, text_files
 from launch.prepare_data import prepare
 
 VOCAB = 320

@@ -189,7 +189,7 @@ def test_save_kernels_policy_keeps_the_kernel_residuals(monkeypatch):
     """Under remat="save_kernels" the backward finds the sorted rows and the SwiGLU gate, up
     and product saved (so no forward expert kernel runs again); under "full" it does not.
     Traced only (interpret mode's callbacks cannot be rematerialized), as for an H200."""
-    from dsv3_jax.model import KERNEL_RESIDUALS, REMAT_POLICIES
+    from dsv3_jax.model.transformer import KERNEL_RESIDUALS, REMAT_POLICIES
     from pallas_kernels import _gmm_gpu
 
     monkeypatch.setattr(_gmm_gpu, "num_sms", lambda *a, **k: 132)  # H200; no GPU is queried

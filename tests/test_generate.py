@@ -21,10 +21,10 @@ import numpy as np
 import pytest
 
 import dsv3_jax
-from dsv3_jax.checkpoint import Checkpointer
-from dsv3_jax.data import ByteTokenizer
-from dsv3_jax.generate import _COMPILED as COMPILED
-from dsv3_jax.generate import TextStream, generate, load_checkpoint, sample_logits
+from dsv3_jax.infer.generate import _COMPILED as COMPILED
+from dsv3_jax.infer.generate import TextStream, generate, load_checkpoint, sample_logits
+from dsv3_jax.tokenizer import ByteTokenizer
+from dsv3_jax.train.checkpointer import Checkpointer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = dsv3_jax.preset("tiny", init_std=0.2)

@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import pytest
 
 import dsv3_jax
-from dsv3_jax import implementations
 from dsv3_jax.config import PRESETS
+from dsv3_jax.model import implementations
 from pallas_kernels import (
     _mla_attention_mgpu,
     _mla_decode_mgpu,

@@ -174,8 +174,8 @@ def test_save_kernels_policy_runs_the_forward_kernel_once():
     """Attention followed by a matmul on its output (as in the model), under remat: with
     "save_kernels" the traced forward + backward launch the forward kernel once, as without
     remat; with "full" twice. Traced only, for an H200 (interpret mode cannot be remat'ed)."""
-    from dsv3_jax.layers import einsum_f32
-    from dsv3_jax.model import KERNEL_RESIDUALS, REMAT_POLICIES
+    from dsv3_jax.model.layers import einsum_f32
+    from dsv3_jax.model.transformer import KERNEL_RESIDUALS, REMAT_POLICIES
 
     args, _ = _inputs(0, 1, 128, 2, 128, 64, 128, jnp.bfloat16)
     w = jnp.ones((2 * 128, 8), jnp.bfloat16)

@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import dsv3_jax
-from dsv3_jax import objective, optim
-from dsv3_jax.moe import route
+from dsv3_jax.model.moe import route
+from dsv3_jax.train import objective, optim
 
 TINY = dsv3_jax.preset("tiny")
 

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from dsv3_jax import sharding
 from dsv3_jax.config import TINY
+from dsv3_jax.parallel import sharding
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # (pipeline, data, expert); the pipelined cases run 2 microbatches through the stages. Full
@@ -78,7 +78,7 @@ def test_models_that_do_not_divide_over_the_mesh_are_refused(mesh, batch, micro,
 
 
 def test_pipeline_settings_that_cannot_run_are_refused():
-    from dsv3_jax import pipeline
+    from dsv3_jax.parallel import pipeline
 
     with pytest.raises(ValueError, match=r"3 MoE layers cannot fill 2 stages x 2 repeats"):
         pipeline.check(pipeline.PipelineSpec(2, 4, "circular", 2), 3, 8)
@@ -103,7 +103,7 @@ def test_one_table_maps_logical_axes():
 def test_uneven_stages_balance_layers_and_still_split_storage():
     import types
 
-    from dsv3_jax import pipeline
+    from dsv3_jax.parallel import pipeline
 
     sizes = pipeline.chunk_sizes(58, 16)  # DeepSeek-V3's MoE stack over 16 stages
     assert sum(sizes) == 58 and set(sizes) == {3, 4} and sizes[0] == sizes[-1] == 3

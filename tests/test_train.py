@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from dsv3_jax import optim, train_loop
-from dsv3_jax.trainer import Trainer
+from dsv3_jax.train import loop as train_loop
+from dsv3_jax.train import optim
+from dsv3_jax.train.step import Trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # One small shape for every run here, so the compiled step is shared (persistent cache).
@@ -252,8 +253,8 @@ def test_matmul_weights_cast_once_give_the_same_loss_and_gradients():
     import jax.numpy as jnp
 
     import dsv3_jax
-    from dsv3_jax import objective
-    from dsv3_jax.model import cast_matmul_weights
+    from dsv3_jax.model.transformer import cast_matmul_weights
+    from dsv3_jax.train import objective
 
     cfg = dsv3_jax.preset("tiny", dtype="bfloat16")
     variables = dsv3_jax.init(cfg, jax.random.key(0))

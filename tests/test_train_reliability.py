@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from dsv3_jax import train_loop
-from dsv3_jax import workdir as workdirs
+from dsv3_jax.train import loop as train_loop
+from dsv3_jax.train import workdir as workdirs
 from tests.test_train import FAST, REPO, config, losses
 
 
@@ -71,7 +71,7 @@ def test_supersede_keeps_records_up_to_the_step_and_tolerates_a_torn_line(tmp_pa
 
 def _holder(workdir):
     """A process holding the workdir's lock, as a running trainer does."""
-    code = ("import sys, time; from dsv3_jax.workdir import WorkdirLock; "
+    code = ("import sys, time; from dsv3_jax.train.workdir import WorkdirLock; "
             "WorkdirLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(600)")
     proc = subprocess.Popen([sys.executable, "-c", code, str(workdir)], cwd=REPO,
                             stdout=subprocess.PIPE, text=True)

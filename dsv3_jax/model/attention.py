@@ -14,9 +14,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dsv3_jax import implementations
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.layers import RMSNorm, apply_rope, normal, rope_angles, weight
+from dsv3_jax.model import implementations
+from dsv3_jax.model.layers import RMSNorm, apply_rope, normal, rope_angles, weight
 from pallas_kernels import mla_attention, mla_decode
 
 

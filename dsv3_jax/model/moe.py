@@ -13,10 +13,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dsv3_jax import expert_parallel, implementations
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.layers import MLP, normal, weight
-from dsv3_jax.sharding import Parallel
+from dsv3_jax.model import implementations
+from dsv3_jax.model.layers import MLP, normal, weight
+from dsv3_jax.parallel import expert_parallel
+from dsv3_jax.parallel.sharding import Parallel
 from pallas_kernels import expert_dispatch
 
 ROUTER_BIAS = "router_bias"  # variable collection: never trained, no optimizer state

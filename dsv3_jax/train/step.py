@@ -16,11 +16,12 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-import dsv3_jax
-from dsv3_jax import objective, optim, pipeline, sharding
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.model import cast_matmul_weights
-from dsv3_jax.sharding import Parallel
+from dsv3_jax.model import api
+from dsv3_jax.model.transformer import cast_matmul_weights
+from dsv3_jax.parallel import pipeline, sharding
+from dsv3_jax.parallel.sharding import Parallel
+from dsv3_jax.train import objective, optim
 
 
 @flax.struct.dataclass
@@ -72,7 +73,7 @@ class Trainer:
             self.eval_step = jax.jit(self._eval_step)
             return
         mesh = parallel.mesh
-        boxed = dsv3_jax.abstract_variables(model)
+        boxed = api.abstract_variables(model)
         var_sh = sharding.variable_shardings(boxed, mesh, parallel.fsdp)
         params = nn.meta.unbox(boxed)["params"]
         replicated = NamedSharding(mesh, PartitionSpec())
@@ -99,7 +100,7 @@ class Trainer:
 
     # State -------------------------------------------------------------------------------------
     def _init_state(self, rng) -> TrainState:
-        variables = dsv3_jax.init(self.model, rng)
+        variables = api.init(self.model, rng)
         return self._state_from_variables(variables)
 
     def _state_from_variables(self, variables) -> TrainState:
@@ -142,7 +143,7 @@ class Trainer:
         cfg = self.model
         inputs_bt, seg_bt, targets, masks = objective.targets_and_masks(
             tokens_bs, segment_ids_bs, cfg.mtp_depth)
-        out = dsv3_jax.forward(cfg, {"params": params, "router_bias": router_bias}, inputs_bt,
+        out = api.forward(cfg, {"params": params, "router_bias": router_bias}, inputs_bt,
                                seg_bt, return_hidden=True, parallel=self.parallel)
         with jax.named_scope("loss_head"):
             sums = [objective.cross_entropy_sum(params, h, targets[k], masks[k],

@@ -11,12 +11,12 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from dsv3_jax import pipeline
-from dsv3_jax.attention import MLA
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.layers import MLP, RMSNorm, einsum_f32, normal, weight
-from dsv3_jax.moe import ROUTER_BIAS, ROUTER_STATS, MoE
-from dsv3_jax.sharding import Parallel
+from dsv3_jax.model.attention import MLA
+from dsv3_jax.model.layers import MLP, RMSNorm, einsum_f32, normal, weight
+from dsv3_jax.model.moe import ROUTER_BIAS, ROUTER_STATS, MoE
+from dsv3_jax.parallel import pipeline
+from dsv3_jax.parallel.sharding import Parallel
 from pallas_kernels.residuals import KERNEL_RESIDUALS
 
 REMAT_POLICIES = {

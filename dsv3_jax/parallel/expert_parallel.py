@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from dsv3_jax.sharding import BATCH_AXES, Parallel
+from dsv3_jax.parallel.sharding import BATCH_AXES, Parallel
 from pallas_kernels import expert_dispatch
 
 

@@ -16,10 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.layers import positions_from_segments
-from dsv3_jax.model import MTPModule, Transformer, head_logits
-from dsv3_jax.moe import ROUTER_STATS
-from dsv3_jax.sharding import Parallel
+from dsv3_jax.model.layers import positions_from_segments
+from dsv3_jax.model.moe import ROUTER_STATS
+from dsv3_jax.model.transformer import MTPModule, Transformer, head_logits
+from dsv3_jax.parallel.sharding import Parallel
 
 Variables = dict[str, Any]
 

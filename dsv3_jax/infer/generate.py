@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import os
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -38,8 +36,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dsv3_jax import api
+from dsv3_jax import checkpoints
 from dsv3_jax.config import ModelConfig
+from dsv3_jax.model import api
+from dsv3_jax.tokenizer import load_tokenizer
 
 # Prompts are padded to a multiple of this many tokens, so prompts of nearby lengths share one
 # compiled prefill.
@@ -112,7 +112,7 @@ def generate(config: ModelConfig, variables: api.Variables,
       depends on the batch it ran in; greedy output does not.
     speculative: None, or "mtp": the MTP module drafts one token per step and the main model
       verifies it (greedy only: the output equals plain greedy decoding token for token).
-    tokenizer: a dsv3_jax.data tokenizer (ByteTokenizer, HFTokenizer): needed for string prompts;
+    tokenizer: a dsv3_jax.tokenizer (ByteTokenizer, HFTokenizer): needed for string prompts;
       gives `texts` and the default `eos_id`.
     eos_id: a sequence stops after this token (not included in the output); None never stops
       early.
@@ -428,67 +428,11 @@ def load_checkpoint(path: str, tokenizer: str | None = None
     model config and tokenizer come from the step's meta, else the run's config.json;
     `tokenizer` ('bytes' or a tokenizer.json path) overrides the recorded one. The tokenizer is
     None when the run recorded none (token-id data)."""
-    # orbax and grain are imported only when needed, not by `import dsv3_jax`.
-    from dsv3_jax.checkpoint import load_variables
-    from dsv3_jax.data import load_tokenizer
-
-    meta, meta_dir = read_meta(path)
-    try:
-        config = ModelConfig(**meta["model"])
-    except TypeError as e:
-        raise ValueError(f"the model config recorded in {meta_dir} does not fit this version of "
-                         f"ModelConfig: {e}") from e
-    variables, _ = load_variables(path, api.abstract_variables(config))
+    meta, meta_dir = checkpoints.read_meta(path)
+    config = checkpoints.model_config(meta, meta_dir)
+    variables, _ = checkpoints.load_variables(path, api.abstract_variables(config))
     if tokenizer is not None:
         tok = load_tokenizer(tokenizer)
     else:
-        tok = _recorded_tokenizer(meta.get("tokenizer"), meta_dir)
+        tok = checkpoints.recorded_tokenizer(meta.get("tokenizer"), meta_dir)
     return config, variables, tok
-
-
-def read_meta(path: str) -> tuple[dict, str]:
-    """(meta dict with "model" and "tokenizer", the directory it came from): the meta of the
-    step `load_variables` restores (its latest step), else the run's config.json."""
-    path = os.path.abspath(path)
-    if not os.path.isdir(path):
-        raise ValueError(f"checkpoint {path!r} is not a directory")
-    ckpt = os.path.join(path, "checkpoints")
-    ckpt = ckpt if os.path.isdir(ckpt) else path
-    step_dirs = [path] if os.path.isdir(os.path.join(path, "state")) else [
-        os.path.join(ckpt, str(step))
-        for step in sorted((int(d) for d in os.listdir(ckpt) if d.isdigit()), reverse=True)[:1]]
-    candidates = [os.path.join(d, "meta", name) for d in step_dirs
-                  for name in ("metadata", "config.json")]
-    candidates.append(os.path.join(path, "config.json"))
-    if os.path.basename(path).isdigit():  # a step directory: its run's config.json
-        candidates.append(os.path.join(os.path.dirname(os.path.dirname(path)), "config.json"))
-    for candidate in candidates:
-        if os.path.isfile(candidate):
-            with open(candidate) as f:
-                try:
-                    meta = json.load(f)
-                except json.JSONDecodeError:
-                    continue
-            if isinstance(meta, dict) and isinstance(meta.get("model"), dict):
-                return meta, os.path.dirname(candidate)
-    raise ValueError(f"no model config found for {path!r}: looked for a checkpoint's meta "
-                     "(meta/metadata, meta/config.json) and a trainer workdir's config.json with "
-                     "a 'model' entry")
-
-
-def _recorded_tokenizer(spec: dict | None, meta_dir: str):
-    from dsv3_jax.data import ByteTokenizer, HFTokenizer
-
-    if spec is None:
-        return None
-    if spec.get("kind") == "bytes":
-        return ByteTokenizer()
-    if spec.get("kind") == "hf":
-        recorded = spec["path"]
-        for candidate in (recorded, os.path.join(meta_dir, os.path.basename(recorded)),
-                          os.path.join(os.path.dirname(meta_dir), "tokenizer.json")):
-            if os.path.isfile(candidate):
-                return HFTokenizer(candidate)
-        raise ValueError(f"the checkpoint's tokenizer {recorded!r} is not there any more; pass "
-                         "the tokenizer.json path explicitly")
-    raise ValueError(f"unknown tokenizer record {spec!r}; expected kind 'bytes' or 'hf'")

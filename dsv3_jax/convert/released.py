@@ -17,9 +17,9 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from dsv3_jax.api import abstract_variables
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.moe import ROUTER_BIAS
+from dsv3_jax.model.api import abstract_variables
+from dsv3_jax.model.moe import ROUTER_BIAS
 
 
 @dataclasses.dataclass(frozen=True)

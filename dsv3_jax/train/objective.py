@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.model import head_logits
+from dsv3_jax.model.transformer import head_logits
 
 
 def targets_and_masks(tokens_bs, segment_ids_bs, depth: int):
@@ -54,7 +54,7 @@ def cross_entropy_sum(params, h_btd, targets_bt, mask_bt, chunk: int = 512, para
         return ce(w_dv, h_, t_, m_)[None]
 
     # check_vma=False: the transpose sums the replicated head's per-device cotangents over the
-    # batch axes (once, here), as in dsv3_jax.expert_parallel.
+    # batch axes (once, here), as in dsv3_jax.parallel.expert_parallel.
     per_device = jax.shard_map(local, mesh=parallel.mesh, in_specs=(PartitionSpec(), rows, rows,
                                                                    rows),
                                out_specs=rows, check_vma=False)(

@@ -5,14 +5,14 @@
                layout (MTP as layer n_layers, e_score_correction_bias float32), tokenizer files
   hf_to_orbax  a Hugging Face / official DeepSeek-V3 directory (bf16, fp16, fp32, or FP8 E4M3
                with 128x128 `weight_scale_inv` block scales) -> one orbax step directory that
-               dsv3_jax.checkpoint.load_variables (and so `launch.train --config.init_from`)
+               dsv3_jax.checkpoints.load_variables (and so `launch.train --config.init_from`)
                restores, with the model config in its `meta` item; a directory without the
                MTP tensors its config asks for (what save_pretrained writes) imports with MTP
                depth 0, or with MTP modules initialized afresh (`mtp='init'`)
 
 Both directions stream: one released tensor at a time, read and written as slices of our stacked
-leaves (never a whole stacked leaf; see dsv3_jax/convert_orbax.py), so host memory stays within
-a few times the largest released tensor plus a few output shards (`max_shard_bytes`: the
+leaves (never a whole stacked leaf; see dsv3_jax/convert/orbax_files.py), so host memory stays
+within a few times the largest released tensor plus a few output shards (`max_shard_bytes`: the
 safetensors shard size, which is never buffered, or the bytes per OCDBT commit, which
 tensorstore holds about 4-5 times over). Everything is checked before the first
 byte is written where the headers and shapes allow it; output goes to `<out>.partial-XXXXXXXX`
@@ -41,13 +41,15 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from dsv3_jax.api import abstract_variables
+from dsv3_jax import checkpoints
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.convert_orbax import OrbaxReader, OrbaxWriter, Path, read_meta, resolve_checkpoint
-from dsv3_jax.hf_weights import TensorSpec, tensor_map
-from dsv3_jax.model import MTPModule
-from dsv3_jax.moe import ROUTER_BIAS, ROUTER_STATS
-from dsv3_jax.safetensors_io import (
+from dsv3_jax.convert.orbax_files import (
+    OrbaxReader,
+    OrbaxWriter,
+    Path,
+)
+from dsv3_jax.convert.released import TensorSpec, tensor_map
+from dsv3_jax.convert.safetensors_io import (
     DTYPES,
     PlannedTensor,
     ShardedWriter,
@@ -55,6 +57,9 @@ from dsv3_jax.safetensors_io import (
     read_header,
     read_tensor,
 )
+from dsv3_jax.model.api import abstract_variables
+from dsv3_jax.model.moe import ROUTER_BIAS, ROUTER_STATS
+from dsv3_jax.model.transformer import MTPModule
 
 DTYPE_ALIASES = {"bf16": "BF16", "bfloat16": "BF16", "fp32": "F32", "float32": "F32"}
 SCALE_SUFFIX = "_scale_inv"
@@ -222,8 +227,8 @@ def orbax_to_hf(checkpoint: str, out: str, dtype: str = "bf16",
     Returns the absolute path of the written directory.
     """
     out_dtype = _dtype_name(dtype)
-    step_dir = resolve_checkpoint(checkpoint)
-    meta = read_meta(step_dir)
+    step_dir = checkpoints.step_dir(checkpoint)
+    meta = checkpoints.step_meta(step_dir)
     if "model" not in meta:
         raise ValueError(f"{step_dir}/meta has no 'model' entry: the model config is unknown")
     try:
@@ -294,7 +299,7 @@ def _tokenizer_source(meta_tok: dict | None, override: str | None,
     if not os.path.isfile(path):
         raise ValueError(f"the run's tokenizer {path!r} does not exist; pass --tokenizer=PATH "
                          "(a tokenizer.json) or --tokenizer=none")
-    from dsv3_jax.data import HFTokenizer
+    from dsv3_jax.tokenizer import HFTokenizer
 
     t = HFTokenizer(path)
     return _Tokenizer(path, t.bos_id, t.eos_id)
@@ -311,7 +316,7 @@ def _hf_config_json(cfg: ModelConfig, meta: dict, tok: _Tokenizer | None,
     elif tok is not None:
         hf["bos_token_id"], hf["eos_token_id"] = tok.bos_id, tok.eos_id
     elif kind == "bytes":
-        from dsv3_jax.data import ByteTokenizer
+        from dsv3_jax.tokenizer import ByteTokenizer
 
         hf["bos_token_id"], hf["eos_token_id"] = ByteTokenizer.bos_id, ByteTokenizer.eos_id
     return hf

@@ -21,7 +21,6 @@ import shutil
 import time
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -200,35 +199,3 @@ def _all_processes_agree(ok: bool) -> bool:
     from jax.experimental import multihost_utils
 
     return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
-
-
-def load_variables(path: str, abstract_variables: Any) -> tuple[Any, dict]:
-    """Params and router bias from a checkpoint written by the trainer or launch.convert.
-
-    `path` is a run's workdir, its `checkpoints` directory, or one step's directory.
-    Returns (variables {"params", "router_bias"}, meta).
-    """
-    path = os.path.abspath(path)
-    if os.path.isdir(os.path.join(path, "checkpoints")):
-        path = os.path.join(path, "checkpoints")
-    if not os.path.isdir(path):
-        raise ValueError(f"init_from/checkpoint {path!r} is not a directory")
-    if not os.path.isdir(os.path.join(path, "state")):
-        steps = sorted(int(d) for d in os.listdir(path) if d.isdigit())
-        if not steps:
-            raise ValueError(f"{path!r} holds no checkpoint (no step directories, no 'state')")
-        path = os.path.join(path, str(steps[-1]))
-    handler = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
-    # dsv3_jax.abstract_variables is boxed (logical-axis metadata); the stored tree is not.
-    abstract_variables = nn.meta.unbox(abstract_variables)
-    target = {"params": abstract_variables["params"],
-              "router_bias": abstract_variables["router_bias"]}
-    try:
-        restored = handler.restore(path, args=ocp.args.Composite(
-            state=ocp.args.PyTreeRestore(item=target, restore_args=restore_args_for(target),
-                                         partial_restore=True),
-            meta=ocp.args.JsonRestore()))
-    except Exception as e:
-        raise ValueError(f"cannot restore params/router_bias from {path!r} for this model "
-                         f"config: {type(e).__name__}: {str(e)[:500]}") from e
-    return restored["state"], restored["meta"]

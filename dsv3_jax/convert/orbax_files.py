@@ -34,8 +34,9 @@ from typing import Any
 import numpy as np
 import tensorstore as ts
 
+from dsv3_jax.checkpoints import META, STATE
+
 Path = tuple[str, ...]
-STATE, META = "state", "meta"
 _MAX_CHUNK_BYTES = 2**30  # orbax caps chunks near its 2 GiB OCDBT target data file size
 _ORBAX_HANDLERS = {
     META: "orbax.checkpoint._src.handlers.json_checkpoint_handler.JsonCheckpointHandler",
@@ -67,33 +68,6 @@ def _kvstore(state_dir: str, name: str, use_ocdbt: bool, write: bool = False) ->
 def param_name(path: Path) -> str:
     """Orbax's name of a leaf: its dict keys joined by '.' (the zarr array's key)."""
     return ".".join(path)
-
-
-def resolve_checkpoint(path: str) -> str:
-    """A workdir, its `checkpoints` directory or one step directory -> the step directory (the
-    latest step), by the rule of dsv3_jax.checkpoint.load_variables."""
-    path = os.path.abspath(path)
-    if os.path.isdir(os.path.join(path, "checkpoints")):
-        path = os.path.join(path, "checkpoints")
-    if not os.path.isdir(path):
-        raise ValueError(f"checkpoint {path!r} is not a directory")
-    if not os.path.isdir(os.path.join(path, STATE)):
-        steps = sorted(int(d) for d in os.listdir(path) if d.isdigit())
-        if not steps:
-            raise ValueError(f"{path!r} holds no checkpoint: no step directories and no "
-                             f"'{STATE}' item (expected a trainer workdir, its checkpoints "
-                             "directory, or one step's directory)")
-        path = os.path.join(path, str(steps[-1]))
-    return path
-
-
-def read_meta(step_dir: str) -> dict[str, Any]:
-    """The step's `meta` item (JSON)."""
-    path = os.path.join(step_dir, META, "metadata")
-    if not os.path.isfile(path):
-        raise ValueError(f"{step_dir!r} has no {META}/metadata: not a dsv3-jax checkpoint")
-    with open(path) as f:
-        return json.load(f)
 
 
 class OrbaxReader:

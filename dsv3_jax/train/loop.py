@@ -19,13 +19,16 @@ import jax
 import numpy as np
 from ml_collections import config_dict
 
-import dsv3_jax
-from dsv3_jax import flops, implementations, optim, pipeline, sharding
-from dsv3_jax import workdir as workdirs
-from dsv3_jax.checkpoint import Checkpointer, load_variables
+from dsv3_jax import config as model_configs
+from dsv3_jax.checkpoints import load_variables
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.data import DataSpec, TokenData
-from dsv3_jax.trainer import Hyper, Trainer
+from dsv3_jax.model import api, flops, implementations
+from dsv3_jax.parallel import pipeline, sharding
+from dsv3_jax.train import optim
+from dsv3_jax.train import workdir as workdirs
+from dsv3_jax.train.checkpointer import Checkpointer
+from dsv3_jax.train.data import DataSpec, TokenData
+from dsv3_jax.train.step import Hyper, Trainer
 
 log = logging.getLogger("dsv3_jax.train")
 
@@ -37,7 +40,7 @@ class NonFiniteError(RuntimeError):
 def model_config(cfg: config_dict.ConfigDict) -> ModelConfig:
     """The preset named by cfg.model.preset with every set field of cfg.model over it."""
     overrides = {k: v for k, v in cfg.model.items() if k != "preset" and v is not None}
-    return dsv3_jax.preset(cfg.model.preset, **overrides)
+    return model_configs.preset(cfg.model.preset, **overrides)
 
 
 def validate(cfg: config_dict.ConfigDict, model: ModelConfig) -> None:
@@ -219,7 +222,7 @@ def _train(cfg: config_dict.ConfigDict, workdir: str, model: ModelConfig, data: 
             state = trainer.state_from_variables(variables)
             log.info("initialized params and router bias from %s", cfg.init_from)
 
-    counts = dsv3_jax.param_counts(model)
+    counts = api.param_counts(model)
     flops_per_token = flops.train_flops_per_token(model, cfg.seq_len)
     peak = flops.device_peak_flops()
     devices = jax.device_count()

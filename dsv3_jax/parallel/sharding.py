@@ -18,7 +18,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.pipeline import PipelineSpec
+from dsv3_jax.parallel.pipeline import PipelineSpec
 
 MESH_AXES = ("pipeline", "data", "expert")
 BATCH_AXES = ("data", "expert")
@@ -168,7 +168,7 @@ def _drop_indivisible(s: PartitionSpec, shape: tuple[int, ...], mesh: Mesh) -> P
     """A dimension the mesh axes do not divide is replicated (e.g. 3 dense layers over 2 data
     shards), except `pipeline`: an MoE stack of L layers that P stages do not divide (uneven
     stages) is split over `pipeline` on its largest free dimension that P divides instead, so
-    each stage still stores 1/P of it; dsv3_jax.pipeline gathers each stage's layers."""
+    each stage still stores 1/P of it; dsv3_jax.parallel.pipeline gathers each stage's layers."""
     parts = list(s) + [None] * (len(shape) - len(s))
     displaced = []
     for i, (part, size) in enumerate(zip(parts, shape, strict=True)):

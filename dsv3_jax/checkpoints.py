@@ -1,0 +1,132 @@
+"""Finding and reading a saved run: one step directory from a workdir, its `checkpoints`
+directory or the step itself; its meta (model config, run config, tokenizer); the model config
+and tokenizer it records; and its params and router bias. Training (`init_from`), conversion
+and generation all resolve checkpoints here.
+
+  workdir/checkpoints/<step>/{state, data, meta}    as the trainer writes them
+  <dir>/{state, meta}                              as launch.convert hf-to-orbax writes them
+
+Imports `dsv3_jax.config` and `dsv3_jax.tokenizer` only (orbax when variables are loaded).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from dsv3_jax.config import ModelConfig
+from dsv3_jax.tokenizer import ByteTokenizer, HFTokenizer
+
+STATE, META = "state", "meta"
+
+
+def step_dir(path: str) -> str:
+    """A workdir, its `checkpoints` directory or one step directory -> the step directory (the
+    latest step)."""
+    path = os.path.abspath(path)
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        path = os.path.join(path, "checkpoints")
+    if not os.path.isdir(path):
+        raise ValueError(f"checkpoint {path!r} is not a directory")
+    if not os.path.isdir(os.path.join(path, STATE)):
+        steps = sorted(int(d) for d in os.listdir(path) if d.isdigit())
+        if not steps:
+            raise ValueError(f"{path!r} holds no checkpoint: no step directories and no "
+                             f"'{STATE}' item (expected a trainer workdir, its checkpoints "
+                             "directory, or one step's directory)")
+        path = os.path.join(path, str(steps[-1]))
+    return path
+
+
+def step_meta(step: str) -> dict[str, Any]:
+    """The step directory's own `meta` item (JSON)."""
+    path = os.path.join(step, META, "metadata")
+    if not os.path.isfile(path):
+        raise ValueError(f"{step!r} has no {META}/metadata: not a dsv3-jax checkpoint")
+    with open(path) as f:
+        return json.load(f)
+
+
+def model_config(meta: dict, meta_dir: str) -> ModelConfig:
+    """The ModelConfig a meta records."""
+    try:
+        return ModelConfig(**meta["model"])
+    except TypeError as e:
+        raise ValueError(f"the model config recorded in {meta_dir} does not fit this version of "
+                         f"ModelConfig: {e}") from e
+
+
+def read_meta(path: str) -> tuple[dict, str]:
+    """(meta dict with "model" and "tokenizer", the directory it came from): the meta of the
+    step `load_variables` restores (its latest step), else the run's config.json (the
+    lenient lookup generation uses; conversion reads a step's own meta with `step_meta`)."""
+    path = os.path.abspath(path)
+    if not os.path.isdir(path):
+        raise ValueError(f"checkpoint {path!r} is not a directory")
+    ckpt = os.path.join(path, "checkpoints")
+    ckpt = ckpt if os.path.isdir(ckpt) else path
+    step_dirs = [path] if os.path.isdir(os.path.join(path, "state")) else [
+        os.path.join(ckpt, str(step))
+        for step in sorted((int(d) for d in os.listdir(ckpt) if d.isdigit()), reverse=True)[:1]]
+    candidates = [os.path.join(d, "meta", name) for d in step_dirs
+                  for name in ("metadata", "config.json")]
+    candidates.append(os.path.join(path, "config.json"))
+    if os.path.basename(path).isdigit():  # a step directory: its run's config.json
+        candidates.append(os.path.join(os.path.dirname(os.path.dirname(path)), "config.json"))
+    for candidate in candidates:
+        if os.path.isfile(candidate):
+            with open(candidate) as f:
+                try:
+                    meta = json.load(f)
+                except json.JSONDecodeError:
+                    continue
+            if isinstance(meta, dict) and isinstance(meta.get("model"), dict):
+                return meta, os.path.dirname(candidate)
+    raise ValueError(f"no model config found for {path!r}: looked for a checkpoint's meta "
+                     "(meta/metadata, meta/config.json) and a trainer workdir's config.json with "
+                     "a 'model' entry")
+
+
+def recorded_tokenizer(spec: dict | None, meta_dir: str):
+    """The tokenizer a checkpoint's meta records (None when it records none: token-id data)."""
+    if spec is None:
+        return None
+    if spec.get("kind") == "bytes":
+        return ByteTokenizer()
+    if spec.get("kind") == "hf":
+        recorded = spec["path"]
+        for candidate in (recorded, os.path.join(meta_dir, os.path.basename(recorded)),
+                          os.path.join(os.path.dirname(meta_dir), "tokenizer.json")):
+            if os.path.isfile(candidate):
+                return HFTokenizer(candidate)
+        raise ValueError(f"the checkpoint's tokenizer {recorded!r} is not there any more; pass "
+                         "the tokenizer.json path explicitly")
+    raise ValueError(f"unknown tokenizer record {spec!r}; expected kind 'bytes' or 'hf'")
+
+
+def load_variables(path: str, abstract_variables: Any) -> tuple[Any, dict]:
+    """Params and router bias from a checkpoint written by the trainer or launch.convert.
+
+    `path` is a run's workdir, its `checkpoints` directory, or one step's directory.
+    Returns (variables {"params", "router_bias"}, meta).
+    """
+    import flax.linen as nn  # imported on use: reading a meta needs neither
+    import orbax.checkpoint as ocp
+
+    path = step_dir(path)
+    handler = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+    # dsv3_jax.abstract_variables is boxed (logical-axis metadata); the stored tree is not.
+    abstract_variables = nn.meta.unbox(abstract_variables)
+    target = {"params": abstract_variables["params"],
+              "router_bias": abstract_variables["router_bias"]}
+    try:
+        restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+        restored = handler.restore(path, args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(item=target, restore_args=restore_args,
+                                         partial_restore=True),
+            meta=ocp.args.JsonRestore()))
+    except Exception as e:
+        raise ValueError(f"cannot restore params/router_bias from {path!r} for this model "
+                         f"config: {type(e).__name__}: {str(e)[:500]}") from e
+    return restored["state"], restored["meta"]
