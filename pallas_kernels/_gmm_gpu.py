@@ -43,6 +43,7 @@ import contextlib
 import dataclasses
 import functools
 from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -50,15 +51,23 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels._mla_mgpu_common import (
+    COMPUTE_WGS,
+    MEMORY_REGS,
+    SMEM_LIMIT,
+    SMEM_RESERVED,
+    persistent_kernel,
+    sm_count,
+)
+
 # TMA into 8-row swizzle tiles needs row offsets that are multiples of 8.
 ROW_ALIGN = 8
-# Usable dynamic shared memory per CTA on Hopper (227 KiB), less a margin for barriers.
-_SMEM_BYTES = 227 * 1024 - 2048
-_MEMORY_REGISTERS = 40
+# Shared memory the kernels' own buffers may take: a Hopper CTA's, less what Mosaic GPU adds.
+_SMEM_BYTES = SMEM_LIMIT - SMEM_RESERVED
 # Columns per chunk of the row-by-row (unswizzled) epilogue.
 _PLAIN_N = 64
-# Streaming multiprocessors of an H100 / H200.
-HOPPER_SMS = 132
+# CTAs of the persistent grid in interpret mode.
+_INTERPRET_SMS = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,11 +121,9 @@ class TgmmConfig:
 
 
 def num_sms(interpret: bool) -> int:
-    """Persistent-grid size: one CTA per SM on the device; a few CTAs when interpreted."""
-    if interpret:
-        return 2
-    # Lowering for CUDA from a host without a GPU (tests, ahead-of-time compiles): an H100/H200.
-    return getattr(jax.devices()[0], "core_count", HOPPER_SMS)
+    """Persistent-grid size: one CTA per SM on the device (HOPPER_SMS when lowering for CUDA
+    without a GPU, see `sm_count`); a few CTAs when interpreted."""
+    return _INTERPRET_SMS if interpret else sm_count()
 
 
 def _transforms(minor_elems: int, dtype) -> tuple:
@@ -243,6 +250,66 @@ def fit_tgmm_config(cfg: TgmmConfig, dtype, out_dtype) -> TgmmConfig:
     return cfg
 
 
+@dataclasses.dataclass(frozen=True)
+class _GmmStatic:
+    """Trace-time constants of one `gmm` kernel."""
+
+    op: str
+    rhs_layout: str
+    out_dtypes: tuple
+    cfg: GmmConfig
+    G: int
+    k_iters: int        # K steps of the pipeline
+    n_iters: int        # CTA tiles along N
+    num_row_tiles: int  # row tiles (`row_tiles`), some unused
+    transforms: tuple   # of both operands' SMEM tiles (one swizzle, from the K step)
+
+    @property
+    def n_a(self) -> int:
+        return _OPS[self.op][0]
+
+    @property
+    def n_b(self) -> int:
+        return _OPS[self.op][1]
+
+    @property
+    def pairs(self) -> tuple:
+        return _OPS[self.op][2]
+
+    @property
+    def n_acc(self) -> int:
+        return _OPS[self.op][3]
+
+    @property
+    def epilogue(self):
+        return _OPS[self.op][4]
+
+
+class _GmmRefs(NamedTuple):
+    """GMEM refs and the scratch shared by every tile of one `gmm` CTA."""
+
+    meta: Any    # row_tiles(...) [4, T] int32
+    a: tuple     # lhs [M, K] each
+    b: tuple     # rhs [G, K, N] or [G, N, K] each
+    o: tuple     # outputs [M, N] each
+    allocs: Any  # the pipeline's SMEM stages
+    swz: list    # per output: swizzled staging [COMPUTE_WGS, epi_slots, tile_m, epi_tile_n]
+    plain: dict  # per output dtype: unswizzled staging [COMPUTE_WGS, tile_m, _PLAIN_N]
+
+
+class _RowTile(NamedTuple):
+    """One output tile of `gmm`: rows [start, start + cta_m) of which [start + lo, start + hi)
+    belong to its group (group G, is_tail: the zero rows past the last group), columns from n0."""
+
+    start: jax.Array
+    lo: jax.Array
+    hi: jax.Array
+    is_tail: jax.Array
+    gb: jax.Array  # g clipped to a real group: the rhs block to read
+    ni: jax.Array
+    n0: jax.Array
+
+
 def gmm(lhs: Sequence[jax.Array], rhs: Sequence[jax.Array], group_sizes: jax.Array, *,
         op: str, rhs_layout: str, out_dtypes: Sequence, cfg: GmmConfig,
         interpret: bool = False) -> tuple[jax.Array, ...]:
@@ -251,7 +318,7 @@ def gmm(lhs: Sequence[jax.Array], rhs: Sequence[jax.Array], group_sizes: jax.Arr
     lhs: `n_a` arrays [M, K]; rhs: `n_b` arrays [G, K, N] (rhs_layout "kn") or [G, N, K] ("nk");
     group_sizes [G] int32 with sum <= M. Any M, K, N (partial tiles are zero-filled/clipped).
     """
-    n_a, n_b, pairs, n_acc, epilogue = _OPS[op]
+    n_a, n_b, _, _, _ = _OPS[op]
     assert len(lhs) == n_a and len(rhs) == n_b, (op, len(lhs), len(rhs))
     M0, N0 = lhs[0].shape[0], rhs[0].shape[2] if rhs_layout == "kn" else rhs[0].shape[1]
     # Whole 8 x 64 tiles in GMEM (a no-op for the model's shapes); padded rows are past the
@@ -263,167 +330,205 @@ def gmm(lhs: Sequence[jax.Array], rhs: Sequence[jax.Array], group_sizes: jax.Arr
     G = rhs[0].shape[0]
     N = rhs[0].shape[2] if rhs_layout == "kn" else rhs[0].shape[1]
     cfg = fit_gmm_config(op, cfg, dtype, out_dtypes)
-    tm, tn, tk, epi = cfg.tile_m, cfg.tile_n, cfg.tile_k, cfg.epi_tile_n
-    cta_m, cta_n = cfg.cta_m, cfg.cta_n
-    if tn % epi or tn % _PLAIN_N or tm & (tm - 1):
+    tm, tn = cfg.tile_m, cfg.tile_n
+    if tn % cfg.epi_tile_n or tn % _PLAIN_N or tm & (tm - 1):
         raise ValueError(f"gmm: shapes M={M} K={K} N={N} do not fit the tiling {cfg}")
-    k_iters = -(-K // tk)
-    n_iters = -(-N // cta_n)
-    meta = row_tiles(group_sizes, M, cta_m)
-    num_row_tiles = meta.shape[1]
-    # wgmma wants one swizzle for both operands: take it from the K step.
-    a_tf = b_tf = _transforms(tk, dtype)
-
-    def in_specs(start, gb, ni):
-        # Rows start anywhere (Element); rhs blocks are aligned. Partial blocks past the array
-        # edges are zero-filled by TMA (and clipped on store), so no shape must divide.
-        a_spec = plgpu.BlockSpec((pl.Element(cta_m), tk), lambda k: (start, k),
-                                 transforms=a_tf, delay_release=cfg.delay_release)
-        if rhs_layout == "kn":
-            b_spec = plgpu.BlockSpec((None, tk, cta_n), lambda k: (gb, k, ni),
-                                     transforms=b_tf, delay_release=cfg.delay_release)
-        else:
-            b_spec = plgpu.BlockSpec((None, cta_n, tk), lambda k: (gb, ni, k),
-                                     transforms=b_tf, delay_release=cfg.delay_release)
-        return [a_spec] * n_a + [b_spec] * n_b
-
-    def kernel(meta_gmem, *refs):
-        a_gmems, b_gmems, o_gmems = refs[:n_a], refs[n_a:n_a + n_b], refs[n_a + n_b:]
-        wg = lax.axis_index("wg")
-        if cfg.wg_dim == "m":
-            wg_rows, wg_cols = pl.ds(wg * tm, tm), slice(None)
-        else:
-            wg_rows, wg_cols = slice(None), pl.ds(wg * tn, tn)
-
-        def make_pipeline(body, context, start, gb, ni):
-            return plgpu.emit_pipeline_warp_specialized(
-                body, grid=(k_iters,), memory_registers=_MEMORY_REGISTERS,
-                in_specs=in_specs(start, gb, ni),
-                wg_axis="wg", num_compute_wgs=2, max_concurrent_steps=cfg.max_concurrent_steps,
-                compute_context=context)
-
-        ignore = lambda *_, **__: None  # noqa: E731
-        zero = jnp.int32(0)
-
-        @functools.partial(
-            pl.run_scoped,
-            allocs=make_pipeline(ignore, ignore, zero, zero, zero)
-            .get_allocations(*a_gmems, *b_gmems),
-            swz_smems=[plgpu.SMEM((2, cfg.epi_slots, tm, epi), d, transforms=_transforms(epi, d))
-                       for d in out_dtypes],
-            plain_smems={str(d): plgpu.SMEM((2, tm, _PLAIN_N), d) for d in set(out_dtypes)},
-            collective_axes="wg",
-        )
-        def _scope(allocs, swz_smems, plain_smems):
-            @plgpu.nd_loop((num_row_tiles * n_iters,), collective_axes="sm")
-            def _tile_loop(loop_info):
-                mi, ni = plgpu.planar_snake(loop_info.index[0], (num_row_tiles, n_iters),
-                                            _minor(cfg.grid_minor_dim), cfg.grid_tile_width)
-                g, start, lo, hi = (meta_gmem[i, mi] for i in range(4))
-                start = pl.multiple_of(start, ROW_ALIGN)
-                is_tail = g == G
-                gb = jnp.minimum(g, G - 1)
-                n0 = ni * cta_n
-
-                def mma_body(_, *refs):
-                    *smems, accs = refs
-                    for ai, bi, ci in pairs:
-                        a_ref = smems[ai].at[wg_rows]
-                        b_smem = smems[n_a + bi]
-                        if rhs_layout == "kn":
-                            b_ref = b_smem.at[:, wg_cols]
-                        else:
-                            b_ref = b_smem.at[wg_cols].T
-                        plgpu.wgmma(accs[ci], a_ref, b_ref)
-                    plgpu.wgmma_wait(cfg.delay_release)
-                    return accs
-
-                def compute_context(eval_pipeline):
-                    @functools.partial(
-                        pl.run_scoped, accs=[plgpu.ACC((tm, tn), jnp.float32)] * n_acc)
-                    def _acc_scope(accs):
-                        eval_pipeline(tuple(accs))
-                        vals = [acc[...] for acc in accs]
-                        if cfg.wg_dim == "m":
-                            row_base, col_base = wg * tm, n0
-                        else:
-                            row_base, col_base = 0, n0 + wg * tn
-                        r_lo = jnp.clip(lo - row_base, 0, tm)
-                        r_hi = jnp.clip(hi - row_base, 0, tm)
-
-                        def out_values(c0, width):  # every output's columns [c0, c0 + width)
-                            cols = slice(c0, c0 + width)
-                            if op == "swiglu":
-                                gate, up = vals[0][:, cols], vals[1][:, cols]
-                                return [_silu_mul(gate, up), gate, up]
-                            return [v[:, cols] for v in epilogue(vals)]
-
-                        whole = (r_lo == 0) & (r_hi == tm) & ~is_tail
-
-                        @pl.when(whole)
-                        def _whole():  # all rows in the group: one swizzled tile copy per chunk
-                            for c in range(tn // epi):
-                                # One bulk-copy group per chunk: the slot written now was last
-                                # read by the group `epi_slots` chunks back (any earlier group
-                                # for the first chunk).
-                                slot = c % cfg.epi_slots
-                                plgpu.wait_smem_to_gmem(0 if c == 0 else cfg.epi_slots - 1,
-                                                        wait_read_only=True)
-                                for j, v in enumerate(out_values(c * epi, epi)):
-                                    swz_smems[j][wg, slot] = v.astype(out_dtypes[j])
-                                plgpu.commit_smem()
-                                for j, o_gmem in enumerate(o_gmems):
-                                    plgpu.copy_smem_to_gmem(
-                                        swz_smems[j].at[wg, slot],
-                                        o_gmem.at[pl.ds(start + row_base, tm),
-                                                  pl.ds(col_base + c * epi, epi)],
-                                        commit_group=False)
-                                plgpu.commit_smem_to_gmem_group()
-
-                        @pl.when(~whole)
-                        def _rows():  # only the group's rows (zeros past the last group)
-                            for c in range(tn // _PLAIN_N):
-                                for j, v in enumerate(out_values(c * _PLAIN_N, _PLAIN_N)):
-                                    dt = out_dtypes[j]
-                                    o_smem = plain_smems[str(dt)]
-                                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-
-                                    @pl.when(is_tail)
-                                    def _(o_smem=o_smem, dt=dt):
-                                        o_smem[wg] = _zeros_like_tile((tm, _PLAIN_N), dt)
-
-                                    @pl.when(~is_tail)
-                                    def _(o_smem=o_smem, dt=dt, v=v):
-                                        o_smem[wg] = v.astype(dt)
-
-                                    plgpu.commit_smem()
-                                    _store_rows(o_smem.at[wg],
-                                                o_gmems[j].at[:, pl.ds(col_base + c * _PLAIN_N,
-                                                                       _PLAIN_N)],
-                                                r_lo, start + row_base + r_lo, r_hi - r_lo, tm)
-                                    plgpu.commit_smem_to_gmem_group()
-
-                @pl.when(hi > lo)
-                def _():
-                    make_pipeline(mma_body, compute_context, start, gb, ni)(
-                        *a_gmems, *b_gmems, allocations=allocs)
-
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-
-    out_type = [jax.ShapeDtypeStruct((M, N), d) for d in out_dtypes]
-    call = plgpu.kernel(
-        kernel,
-        out_type=out_type,
-        grid=(num_sms(interpret),),
-        grid_names=("sm",),
-        num_threads=3,
-        thread_name="wg",
-        kernel_name="grouped_matmul",
-        compiler_params=plgpu.CompilerParams(
-            lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-    )
+    meta = row_tiles(group_sizes, M, cfg.cta_m)
+    st = _GmmStatic(op=op, rhs_layout=rhs_layout, out_dtypes=tuple(out_dtypes), cfg=cfg, G=G,
+                    k_iters=-(-K // cfg.tile_k), n_iters=-(-N // cfg.cta_n),
+                    num_row_tiles=meta.shape[1], transforms=_transforms(cfg.tile_k, dtype))
+    call = persistent_kernel(
+        functools.partial(_gmm_kernel, st),
+        out_type=[jax.ShapeDtypeStruct((M, N), d) for d in out_dtypes],
+        num_sms=num_sms(interpret), num_threads=COMPUTE_WGS + 1, kernel_name="grouped_matmul")
     outs = call(meta, *lhs, *rhs)
     return tuple(o[:M0, :N0] if o.shape != (M0, N0) else o for o in outs)
+
+
+def _gmm_pipeline(st: _GmmStatic, body, context, start, gb, ni):
+    """The warp-specialized K loop of one tile; rows start anywhere (Element), rhs blocks are
+    aligned. Partial blocks past the array edges are zero-filled by TMA (and clipped on store),
+    so no shape must divide."""
+    cfg = st.cfg
+    a_spec = plgpu.BlockSpec((pl.Element(cfg.cta_m), cfg.tile_k), lambda k: (start, k),
+                             transforms=st.transforms, delay_release=cfg.delay_release)
+    if st.rhs_layout == "kn":
+        b_spec = plgpu.BlockSpec((None, cfg.tile_k, cfg.cta_n), lambda k: (gb, k, ni),
+                                 transforms=st.transforms, delay_release=cfg.delay_release)
+    else:
+        b_spec = plgpu.BlockSpec((None, cfg.cta_n, cfg.tile_k), lambda k: (gb, ni, k),
+                                 transforms=st.transforms, delay_release=cfg.delay_release)
+    return plgpu.emit_pipeline_warp_specialized(
+        body, grid=(st.k_iters,), memory_registers=MEMORY_REGS,
+        in_specs=[a_spec] * st.n_a + [b_spec] * st.n_b,
+        wg_axis="wg", num_compute_wgs=COMPUTE_WGS, max_concurrent_steps=cfg.max_concurrent_steps,
+        compute_context=context)
+
+
+def _gmm_kernel(st: _GmmStatic, meta_gmem, *refs):
+    n_a, n_b = st.n_a, st.n_b
+    a_gmems, b_gmems, o_gmems = refs[:n_a], refs[n_a:n_a + n_b], refs[n_a + n_b:]
+    tm, epi = st.cfg.tile_m, st.cfg.epi_tile_n
+    wg = lax.axis_index("wg")
+    if st.cfg.wg_dim == "m":
+        wg_rows, wg_cols = pl.ds(wg * tm, tm), slice(None)
+    else:
+        wg_rows, wg_cols = slice(None), pl.ds(wg * st.cfg.tile_n, st.cfg.tile_n)
+    zero = jnp.int32(0)
+
+    @functools.partial(
+        pl.run_scoped,
+        allocs=_gmm_pipeline(st, _ignore, _ignore, zero, zero, zero)
+        .get_allocations(*a_gmems, *b_gmems),
+        swz_smems=[plgpu.SMEM((COMPUTE_WGS, st.cfg.epi_slots, tm, epi), d,
+                              transforms=_transforms(epi, d)) for d in st.out_dtypes],
+        plain_smems={str(d): plgpu.SMEM((COMPUTE_WGS, tm, _PLAIN_N), d)
+                     for d in set(st.out_dtypes)},
+        collective_axes="wg",
+    )
+    def _scope(allocs, swz_smems, plain_smems):
+        refs = _GmmRefs(meta_gmem, a_gmems, b_gmems, o_gmems, allocs, swz_smems, plain_smems)
+
+        @plgpu.nd_loop((st.num_row_tiles * st.n_iters,), collective_axes="sm")
+        def _tile_loop(loop_info):
+            _gmm_tile(st, refs, wg, wg_rows, wg_cols, loop_info.index[0])
+
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+
+def _ignore(*_, **__):
+    """Pipeline body and context of the pipeline built only for its allocations."""
+
+
+def _gmm_tile(st: _GmmStatic, refs: _GmmRefs, wg, wg_rows, wg_cols, index):
+    """Output tile `index` of this CTA's share, in snake order."""
+    cfg, G = st.cfg, st.G
+    mi, ni = plgpu.planar_snake(index, (st.num_row_tiles, st.n_iters),
+                                _minor(cfg.grid_minor_dim), cfg.grid_tile_width)
+    g, start, lo, hi = (refs.meta[i, mi] for i in range(4))
+    start = pl.multiple_of(start, ROW_ALIGN)
+    is_tail = g == G
+    gb = jnp.minimum(g, G - 1)
+    tile = _RowTile(start, lo, hi, is_tail, gb, ni, ni * cfg.cta_n)
+
+    def compute_context(eval_pipeline):
+        @functools.partial(pl.run_scoped,
+                           accs=[plgpu.ACC((cfg.tile_m, cfg.tile_n), jnp.float32)] * st.n_acc)
+        def _acc_scope(accs):
+            eval_pipeline(tuple(accs))
+            _gmm_epilogue(st, refs, wg, tile, [acc[...] for acc in accs])
+
+    @pl.when(hi > lo)
+    def _():
+        _gmm_pipeline(st, functools.partial(_gmm_mma, st, wg_rows, wg_cols), compute_context,
+                      start, gb, ni)(*refs.a, *refs.b, allocations=refs.allocs)
+
+
+def _gmm_mma(st: _GmmStatic, wg_rows, wg_cols, _, *refs):
+    """One K step: this warpgroup's accumulators += its lhs rows @ its rhs columns."""
+    *smems, accs = refs
+    for ai, bi, ci in st.pairs:
+        a_ref = smems[ai].at[wg_rows]
+        b_smem = smems[st.n_a + bi]
+        b_ref = b_smem.at[:, wg_cols] if st.rhs_layout == "kn" else b_smem.at[wg_cols].T
+        plgpu.wgmma(accs[ci], a_ref, b_ref)
+    plgpu.wgmma_wait(st.cfg.delay_release)
+    return accs
+
+
+def _gmm_epilogue(st: _GmmStatic, refs: _GmmRefs, wg, tile: _RowTile, vals):
+    """Stores this warpgroup's accumulators `vals` (through the op's epilogue): whole swizzled
+    chunks when all its rows are in the tile's group, else only the group's rows."""
+    tm, tn = st.cfg.tile_m, st.cfg.tile_n
+    if st.cfg.wg_dim == "m":
+        row_base, col_base = wg * tm, tile.n0
+    else:
+        row_base, col_base = 0, tile.n0 + wg * tn
+    r_lo = jnp.clip(tile.lo - row_base, 0, tm)
+    r_hi = jnp.clip(tile.hi - row_base, 0, tm)
+    out_values = functools.partial(_out_values, st, vals)
+    whole = (r_lo == 0) & (r_hi == tm) & ~tile.is_tail
+
+    @pl.when(whole)
+    def _whole():  # all rows in the group: one swizzled tile copy per chunk
+        _store_whole_rows(st, refs, wg, out_values, tile.start, row_base, col_base)
+
+    @pl.when(~whole)
+    def _rows():  # only the group's rows (zeros past the last group)
+        _store_group_rows(st, refs, wg, out_values, tile, row_base, col_base, r_lo, r_hi)
+
+
+def _out_values(st: _GmmStatic, vals, c0, width):
+    """Every output's columns [c0, c0 + width) of the accumulators."""
+    cols = slice(c0, c0 + width)
+    if st.op == "swiglu":
+        gate, up = vals[0][:, cols], vals[1][:, cols]
+        return [_silu_mul(gate, up), gate, up]
+    return [v[:, cols] for v in st.epilogue(vals)]
+
+
+def _store_whole_rows(st: _GmmStatic, refs: _GmmRefs, wg, out_values, start, row_base,
+                      col_base):
+    """tile_m rows from start + row_base through the swizzled staging tiles, epi_tile_n columns
+    a chunk."""
+    tm, epi, epi_slots = st.cfg.tile_m, st.cfg.epi_tile_n, st.cfg.epi_slots
+    for c in range(st.cfg.tile_n // epi):
+        # One bulk-copy group per chunk: the slot written now was last read by the group
+        # `epi_slots` chunks back (any earlier group for the first chunk).
+        slot = c % epi_slots
+        plgpu.wait_smem_to_gmem(0 if c == 0 else epi_slots - 1, wait_read_only=True)
+        for j, v in enumerate(out_values(c * epi, epi)):
+            refs.swz[j][wg, slot] = v.astype(st.out_dtypes[j])
+        plgpu.commit_smem()
+        for j, o_gmem in enumerate(refs.o):
+            plgpu.copy_smem_to_gmem(
+                refs.swz[j].at[wg, slot],
+                o_gmem.at[pl.ds(start + row_base, tm), pl.ds(col_base + c * epi, epi)],
+                commit_group=False)
+        plgpu.commit_smem_to_gmem_group()
+
+
+def _store_group_rows(st: _GmmStatic, refs: _GmmRefs, wg, out_values, tile: _RowTile, row_base,
+                      col_base, r_lo, r_hi):
+    """Rows [r_lo, r_hi) of this warpgroup's tile_m (zeros in the tail tile), through the
+    unswizzled staging tiles, _PLAIN_N columns a chunk."""
+    tm = st.cfg.tile_m
+    for c in range(st.cfg.tile_n // _PLAIN_N):
+        for j, v in enumerate(out_values(c * _PLAIN_N, _PLAIN_N)):
+            dt = st.out_dtypes[j]
+            o_smem = refs.plain[str(dt)]
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+            @pl.when(tile.is_tail)
+            def _(o_smem=o_smem, dt=dt):
+                o_smem[wg] = _zeros_like_tile((tm, _PLAIN_N), dt)
+
+            @pl.when(~tile.is_tail)
+            def _(o_smem=o_smem, dt=dt, v=v):
+                o_smem[wg] = v.astype(dt)
+
+            plgpu.commit_smem()
+            _store_rows(o_smem.at[wg],
+                        refs.o[j].at[:, pl.ds(col_base + c * _PLAIN_N, _PLAIN_N)],
+                        r_lo, tile.start + row_base + r_lo, r_hi - r_lo, tm)
+            plgpu.commit_smem_to_gmem_group()
+
+
+@dataclasses.dataclass(frozen=True)
+class _TgmmStatic:
+    """Trace-time constants of one `tgmm` kernel."""
+
+    cfg: TgmmConfig
+    out_dtype: Any
+    G: int
+    k_iters: int      # CTA tiles along K
+    n_iters: int      # CTA tiles along N
+    a_tf: tuple       # SMEM transforms of the lhs and dout blocks
+    b_tf: tuple
+
+    @property
+    def cta_n(self) -> int:
+        return COMPUTE_WGS * self.cfg.tile_n
 
 
 def tgmm(lhs: jax.Array, dout: jax.Array, group_sizes: jax.Array, *, out_dtype,
@@ -438,115 +543,125 @@ def tgmm(lhs: jax.Array, dout: jax.Array, group_sizes: jax.Array, *, out_dtype,
     K, N = lhs.shape[1], dout.shape[1]
     G = group_sizes.shape[0]
     cfg = fit_tgmm_config(cfg, lhs.dtype, out_dtype)
-    tk, tn, tc, epi = cfg.tile_k, cfg.tile_n, cfg.tile_c, cfg.epi_tile_n
-    cta_n = 2 * tn
-    if tn % epi or tk % 128:
+    if cfg.tile_n % cfg.epi_tile_n or cfg.tile_k % 128:
         raise ValueError(f"tgmm: tiling {cfg} needs tile_k % 128 == 0, tile_n % epi_tile_n == 0")
-    k_iters, n_iters = -(-K // tk), -(-N // cta_n)
     ends = jnp.cumsum(group_sizes.astype(jnp.int32))
     meta = jnp.stack([ends - group_sizes.astype(jnp.int32), ends]).astype(jnp.int32)  # [2, G]
-    a_tf = _transforms(64, lhs.dtype)
-    b_tf = _transforms(64, dout.dtype)
-    half_k = tk // 2
-
-    def kernel(meta_gmem, a_gmem, b_gmem, o_gmem):
-        wg = lax.axis_index("wg")
-
-        def make_pipeline(body, context, steps, blk0, ki, ni):
-            return plgpu.emit_pipeline_warp_specialized(
-                body, grid=(steps,), memory_registers=_MEMORY_REGISTERS,
-                in_specs=[
-                    plgpu.BlockSpec((tc, tk), lambda s: (blk0 + s, ki), transforms=a_tf,
-                                    delay_release=cfg.delay_release),
-                    plgpu.BlockSpec((tc, cta_n), lambda s: (blk0 + s, ni), transforms=b_tf,
-                                    delay_release=cfg.delay_release),
-                ],
-                wg_axis="wg", num_compute_wgs=2, max_concurrent_steps=cfg.max_concurrent_steps,
-                compute_context=context)
-
-        ignore = lambda *_, **__: None  # noqa: E731
-        zero = jnp.int32(0)
-
-        @functools.partial(
-            pl.run_scoped,
-            allocs=make_pipeline(ignore, ignore, cfg.max_concurrent_steps, zero, zero, zero)
-            .get_allocations(a_gmem, b_gmem),
-            out_smem=plgpu.SMEM((2, tk, epi), out_dtype),
-            mask_barrier=plgpu.Barrier(num_arrivals=2, num_barriers=1),
-            collective_axes="wg",
-        )
-        def _scope(allocs, out_smem, mask_barrier):
-            @plgpu.nd_loop((G * k_iters * n_iters,), collective_axes="sm")
-            def _tile_loop(loop_info):
-                idx = loop_info.index[0]
-                g = lax.div(idx, jnp.int32(k_iters * n_iters))
-                ki, ni = plgpu.planar_snake(lax.rem(idx, jnp.int32(k_iters * n_iters)),
-                                            (k_iters, n_iters), _minor(cfg.grid_minor_dim),
-                                            cfg.grid_tile_width)
-                start, end = meta_gmem[0, g], meta_gmem[1, g]
-                blk0 = lax.div(start, jnp.int32(tc))
-                steps = jnp.where(end > start, lax.div(end + tc - 1, jnp.int32(tc)) - blk0, 0)
-
-                def mma_body(idxs, a_smem, b_smem, acc):
-                    (s,) = idxs
-                    b_half = b_smem.at[:, pl.ds(wg * tn, tn)]
-
-                    # Only a block that straddles the group's first or last row needs a mask.
-                    straddles = (((s == 0) & (lax.rem(start, jnp.int32(tc)) != 0))
-                                 | ((s == steps - 1) & (lax.rem(end, jnp.int32(tc)) != 0)))
-
-                    @pl.when(straddles)
-                    def _mask():
-                        # Each compute warpgroup zeroes the out-of-group rows of its half of
-                        # both operands (a select: NaN in other rows cannot leak in), then the
-                        # two wait for each other since both read all of A.
-                        a_half = a_smem.at[:, pl.ds(wg * half_k, half_k)]
-                        row0 = (blk0 + s) * tc
-                        for ref, cols in ((a_half, half_k), (b_half, tn)):
-                            rows = row0 + plgpu.broadcasted_iota(
-                                jnp.int32, (tc, cols), 0, layout=plgpu.Layout.WGMMA)
-                            keep = (rows >= start) & (rows < end)
-                            ref[...] = jnp.where(keep, ref[...], 0)
-                        plgpu.commit_smem()
-                        plgpu.barrier_arrive(mask_barrier.at[0])
-                        plgpu.barrier_wait(mask_barrier.at[0])
-
-                    plgpu.wgmma(acc, a_smem.T, b_half)
-                    plgpu.wgmma_wait(cfg.delay_release)
-                    return acc
-
-                def compute_context(eval_pipeline):
-                    @functools.partial(pl.run_scoped, acc=plgpu.ACC((tk, tn), jnp.float32))
-                    def _acc_scope(acc):
-                        eval_pipeline(acc)
-                        val = acc[...]
-                        for c in range(tn // epi):
-                            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                            out_smem[wg] = val[:, c * epi:(c + 1) * epi].astype(out_dtype)
-                            plgpu.commit_smem()
-                            plgpu.copy_smem_to_gmem(
-                                out_smem.at[wg],
-                                o_gmem.at[g, pl.ds(ki * tk, tk),
-                                          pl.ds(ni * cta_n + wg * tn + c * epi, epi)])
-
-                make_pipeline(mma_body, compute_context, steps, blk0, ki, ni)(
-                    a_gmem, b_gmem, allocations=allocs)
-
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-
-    call = plgpu.kernel(
-        kernel,
-        out_type=jax.ShapeDtypeStruct((G, K, N), out_dtype),
-        grid=(num_sms(interpret),),
-        grid_names=("sm",),
-        num_threads=3,
-        thread_name="wg",
-        kernel_name="grouped_matmul_tgmm",
-        compiler_params=plgpu.CompilerParams(
-            lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-    )
+    st = _TgmmStatic(cfg=cfg, out_dtype=out_dtype, G=G, k_iters=-(-K // cfg.tile_k),
+                     n_iters=-(-N // (COMPUTE_WGS * cfg.tile_n)),
+                     a_tf=_transforms(64, lhs.dtype), b_tf=_transforms(64, dout.dtype))
+    call = persistent_kernel(
+        functools.partial(_tgmm_kernel, st), out_type=jax.ShapeDtypeStruct((G, K, N), out_dtype),
+        num_sms=num_sms(interpret), num_threads=COMPUTE_WGS + 1,
+        kernel_name="grouped_matmul_tgmm")
     out = call(meta, lhs, dout)
     return out[:, :K0, :N0] if (K, N) != (K0, N0) else out
+
+
+def _tgmm_pipeline(st: _TgmmStatic, body, context, steps, blk0, ki, ni):
+    """The warp-specialized loop over a group's contraction blocks for one (ki, ni) tile."""
+    cfg = st.cfg
+    return plgpu.emit_pipeline_warp_specialized(
+        body, grid=(steps,), memory_registers=MEMORY_REGS,
+        in_specs=[
+            plgpu.BlockSpec((cfg.tile_c, cfg.tile_k), lambda s: (blk0 + s, ki),
+                            transforms=st.a_tf, delay_release=cfg.delay_release),
+            plgpu.BlockSpec((cfg.tile_c, st.cta_n), lambda s: (blk0 + s, ni),
+                            transforms=st.b_tf, delay_release=cfg.delay_release),
+        ],
+        wg_axis="wg", num_compute_wgs=COMPUTE_WGS, max_concurrent_steps=cfg.max_concurrent_steps,
+        compute_context=context)
+
+
+def _tgmm_kernel(st: _TgmmStatic, meta_gmem, a_gmem, b_gmem, o_gmem):
+    cfg = st.cfg
+    wg = lax.axis_index("wg")
+    zero = jnp.int32(0)
+
+    @functools.partial(
+        pl.run_scoped,
+        allocs=_tgmm_pipeline(st, _ignore, _ignore, cfg.max_concurrent_steps, zero, zero, zero)
+        .get_allocations(a_gmem, b_gmem),
+        out_smem=plgpu.SMEM((COMPUTE_WGS, cfg.tile_k, cfg.epi_tile_n), st.out_dtype),
+        # Both compute warpgroups mask their halves of a straddling block, then wait.
+        mask_barrier=plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=1),
+        collective_axes="wg",
+    )
+    def _scope(allocs, out_smem, mask_barrier):
+        @plgpu.nd_loop((st.G * st.k_iters * st.n_iters,), collective_axes="sm")
+        def _tile_loop(loop_info):
+            _tgmm_tile(st, meta_gmem, a_gmem, b_gmem, o_gmem, wg, allocs, out_smem, mask_barrier,
+                       loop_info.index[0])
+
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+
+def _tgmm_tile(st: _TgmmStatic, meta_gmem, a_gmem, b_gmem, o_gmem, wg, allocs, out_smem,
+               mask_barrier, idx):
+    """Output tile `idx` of this CTA's share: group g, (ki, ni) in snake order."""
+    cfg, tc = st.cfg, st.cfg.tile_c
+    g = lax.div(idx, jnp.int32(st.k_iters * st.n_iters))
+    ki, ni = plgpu.planar_snake(lax.rem(idx, jnp.int32(st.k_iters * st.n_iters)),
+                                (st.k_iters, st.n_iters), _minor(cfg.grid_minor_dim),
+                                cfg.grid_tile_width)
+    start, end = meta_gmem[0, g], meta_gmem[1, g]
+    blk0 = lax.div(start, jnp.int32(tc))
+    steps = jnp.where(end > start, lax.div(end + tc - 1, jnp.int32(tc)) - blk0, 0)
+    mma_body = functools.partial(_tgmm_mma, st, wg, start, end, blk0, steps, mask_barrier)
+
+    def compute_context(eval_pipeline):
+        @functools.partial(pl.run_scoped, acc=plgpu.ACC((cfg.tile_k, cfg.tile_n), jnp.float32))
+        def _acc_scope(acc):
+            eval_pipeline(acc)
+            _tgmm_store(st, acc[...], wg, out_smem, o_gmem, g, ki, ni)
+
+    _tgmm_pipeline(st, mma_body, compute_context, steps, blk0, ki, ni)(
+        a_gmem, b_gmem, allocations=allocs)
+
+
+def _tgmm_mma(st: _TgmmStatic, wg, start, end, blk0, steps, mask_barrier, idxs, a_smem, b_smem,
+              acc):
+    """Contraction block s: acc += lhs^T @ this warpgroup's half of dout."""
+    (s,) = idxs
+    tn, tc = st.cfg.tile_n, st.cfg.tile_c
+    b_half = b_smem.at[:, pl.ds(wg * tn, tn)]
+
+    # Only a block that straddles the group's first or last row needs a mask.
+    straddles = (((s == 0) & (lax.rem(start, jnp.int32(tc)) != 0))
+                 | ((s == steps - 1) & (lax.rem(end, jnp.int32(tc)) != 0)))
+
+    @pl.when(straddles)
+    def _mask():
+        # Each compute warpgroup zeroes the out-of-group rows of its half of both operands (a
+        # select: NaN in other rows cannot leak in), then the two wait for each other since
+        # both read all of A.
+        half_k = st.cfg.tile_k // COMPUTE_WGS
+        a_half = a_smem.at[:, pl.ds(wg * half_k, half_k)]
+        row0 = (blk0 + s) * tc
+        for ref, cols in ((a_half, half_k), (b_half, tn)):
+            rows = row0 + plgpu.broadcasted_iota(
+                jnp.int32, (tc, cols), 0, layout=plgpu.Layout.WGMMA)
+            keep = (rows >= start) & (rows < end)
+            ref[...] = jnp.where(keep, ref[...], 0)
+        plgpu.commit_smem()
+        plgpu.barrier_arrive(mask_barrier.at[0])
+        plgpu.barrier_wait(mask_barrier.at[0])
+
+    plgpu.wgmma(acc, a_smem.T, b_half)
+    plgpu.wgmma_wait(st.cfg.delay_release)
+    return acc
+
+
+def _tgmm_store(st: _TgmmStatic, val, wg, out_smem, o_gmem, g, ki, ni):
+    """This warpgroup's [tile_k, tile_n] of out[g], epi_tile_n columns a chunk."""
+    tk, tn, epi = st.cfg.tile_k, st.cfg.tile_n, st.cfg.epi_tile_n
+    for c in range(tn // epi):
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        out_smem[wg] = val[:, c * epi:(c + 1) * epi].astype(st.out_dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(
+            out_smem.at[wg],
+            o_gmem.at[g, pl.ds(ki * tk, tk), pl.ds(ni * st.cta_n + wg * tn + c * epi, epi)])
 
 
 def interpret_context(interpret: bool):

@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -41,19 +42,24 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels._mla_mgpu_common import (
     COLS,
     COMPUTE_REGS,
+    COMPUTE_WGS,
     LOG2E,
     MEMORY_REGS,
     ROWS,
     SMEM_LIMIT,
     TRANSFORMS,
     WGMMA,
-    interpret_params,
     mma,
     mma_multi,
     row_vector,
     smem_bytes,
+    stream,
+    tma_barrier,
+    warp_specialized_kernel,
     wgmma_zeros,
 )
+from pallas_kernels._mla_mgpu_common import compute_dtype as compute_dtype  # mla_attention.py
+from pallas_kernels._mla_mgpu_common import transposed as _t
 
 # Keys per dk/dv CTA and query rows per step: the warpgroups' registers (accumulators of
 # DKV_TILE rows, the key/value tiles as wgmma operands) leave no room for larger tiles.
@@ -81,13 +87,9 @@ class Config:
 
     @property
     def seq_multiple(self) -> int:
-        return math.lcm(2 * self.block_q, self.block_kv, 2 * self.block_q_dq, self.block_kv_dq,
-                        DKV_TILE)
-
-
-def _t(ref):
-    """Transposed view of a [rows, cols] SMEM tile (wgmma reads it K-major)."""
-    return ref.transpose((1, 0))
+        wgs = COMPUTE_WGS  # forward and dq CTAs own one query tile per compute warpgroup
+        return math.lcm(wgs * self.block_q, self.block_kv, wgs * self.block_q_dq,
+                        self.block_kv_dq, DKV_TILE)
 
 
 def _bcast_rows(x_r, shape):
@@ -108,9 +110,89 @@ def _visible(shape, row0, col0, *, rows_are_queries, seg_rows=None, seg_cols=Non
     return vis
 
 
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    """Trace-time constants of one kernel: head dims, that kernel's tiles, switches."""
+
+    T: int
+    Hn: int
+    Hr: int
+    Hv: int
+    bq: int            # query rows of one tile (forward, dq: of one compute warpgroup)
+    bkv: int           # key rows of one tile
+    stages: int        # slots of the memory warpgroup's ring
+    dtype: jnp.dtype   # q dtype: wgmma operands and outputs
+    scale: float
+    has_segments: bool
+    interpret: bool
+
+    @property
+    def c(self) -> float:
+        """scale * log2 e: scores in the log2 domain."""
+        return self.scale * LOG2E
+
+    @property
+    def n_q_ctas(self) -> int:
+        """Forward and dq: CTAs along the queries (each owns COMPUTE_WGS tiles of bq rows)."""
+        return self.T // (COMPUTE_WGS * self.bq)
+
+
+def _static(q_nope, q_rope, v, bq, bkv, stages, *, scale, has_segments, interpret) -> _Static:
+    _, T, _, Hn = q_nope.shape
+    return _Static(T=T, Hn=Hn, Hr=q_rope.shape[-1], Hv=v.shape[-1], bq=bq, bkv=bkv,
+                   stages=stages, dtype=q_nope.dtype, scale=scale, has_segments=has_segments,
+                   interpret=interpret)
+
+
+class _QueryCta(NamedTuple):
+    """Where a forward or dq CTA sits, and the key blocks its memory warpgroup streams."""
+
+    b: jax.Array
+    h: jax.Array
+    wg: jax.Array
+    q0: jax.Array     # first of its COMPUTE_WGS * bq query rows
+    kv_lo: jax.Array  # first key block any of its rows sees
+    n_cta: jax.Array  # key blocks kv_lo .. kv_lo + n_cta - 1
+
+
+def _query_cta(st: _Static, kvlo_ref) -> _QueryCta:
+    b, h, wg = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("wg")
+    qc = st.n_q_ctas - 1 - lax.axis_index("q_seq")  # heaviest causal rows first
+    cta_q0 = qc * (COMPUTE_WGS * st.bq)
+    kv_lo = kvlo_ref[b, qc] if st.has_segments else jnp.int32(0)
+    n_cta = pl.cdiv(cta_q0 + COMPUTE_WGS * st.bq, st.bkv) - kv_lo
+    return _QueryCta(b, h, wg, cta_q0, kv_lo, n_cta)
+
+
+def _query_steps(st: _Static, q0, kv_lo):
+    """(n_steps, n_full): key blocks the query tile from row q0 visits, and how many of them
+    lie entirely below the diagonal and need no mask (segments always need one)."""
+    n_steps = pl.cdiv(q0 + st.bq, st.bkv) - kv_lo
+    n_full = jnp.int32(0) if st.has_segments else lax.div(q0, jnp.int32(st.bkv))
+    return n_steps, n_full
+
+
+def _schedule_barrier(sched):
+    """The forward's ping-pong: each compute warpgroup arrives and waits for the other."""
+    plgpu.barrier_arrive(sched)
+    plgpu.barrier_wait(sched)
+
+
 # ----------------------------------------------------------------------------------------------
 # Forward
 # ----------------------------------------------------------------------------------------------
+class _ForwardRefs(NamedTuple):
+    qn: Any    # q_nope[B, T, N, Hn]
+    qr: Any    # q_rope[B, T, N, Hr]
+    kn: Any    # k_nope[B, S, N, Hn]
+    kr: Any    # k_rope[B, S, Hr]
+    v: Any     # v[B, S, N, Hv]
+    seg: Any   # seg_bt[B, T]
+    kvlo: Any  # kv_lo_bc[B, T // (2 block_q)]
+    o: Any     # o[B, T, N, Hv]
+    lse: Any   # lse2[B, N, T]
+
+
 def _forward_call(q_nope, q_rope, k_nope, k_rope, v, seg_bt, kv_lo_bc, *, scale: float,
                   config: Config, has_segments: bool, interpret: bool):
     """o[B, T, N, Hv] (q dtype) and lse2[B, N, T] (fp32, log2 domain).
@@ -118,285 +200,375 @@ def _forward_call(q_nope, q_rope, k_nope, k_rope, v, seg_bt, kv_lo_bc, *, scale:
     seg_bt[B, T] int32 (ignored unless has_segments); kv_lo_bc[B, T // (2 block_q)] int32: first
     key block each CTA must visit (0 without segments).
     """
-    B, T, N, Hn = q_nope.shape
-    Hr, Hv = q_rope.shape[-1], v.shape[-1]
-    bq, bkv, stages = config.block_q, config.block_kv, config.max_concurrent_steps
-    n_q_ctas = T // (2 * bq)
-    dtype = q_nope.dtype
-    c = scale * LOG2E
-    reuse_q_for_o = Hv == Hn  # o staged in q's SMEM tile (_forward_scratch)
-
-    def kernel(qn_ref, qr_ref, kn_ref, kr_ref, v_ref, seg_ref, kvlo_ref, o_ref, lse_ref, *,
-               qn_smem2, qr_smem2, o_smem2, segq_smem2, lse_smem2, kn_smem, kr_smem, v_smem,
-               segk_smem, q_bars, k_bars, v_bars, k_free, v_free, sched):
-        b, h, wg = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("wg")
-        qc = n_q_ctas - 1 - lax.axis_index("q_seq")  # heaviest causal rows first
-        cta_q0 = qc * (2 * bq)
-        kv_lo = kvlo_ref[b, qc] if has_segments else jnp.int32(0)
-        n_cta = pl.cdiv(cta_q0 + 2 * bq, bkv) - kv_lo  # key blocks the memory warpgroup streams
-
-        def schedule_barrier():
-            plgpu.barrier_arrive(sched)
-            plgpu.barrier_wait(sched)
-
-        @pl.when(wg < 2)
-        def _compute():
-            plgpu.set_max_registers(COMPUTE_REGS, action="increase")
-            q0 = cta_q0 + wg * bq
-            rows = pl.ds(q0, bq)
-            qn_smem, qr_smem = qn_smem2.at[wg], qr_smem2.at[wg]
-            plgpu.copy_gmem_to_smem(qn_ref.at[b, rows, h], qn_smem, q_bars.at[wg])
-            plgpu.copy_gmem_to_smem(qr_ref.at[b, rows, h], qr_smem, q_bars.at[wg])
-            if has_segments:
-                plgpu.copy_gmem_to_smem(seg_ref.at[b, rows], segq_smem2.at[wg], q_bars.at[wg])
-            plgpu.barrier_wait(q_bars.at[wg])
-            seg_q = (plgpu.load(segq_smem2.at[wg], layout=ROWS) if has_segments else None)
-            n_steps = pl.cdiv(q0 + bq, bkv) - kv_lo
-            # Key blocks entirely below the diagonal need no mask (segments always need one).
-            n_full = jnp.int32(0) if has_segments else lax.div(q0, jnp.int32(bkv))
-
-            plgpu.barrier_wait(k_bars.at[0])
-            pl.when(wg == 1)(schedule_barrier)
-
-            def kv_step(i, carry, *, masked):
-                acc, m, l = carry
-                slot = lax.rem(i, jnp.int32(stages))
-                s = mma([(qn_smem, _t(kn_smem.at[slot])), (qr_smem, _t(kr_smem.at[slot]))],
-                        (bq, bkv), interpret=interpret, between=schedule_barrier)
-                s = s * c
-                if masked:
-                    seg_k = (plgpu.load(segk_smem.at[slot], layout=COLS)
-                             if has_segments else None)
-                    vis = _visible((bq, bkv), q0, (kv_lo + i) * bkv, rows_are_queries=True,
-                                   seg_rows=seg_q, seg_cols=seg_k)
-                    s = jnp.where(vis, s, -jnp.inf)
-                plgpu.barrier_arrive(k_free.at[slot])
-                m_new = jnp.maximum(m, s.max(axis=1))
-                # A row that has seen no visible key yet (packed documents) keeps m = -inf; shift
-                # by 0 instead so that alpha and p come out 0 rather than NaN.
-                m_ref = jnp.where(m_new == -jnp.inf, 0.0, m_new) if has_segments else m_new
-                alpha = jnp.exp2(m - m_ref)
-                p = jnp.exp2(s - _bcast_rows(m_ref, s.shape))
-                acc = acc * _bcast_rows(alpha, acc.shape)
-                l = l * alpha
-                p16 = p.astype(dtype)
-                l = l + p.sum(axis=1)
-                acc, l, m_new, p16 = lax.optimization_barrier((acc, l, m_new, p16))
-                plgpu.barrier_arrive(sched)  # softmax done
-                plgpu.barrier_wait(v_bars.at[slot])
-                plgpu.barrier_wait(sched)  # the other warpgroup's QK wgmma is issued
-
-                def wait_next_k():
-                    @pl.when(i + 1 < n_steps)
-                    def _():
-                        plgpu.barrier_wait(k_bars.at[lax.rem(i + 1, jnp.int32(stages))])
-
-                acc = mma([(p16, v_smem.at[slot])], acc, interpret=interpret, between=wait_next_k)
-                plgpu.barrier_arrive(v_free.at[slot])
-                return acc, m_new, l
-
-            def drain_step(i, _):
-                # Keep the slot ring and the ping-pong barrier in step with the other warpgroup
-                # for the key blocks only it needs. Waiting on the (already requested) tiles keeps
-                # every barrier phase observed, which mbarrier parity waits rely on.
-                slot = lax.rem(i, jnp.int32(stages))
-                plgpu.barrier_wait(k_bars.at[slot])
-                plgpu.barrier_arrive(k_free.at[slot])
-                plgpu.barrier_wait(v_bars.at[slot])
-                plgpu.barrier_arrive(v_free.at[slot])
-                schedule_barrier()
-                schedule_barrier()
-
-            carry = (wgmma_zeros((bq, Hv)), row_vector(-jnp.inf, bq), row_vector(0.0, bq))
-            carry = lax.fori_loop(0, n_full, functools.partial(kv_step, masked=False), carry)
-            carry = lax.fori_loop(n_full, n_steps, functools.partial(kv_step, masked=True), carry)
-            lax.fori_loop(n_steps, n_cta, drain_step, None)
-            pl.when(wg == 0)(schedule_barrier)
-
-            acc, m, l = carry
-            o_smem = qn_smem if reuse_q_for_o else o_smem2.at[wg]
-            o_smem[...] = (acc * _bcast_rows(1.0 / l, acc.shape)).astype(dtype)
-            lse_smem2.at[wg][...] = m + jnp.log2(l)
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(o_smem, o_ref.at[b, rows, h])
-            plgpu.copy_smem_to_gmem(lse_smem2.at[wg], lse_ref.at[b, h, rows])
-            plgpu.wait_smem_to_gmem(0)
-
-        @pl.when(wg == 2)
-        def _memory():
-            plgpu.set_max_registers(MEMORY_REGS, action="decrease")
-
-            def load_k(i, slot):
-                kv = pl.ds((kv_lo + i) * bkv, bkv)
-                plgpu.copy_gmem_to_smem(kn_ref.at[b, kv, h], kn_smem.at[slot], k_bars.at[slot])
-                plgpu.copy_gmem_to_smem(kr_ref.at[b, kv], kr_smem.at[slot], k_bars.at[slot])
-                if has_segments:
-                    plgpu.copy_gmem_to_smem(seg_ref.at[b, kv], segk_smem.at[slot],
-                                            k_bars.at[slot])
-
-            def load_v(i, slot):
-                kv = pl.ds((kv_lo + i) * bkv, bkv)
-                plgpu.copy_gmem_to_smem(v_ref.at[b, kv, h], v_smem.at[slot], v_bars.at[slot])
-
-            for i in range(stages):
-                @pl.when(i < n_cta)
-                def _prologue(i=i):
-                    load_k(i, i)
-                    load_v(i, i)
-
-            @pl.loop(stages, jnp.maximum(n_cta, stages))
-            def _steady(i):
-                slot = lax.rem(i, jnp.int32(stages))
-                plgpu.barrier_wait(k_free.at[slot])
-                load_k(i, slot)
-                plgpu.barrier_wait(v_free.at[slot])
-                load_v(i, slot)
-
-            @pl.loop(jnp.maximum(n_cta - stages, 0), n_cta)
-            def _tail(i):  # observe the last releases too (every mbarrier phase gets awaited)
-                slot = lax.rem(i, jnp.int32(stages))
-                plgpu.barrier_wait(k_free.at[slot])
-                plgpu.barrier_wait(v_free.at[slot])
-
-    scratch = _forward_scratch(Hn, Hr, Hv, dtype, config, has_segments)
-    call = plgpu.kernel(
-        _drop_none_kwargs(kernel, scratch),
-        out_type=(jax.ShapeDtypeStruct((B, T, N, Hv), dtype),
+    B, T, N, _ = q_nope.shape
+    st = _static(q_nope, q_rope, v, config.block_q, config.block_kv, config.max_concurrent_steps,
+                 scale=scale, has_segments=has_segments, interpret=interpret)
+    call = warp_specialized_kernel(
+        functools.partial(_forward_kernel, st), _ForwardRefs,
+        _forward_scratch(st.Hn, st.Hr, st.Hv, st.dtype, config, has_segments),
+        out_type=(jax.ShapeDtypeStruct((B, T, N, st.Hv), st.dtype),
                   jax.ShapeDtypeStruct((B, N, T), jnp.float32)),
-        scratch_types={k: s for k, s in scratch.items() if s is not None},
-        grid=(N, n_q_ctas, B),
-        grid_names=("heads", "q_seq", "batch"),
-        num_threads=3,
-        thread_name="wg",
-        kernel_name="mla_attention_fwd",
-        compiler_params=plgpu.CompilerParams(approx_math=True),
-        interpret=interpret_params(interpret),
-    )
+        grid=(N, st.n_q_ctas, B), grid_names=("heads", "q_seq", "batch"),
+        compute_wgs=COMPUTE_WGS, kernel_name="mla_attention_fwd", interpret=interpret)
     return call(q_nope, q_rope, k_nope, k_rope, v, seg_bt, kv_lo_bc)
+
+
+def _forward_scratch(Hn, Hr, Hv, dtype, config: Config, has_segments: bool) -> dict:
+    """SMEM and barriers of the forward kernel (None: not allocated)."""
+    bq, bkv, stages = config.block_q, config.block_kv, config.max_concurrent_steps
+    wgs = COMPUTE_WGS
+    smem = dict(
+        qn_smem2=plgpu.SMEM((wgs, bq, Hn), dtype, transforms=TRANSFORMS),
+        qr_smem2=plgpu.SMEM((wgs, bq, Hr), dtype, transforms=TRANSFORMS),
+        o_smem2=(None if Hv == Hn  # o staged in q_nope's tile (_forward_store)
+                 else plgpu.SMEM((wgs, bq, Hv), dtype, transforms=TRANSFORMS)),
+        segq_smem2=plgpu.SMEM((wgs, bq), jnp.int32) if has_segments else None,
+        lse_smem2=plgpu.SMEM((wgs, bq), jnp.float32),
+        kn_smem=plgpu.SMEM((stages, bkv, Hn), dtype, transforms=TRANSFORMS),
+        kr_smem=plgpu.SMEM((stages, bkv, Hr), dtype, transforms=TRANSFORMS),
+        v_smem=plgpu.SMEM((stages, bkv, Hv), dtype, transforms=TRANSFORMS),
+        segk_smem=plgpu.SMEM((stages, bkv), jnp.int32) if has_segments else None,
+    )
+    return smem | dict(
+        q_bars=tma_barrier(smem["qn_smem2"], smem["qr_smem2"], smem["segq_smem2"],
+                           num_barriers=wgs),
+        k_bars=tma_barrier(smem["kn_smem"], smem["kr_smem"], smem["segk_smem"],
+                           num_barriers=stages),
+        v_bars=tma_barrier(smem["v_smem"], num_barriers=stages),
+        k_free=plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
+        v_free=plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
+        sched=plgpu.Barrier(num_arrivals=wgs),
+    )
+
+
+def _forward_kernel(st: _Static, refs: _ForwardRefs, smem):
+    cta = _query_cta(st, refs.kvlo)
+    schedule_barrier = functools.partial(_schedule_barrier, smem.sched)
+
+    @pl.when(cta.wg < COMPUTE_WGS)
+    def _compute():
+        _forward_compute(st, refs, smem, cta, schedule_barrier)
+
+    @pl.when(cta.wg == COMPUTE_WGS)
+    def _memory():
+        _forward_memory(st, refs, smem, cta)
+
+
+def _forward_compute(st: _Static, refs: _ForwardRefs, smem, cta: _QueryCta, schedule_barrier):
+    """Compute warpgroup cta.wg: o and lse2 of its bq query rows, ping-ponging with the other
+    (one runs its softmax while the other's wgmmas run)."""
+    plgpu.set_max_registers(COMPUTE_REGS, action="increase")
+    b, h, wg = cta.b, cta.h, cta.wg
+    q0 = cta.q0 + wg * st.bq
+    rows = pl.ds(q0, st.bq)
+    qn_smem, qr_smem = smem.qn_smem2.at[wg], smem.qr_smem2.at[wg]
+    plgpu.copy_gmem_to_smem(refs.qn.at[b, rows, h], qn_smem, smem.q_bars.at[wg])
+    plgpu.copy_gmem_to_smem(refs.qr.at[b, rows, h], qr_smem, smem.q_bars.at[wg])
+    if st.has_segments:
+        plgpu.copy_gmem_to_smem(refs.seg.at[b, rows], smem.segq_smem2.at[wg], smem.q_bars.at[wg])
+    plgpu.barrier_wait(smem.q_bars.at[wg])
+    seg_q = (plgpu.load(smem.segq_smem2.at[wg], layout=ROWS) if st.has_segments else None)
+    n_steps, n_full = _query_steps(st, q0, cta.kv_lo)
+
+    plgpu.barrier_wait(smem.k_bars.at[0])
+    pl.when(wg == 1)(schedule_barrier)
+    step = functools.partial(_forward_kv_step, st, smem, qn_smem, qr_smem, q0, cta.kv_lo, seg_q,
+                             n_steps, schedule_barrier)
+    carry = (wgmma_zeros((st.bq, st.Hv)), row_vector(-jnp.inf, st.bq), row_vector(0.0, st.bq))
+    carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False), carry)
+    carry = lax.fori_loop(n_full, n_steps, functools.partial(step, masked=True), carry)
+    lax.fori_loop(n_steps, cta.n_cta,
+                  functools.partial(_forward_drain_step, st, smem, schedule_barrier), None)
+    pl.when(wg == 0)(schedule_barrier)
+    _forward_store(st, refs, smem, b, h, wg, rows, qn_smem, carry)
+
+
+def _forward_kv_step(st: _Static, smem, qn_smem, qr_smem, q0, kv_lo, seg_q, n_steps,
+                     schedule_barrier, i, carry, *, masked):
+    """Key block kv_lo + i: S = q k^T (the other warpgroup's softmax runs meanwhile), online
+    softmax, then acc += P v (waiting for the next key tile meanwhile)."""
+    acc, m, l = carry
+    slot = lax.rem(i, jnp.int32(st.stages))
+    s = mma([(qn_smem, _t(smem.kn_smem.at[slot])), (qr_smem, _t(smem.kr_smem.at[slot]))],
+            (st.bq, st.bkv), interpret=st.interpret, between=schedule_barrier)
+    s = s * st.c
+    if masked:
+        seg_k = (plgpu.load(smem.segk_smem.at[slot], layout=COLS)
+                 if st.has_segments else None)
+        vis = _visible((st.bq, st.bkv), q0, (kv_lo + i) * st.bkv, rows_are_queries=True,
+                       seg_rows=seg_q, seg_cols=seg_k)
+        s = jnp.where(vis, s, -jnp.inf)
+    plgpu.barrier_arrive(smem.k_free.at[slot])
+    acc, l, m_new, p16 = _forward_softmax(st, s, acc, m, l)
+    plgpu.barrier_arrive(smem.sched)  # softmax done
+    plgpu.barrier_wait(smem.v_bars.at[slot])
+    plgpu.barrier_wait(smem.sched)  # the other warpgroup's QK wgmma is issued
+
+    def wait_next_k():
+        @pl.when(i + 1 < n_steps)
+        def _():
+            plgpu.barrier_wait(smem.k_bars.at[lax.rem(i + 1, jnp.int32(st.stages))])
+
+    acc = mma([(p16, smem.v_smem.at[slot])], acc, interpret=st.interpret, between=wait_next_k)
+    plgpu.barrier_arrive(smem.v_free.at[slot])
+    return acc, m_new, l
+
+
+def _forward_softmax(st: _Static, s, acc, m, l):
+    """Online softmax of one score tile: (acc rescaled, l, m_new, P in the operand dtype)."""
+    m_new = jnp.maximum(m, s.max(axis=1))
+    # A row that has seen no visible key yet (packed documents) keeps m = -inf; shift by 0
+    # instead so that alpha and p come out 0 rather than NaN.
+    m_ref = jnp.where(m_new == -jnp.inf, 0.0, m_new) if st.has_segments else m_new
+    alpha = jnp.exp2(m - m_ref)
+    p = jnp.exp2(s - _bcast_rows(m_ref, s.shape))
+    acc = acc * _bcast_rows(alpha, acc.shape)
+    l = l * alpha
+    p16 = p.astype(st.dtype)
+    l = l + p.sum(axis=1)
+    return lax.optimization_barrier((acc, l, m_new, p16))
+
+
+def _forward_drain_step(st: _Static, smem, schedule_barrier, i, _):
+    """Keep the slot ring and the ping-pong barrier in step with the other warpgroup for the key
+    blocks only it needs. Waiting on the (already requested) tiles keeps every barrier phase
+    observed, which mbarrier parity waits rely on."""
+    slot = lax.rem(i, jnp.int32(st.stages))
+    plgpu.barrier_wait(smem.k_bars.at[slot])
+    plgpu.barrier_arrive(smem.k_free.at[slot])
+    plgpu.barrier_wait(smem.v_bars.at[slot])
+    plgpu.barrier_arrive(smem.v_free.at[slot])
+    schedule_barrier()
+    schedule_barrier()
+
+
+def _forward_store(st: _Static, refs: _ForwardRefs, smem, b, h, wg, rows, qn_smem, carry):
+    """o = acc / l (staged in q_nope's tile when Hv == Hn) and lse2 = m + log2 l to GMEM."""
+    acc, m, l = carry
+    o_smem = qn_smem if st.Hv == st.Hn else smem.o_smem2.at[wg]
+    o_smem[...] = (acc * _bcast_rows(1.0 / l, acc.shape)).astype(st.dtype)
+    smem.lse_smem2.at[wg][...] = m + jnp.log2(l)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(o_smem, refs.o.at[b, rows, h])
+    plgpu.copy_smem_to_gmem(smem.lse_smem2.at[wg], refs.lse.at[b, h, rows])
+    plgpu.wait_smem_to_gmem(0)
+
+
+def _forward_memory(st: _Static, refs: _ForwardRefs, smem, cta: _QueryCta):
+    """Memory warpgroup: key blocks (k_nope, k_rope, key segment ids; then v on barriers of
+    their own, so the QK^T wgmma need not wait for v)."""
+    plgpu.set_max_registers(MEMORY_REGS, action="decrease")
+    b, h = cta.b, cta.h
+
+    def load_k(i, slot):
+        kv = pl.ds((cta.kv_lo + i) * st.bkv, st.bkv)
+        bar = smem.k_bars.at[slot]
+        plgpu.copy_gmem_to_smem(refs.kn.at[b, kv, h], smem.kn_smem.at[slot], bar)
+        plgpu.copy_gmem_to_smem(refs.kr.at[b, kv], smem.kr_smem.at[slot], bar)
+        if st.has_segments:
+            plgpu.copy_gmem_to_smem(refs.seg.at[b, kv], smem.segk_smem.at[slot], bar)
+
+    def load_v(i, slot):
+        kv = pl.ds((cta.kv_lo + i) * st.bkv, st.bkv)
+        plgpu.copy_gmem_to_smem(refs.v.at[b, kv, h], smem.v_smem.at[slot], smem.v_bars.at[slot])
+
+    stream(cta.n_cta, st.stages, (load_k, smem.k_free), (load_v, smem.v_free))
 
 
 # ----------------------------------------------------------------------------------------------
 # Backward: dq
 # ----------------------------------------------------------------------------------------------
+class _DqRefs(NamedTuple):
+    qn: Any     # q_nope[B, T, N, Hn]
+    qr: Any     # q_rope[B, T, N, Hr]
+    kn: Any     # k_nope[B, S, N, Hn]
+    kr: Any     # k_rope[B, S, Hr]
+    v: Any      # v[B, S, N, Hv]
+    do: Any     # do[B, T, N, Hv]
+    lse: Any    # lse2[B, N, T]
+    delta: Any  # delta[B, N, T]
+    seg: Any    # seg_bt[B, T]
+    kvlo: Any   # kv_lo_bc[B, T // (2 block_q_dq)]
+    dqn: Any    # dq_nope[B, T, N, Hn]
+    dqr: Any    # dq_rope[B, T, N, Hr]
+
+
 def _backward_dq_call(q_nope, q_rope, k_nope, k_rope, v, do, lse2, delta, seg_bt, kv_lo_bc, *,
-                scale: float, config: Config, has_segments: bool, interpret: bool):
+                      scale: float, config: Config, has_segments: bool, interpret: bool):
     """dq_nope[B, T, N, Hn], dq_rope[B, T, N, Hr] (q dtype).
 
     do[B, T, N, Hv]; lse2, delta[B, N, T] fp32 (delta = rowsum(o * do));
     kv_lo_bc[B, T // (2 block_q_dq)] int32: first key block each CTA visits.
     """
-    B, T, N, Hn = q_nope.shape
-    Hr, Hv = q_rope.shape[-1], v.shape[-1]
-    bq, bkv, stages = config.block_q_dq, config.block_kv_dq, config.bwd_concurrent_steps
-    n_q_ctas = T // (2 * bq)
-    dtype = q_nope.dtype
-    c = scale * LOG2E
-
-    def kernel(qn_ref, qr_ref, kn_ref, kr_ref, v_ref, do_ref, lse_ref, delta_ref, seg_ref,
-               kvlo_ref, dqn_ref, dqr_ref, *, qn_smem2, qr_smem2, do_smem2, lse_smem2,
-               delta_smem2, segq_smem2, kn_smem, kr_smem, v_smem, segk_smem, q_bars, kv_bars,
-               kv_free):
-        b, h, wg = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("wg")
-        qc = n_q_ctas - 1 - lax.axis_index("q_seq")
-        cta_q0 = qc * (2 * bq)
-        kv_lo = kvlo_ref[b, qc] if has_segments else jnp.int32(0)
-        n_cta = pl.cdiv(cta_q0 + 2 * bq, bkv) - kv_lo
-
-        @pl.when(wg < 2)
-        def _compute():
-            plgpu.set_max_registers(COMPUTE_REGS, action="increase")
-            q0 = cta_q0 + wg * bq
-            rows = pl.ds(q0, bq)
-            qn_smem, qr_smem, do_smem = qn_smem2.at[wg], qr_smem2.at[wg], do_smem2.at[wg]
-            plgpu.copy_gmem_to_smem(qn_ref.at[b, rows, h], qn_smem, q_bars.at[wg])
-            plgpu.copy_gmem_to_smem(qr_ref.at[b, rows, h], qr_smem, q_bars.at[wg])
-            plgpu.copy_gmem_to_smem(do_ref.at[b, rows, h], do_smem, q_bars.at[wg])
-            plgpu.copy_gmem_to_smem(lse_ref.at[b, h, rows], lse_smem2.at[wg], q_bars.at[wg])
-            plgpu.copy_gmem_to_smem(delta_ref.at[b, h, rows], delta_smem2.at[wg], q_bars.at[wg])
-            if has_segments:
-                plgpu.copy_gmem_to_smem(seg_ref.at[b, rows], segq_smem2.at[wg], q_bars.at[wg])
-            plgpu.barrier_wait(q_bars.at[wg])
-            lse = plgpu.load(lse_smem2.at[wg], layout=ROWS)
-            delta = plgpu.load(delta_smem2.at[wg], layout=ROWS)
-            seg_q = plgpu.load(segq_smem2.at[wg], layout=ROWS) if has_segments else None
-            n_steps = pl.cdiv(q0 + bq, bkv) - kv_lo
-            n_full = jnp.int32(0) if has_segments else lax.div(q0, jnp.int32(bkv))
-
-            def kv_step(i, carry, *, masked):
-                dqn, dqr = carry
-                slot = lax.rem(i, jnp.int32(stages))
-                plgpu.barrier_wait(kv_bars.at[slot])
-                s, dp = mma_multi(
-                    [([(qn_smem, _t(kn_smem.at[slot])), (qr_smem, _t(kr_smem.at[slot]))],
-                      (bq, bkv)),
-                     ([(do_smem, _t(v_smem.at[slot]))], (bq, bkv))],
-                    interpret=interpret)
-                s = s * c
-                if masked:
-                    seg_k = (plgpu.load(segk_smem.at[slot], layout=COLS)
-                             if has_segments else None)
-                    vis = _visible((bq, bkv), q0, (kv_lo + i) * bkv, rows_are_queries=True,
-                                   seg_rows=seg_q, seg_cols=seg_k)
-                    s = jnp.where(vis, s, -jnp.inf)
-                p = jnp.exp2(s - _bcast_rows(lse, s.shape))
-                ds = (p * (dp - _bcast_rows(delta, dp.shape))).astype(dtype)
-                dqn, dqr = mma_multi([([(ds, kn_smem.at[slot])], dqn),
-                                      ([(ds, kr_smem.at[slot])], dqr)], interpret=interpret)
-                plgpu.barrier_arrive(kv_free.at[slot])
-                return dqn, dqr
-
-            def drain_step(i, _):
-                slot = lax.rem(i, jnp.int32(stages))
-                plgpu.barrier_wait(kv_bars.at[slot])
-                plgpu.barrier_arrive(kv_free.at[slot])
-
-            carry = (wgmma_zeros((bq, Hn)), wgmma_zeros((bq, Hr)))
-            carry = lax.fori_loop(0, n_full, functools.partial(kv_step, masked=False), carry)
-            carry = lax.fori_loop(n_full, n_steps, functools.partial(kv_step, masked=True), carry)
-            lax.fori_loop(n_steps, n_cta, drain_step, None)
-            dqn, dqr = carry
-            qn_smem[...] = (dqn * scale).astype(dtype)
-            qr_smem[...] = (dqr * scale).astype(dtype)
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(qn_smem, dqn_ref.at[b, rows, h])
-            plgpu.copy_smem_to_gmem(qr_smem, dqr_ref.at[b, rows, h])
-            plgpu.wait_smem_to_gmem(0)
-
-        @pl.when(wg == 2)
-        def _memory():
-            plgpu.set_max_registers(MEMORY_REGS, action="decrease")
-
-            def load(i, slot):
-                kv = pl.ds((kv_lo + i) * bkv, bkv)
-                bar = kv_bars.at[slot]
-                plgpu.copy_gmem_to_smem(kn_ref.at[b, kv, h], kn_smem.at[slot], bar)
-                plgpu.copy_gmem_to_smem(kr_ref.at[b, kv], kr_smem.at[slot], bar)
-                plgpu.copy_gmem_to_smem(v_ref.at[b, kv, h], v_smem.at[slot], bar)
-                if has_segments:
-                    plgpu.copy_gmem_to_smem(seg_ref.at[b, kv], segk_smem.at[slot], bar)
-
-            _stream(load, n_cta, stages, kv_free)
-
-    scratch = _dq_scratch(Hn, Hr, Hv, dtype, config, has_segments)
-    call = plgpu.kernel(
-        _drop_none_kwargs(kernel, scratch),
-        out_type=(jax.ShapeDtypeStruct((B, T, N, Hn), dtype),
-                  jax.ShapeDtypeStruct((B, T, N, Hr), dtype)),
-        scratch_types={k: s for k, s in scratch.items() if s is not None},
-        grid=(N, n_q_ctas, B),
-        grid_names=("heads", "q_seq", "batch"),
-        num_threads=3,
-        thread_name="wg",
-        kernel_name="mla_attention_dq",
-        compiler_params=plgpu.CompilerParams(approx_math=True),
-        interpret=interpret_params(interpret),
-    )
+    B, T, N, _ = q_nope.shape
+    st = _static(q_nope, q_rope, v, config.block_q_dq, config.block_kv_dq,
+                 config.bwd_concurrent_steps, scale=scale, has_segments=has_segments,
+                 interpret=interpret)
+    call = warp_specialized_kernel(
+        functools.partial(_dq_kernel, st), _DqRefs,
+        _dq_scratch(st.Hn, st.Hr, st.Hv, st.dtype, config, has_segments),
+        out_type=(jax.ShapeDtypeStruct((B, T, N, st.Hn), st.dtype),
+                  jax.ShapeDtypeStruct((B, T, N, st.Hr), st.dtype)),
+        grid=(N, st.n_q_ctas, B), grid_names=("heads", "q_seq", "batch"),
+        compute_wgs=COMPUTE_WGS, kernel_name="mla_attention_dq", interpret=interpret)
     return call(q_nope, q_rope, k_nope, k_rope, v, do, lse2, delta, seg_bt, kv_lo_bc)
+
+
+def _dq_scratch(Hn, Hr, Hv, dtype, config: Config, has_segments: bool) -> dict:
+    """SMEM and barriers of the dq kernel (None: not allocated)."""
+    bq, bkv, stages = config.block_q_dq, config.block_kv_dq, config.bwd_concurrent_steps
+    wgs = COMPUTE_WGS
+    smem = dict(
+        qn_smem2=plgpu.SMEM((wgs, bq, Hn), dtype, transforms=TRANSFORMS),
+        qr_smem2=plgpu.SMEM((wgs, bq, Hr), dtype, transforms=TRANSFORMS),
+        do_smem2=plgpu.SMEM((wgs, bq, Hv), dtype, transforms=TRANSFORMS),
+        lse_smem2=plgpu.SMEM((wgs, bq), jnp.float32),
+        delta_smem2=plgpu.SMEM((wgs, bq), jnp.float32),
+        segq_smem2=plgpu.SMEM((wgs, bq), jnp.int32) if has_segments else None,
+        kn_smem=plgpu.SMEM((stages, bkv, Hn), dtype, transforms=TRANSFORMS),
+        kr_smem=plgpu.SMEM((stages, bkv, Hr), dtype, transforms=TRANSFORMS),
+        v_smem=plgpu.SMEM((stages, bkv, Hv), dtype, transforms=TRANSFORMS),
+        segk_smem=plgpu.SMEM((stages, bkv), jnp.int32) if has_segments else None,
+    )
+    q_tiles = ("qn_smem2", "qr_smem2", "do_smem2", "lse_smem2", "delta_smem2", "segq_smem2")
+    return smem | dict(
+        q_bars=tma_barrier(*(smem[k] for k in q_tiles), num_barriers=wgs),
+        kv_bars=tma_barrier(smem["kn_smem"], smem["kr_smem"], smem["v_smem"], smem["segk_smem"],
+                            num_barriers=stages),
+        kv_free=plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
+    )
+
+
+def _dq_kernel(st: _Static, refs: _DqRefs, smem):
+    cta = _query_cta(st, refs.kvlo)
+
+    @pl.when(cta.wg < COMPUTE_WGS)
+    def _compute():
+        _dq_compute(st, refs, smem, cta)
+
+    @pl.when(cta.wg == COMPUTE_WGS)
+    def _memory():
+        _dq_memory(st, refs, smem, cta)
+
+
+def _dq_compute(st: _Static, refs: _DqRefs, smem, cta: _QueryCta):
+    """Compute warpgroup cta.wg: dq of its bq query rows."""
+    plgpu.set_max_registers(COMPUTE_REGS, action="increase")
+    b, h, wg = cta.b, cta.h, cta.wg
+    q0 = cta.q0 + wg * st.bq
+    rows = pl.ds(q0, st.bq)
+    qn_smem, qr_smem, do_smem = smem.qn_smem2.at[wg], smem.qr_smem2.at[wg], smem.do_smem2.at[wg]
+    bar = smem.q_bars.at[wg]
+    plgpu.copy_gmem_to_smem(refs.qn.at[b, rows, h], qn_smem, bar)
+    plgpu.copy_gmem_to_smem(refs.qr.at[b, rows, h], qr_smem, bar)
+    plgpu.copy_gmem_to_smem(refs.do.at[b, rows, h], do_smem, bar)
+    plgpu.copy_gmem_to_smem(refs.lse.at[b, h, rows], smem.lse_smem2.at[wg], bar)
+    plgpu.copy_gmem_to_smem(refs.delta.at[b, h, rows], smem.delta_smem2.at[wg], bar)
+    if st.has_segments:
+        plgpu.copy_gmem_to_smem(refs.seg.at[b, rows], smem.segq_smem2.at[wg], bar)
+    plgpu.barrier_wait(bar)
+    lse = plgpu.load(smem.lse_smem2.at[wg], layout=ROWS)
+    delta = plgpu.load(smem.delta_smem2.at[wg], layout=ROWS)
+    seg_q = plgpu.load(smem.segq_smem2.at[wg], layout=ROWS) if st.has_segments else None
+    n_steps, n_full = _query_steps(st, q0, cta.kv_lo)
+
+    step = functools.partial(_dq_kv_step, st, smem, qn_smem, qr_smem, do_smem, q0, cta.kv_lo,
+                             lse, delta, seg_q)
+    carry = (wgmma_zeros((st.bq, st.Hn)), wgmma_zeros((st.bq, st.Hr)))
+    carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False), carry)
+    carry = lax.fori_loop(n_full, n_steps, functools.partial(step, masked=True), carry)
+    lax.fori_loop(n_steps, cta.n_cta, functools.partial(_dq_drain_step, st, smem), None)
+    dqn, dqr = carry
+    qn_smem[...] = (dqn * st.scale).astype(st.dtype)
+    qr_smem[...] = (dqr * st.scale).astype(st.dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(qn_smem, refs.dqn.at[b, rows, h])
+    plgpu.copy_smem_to_gmem(qr_smem, refs.dqr.at[b, rows, h])
+    plgpu.wait_smem_to_gmem(0)
+
+
+def _dq_kv_step(st: _Static, smem, qn_smem, qr_smem, do_smem, q0, kv_lo, lse, delta, seg_q, i,
+                carry, *, masked):
+    """Key block kv_lo + i: S and dP, then dq += dS k."""
+    dqn, dqr = carry
+    slot = lax.rem(i, jnp.int32(st.stages))
+    plgpu.barrier_wait(smem.kv_bars.at[slot])
+    kn_smem, kr_smem = smem.kn_smem.at[slot], smem.kr_smem.at[slot]
+    s, dp = mma_multi(
+        [([(qn_smem, _t(kn_smem)), (qr_smem, _t(kr_smem))], (st.bq, st.bkv)),
+         ([(do_smem, _t(smem.v_smem.at[slot]))], (st.bq, st.bkv))],
+        interpret=st.interpret)
+    s = s * st.c
+    if masked:
+        seg_k = (plgpu.load(smem.segk_smem.at[slot], layout=COLS)
+                 if st.has_segments else None)
+        vis = _visible((st.bq, st.bkv), q0, (kv_lo + i) * st.bkv, rows_are_queries=True,
+                       seg_rows=seg_q, seg_cols=seg_k)
+        s = jnp.where(vis, s, -jnp.inf)
+    p = jnp.exp2(s - _bcast_rows(lse, s.shape))
+    ds = (p * (dp - _bcast_rows(delta, dp.shape))).astype(st.dtype)
+    dqn, dqr = mma_multi([([(ds, kn_smem)], dqn), ([(ds, kr_smem)], dqr)],
+                         interpret=st.interpret)
+    plgpu.barrier_arrive(smem.kv_free.at[slot])
+    return dqn, dqr
+
+
+def _dq_drain_step(st: _Static, smem, i, _):
+    """A key block only the other warpgroup needs: observe its arrival and release it."""
+    slot = lax.rem(i, jnp.int32(st.stages))
+    plgpu.barrier_wait(smem.kv_bars.at[slot])
+    plgpu.barrier_arrive(smem.kv_free.at[slot])
+
+
+def _dq_memory(st: _Static, refs: _DqRefs, smem, cta: _QueryCta):
+    """Memory warpgroup: key blocks (k_nope, k_rope, v, key segment ids)."""
+    plgpu.set_max_registers(MEMORY_REGS, action="decrease")
+    b, h = cta.b, cta.h
+
+    def load(i, slot):
+        kv = pl.ds((cta.kv_lo + i) * st.bkv, st.bkv)
+        bar = smem.kv_bars.at[slot]
+        plgpu.copy_gmem_to_smem(refs.kn.at[b, kv, h], smem.kn_smem.at[slot], bar)
+        plgpu.copy_gmem_to_smem(refs.kr.at[b, kv], smem.kr_smem.at[slot], bar)
+        plgpu.copy_gmem_to_smem(refs.v.at[b, kv, h], smem.v_smem.at[slot], bar)
+        if st.has_segments:
+            plgpu.copy_gmem_to_smem(refs.seg.at[b, kv], smem.segk_smem.at[slot], bar)
+
+    stream(cta.n_cta, st.stages, (load, smem.kv_free))
 
 
 # ----------------------------------------------------------------------------------------------
 # Backward: dk, dv
 # ----------------------------------------------------------------------------------------------
+class _DkvRefs(NamedTuple):
+    qn: Any     # q_nope[B, T, N, Hn]
+    qr: Any     # q_rope[B, T, N, Hr]
+    kn: Any     # k_nope[B, S, N, Hn]
+    kr: Any     # k_rope[B, S, Hr]
+    v: Any      # v[B, S, N, Hv]
+    do: Any     # do[B, T, N, Hv]
+    lse: Any    # lse2[B, N, T]
+    delta: Any  # delta[B, N, T]
+    seg: Any    # seg_bt[B, T]
+    qhi: Any    # q_hi_bc[B, S // DKV_TILE]
+    dkn: Any    # dk_nope[B, S, N, Hn]
+    dv: Any     # dv[B, S, N, Hv]
+    dkr: Any    # dk_rope per head [B, S, N, Hr] fp32
+
+
+class _KeyCta(NamedTuple):
+    """Where a dk/dv CTA sits and the query blocks it visits (q_hi - 1 down to the diagonal)."""
+
+    b: jax.Array
+    h: jax.Array
+    wg: jax.Array
+    k0: jax.Array       # first of its DKV_TILE keys
+    rows: pl.Slice      # its key rows
+    q_hi: jax.Array     # one past the last query block any of its keys is seen by
+    n_steps: jax.Array  # query blocks visited
+    n_full: jax.Array   # the first n_full of them need no mask
+
+
 def _backward_dkv_call(q_nope, q_rope, k_nope, k_rope, v, do, lse2, delta, seg_bt, q_hi_bc, *,
                        scale: float, config: Config, has_segments: bool, interpret: bool):
     """dk_nope[B, S, N, Hn], dv[B, S, N, Hv] (q dtype) and per-head dk_rope[B, S, N, Hr] (fp32).
@@ -411,217 +583,25 @@ def _backward_dkv_call(q_nope, q_rope, k_nope, k_rope, v, do, lse2, delta, seg_b
     (192 + 128 and 128 + 128 + 64 deep).
     q_hi_bc[B, S // DKV_TILE] int32: one past the last query block each CTA visits.
     """
-    B, T, N, Hn = q_nope.shape
-    Hr, Hv = q_rope.shape[-1], v.shape[-1]
-    bq = bkv = DKV_TILE
-    stages = config.bwd_concurrent_steps
-    n_kv_ctas = T // bkv
-    dtype = q_nope.dtype
-    c = scale * LOG2E
-
-    def kernel(qn_ref, qr_ref, kn_ref, kr_ref, v_ref, do_ref, lse_ref, delta_ref, seg_ref,
-               qhi_ref, dkn_ref, dv_ref, dkr_ref, *, kn_smem, kr_smem, v_smem, dkr_smem,
-               segk_smem, qn_smem, qr_smem, do_smem, lse_smem, delta_smem, segq_smem, p_smem,
-               ds_smem, k_bar, q_bars, q_free, p_ready, p_free, ds_ready, ds_free):
-        b, h, wg = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("wg")
-        kc = lax.axis_index("kv_seq")  # heaviest first: key block 0 meets every query block
-        k0 = kc * bkv
-        rows = pl.ds(k0, bkv)
-        q_hi = qhi_ref[b, kc] if has_segments else jnp.int32(T // bq)
-        n_steps = q_hi - lax.div(k0, jnp.int32(bq))  # query blocks q_hi - 1 down to the diagonal
-        # Query blocks wholly at or after the last key of this block need no mask.
-        n_full = (jnp.int32(0) if has_segments
-                  else jnp.maximum(q_hi - pl.cdiv(k0 + bkv - 1, jnp.int32(bq)), 0))
-
-        def load_keys():
-            plgpu.copy_gmem_to_smem(kn_ref.at[b, rows, h], kn_smem, k_bar)
-            plgpu.copy_gmem_to_smem(kr_ref.at[b, rows], kr_smem, k_bar)
-            plgpu.copy_gmem_to_smem(v_ref.at[b, rows, h], v_smem, k_bar)
-            if has_segments:
-                plgpu.copy_gmem_to_smem(seg_ref.at[b, rows], segk_smem, k_bar)
-
-        @pl.when(wg == 0)
-        def _scores():
-            plgpu.set_max_registers(COMPUTE_REGS, action="increase")
-            load_keys()
-            plgpu.barrier_wait(k_bar)
-            seg_k = plgpu.load(segk_smem, layout=ROWS) if has_segments else None
-            # The key tile is stationary: as a register operand it is read from SMEM once.
-            k_ops = (plgpu.load(kn_smem, layout=WGMMA), plgpu.load(kr_smem, layout=WGMMA))
-
-            def dk_nope(i, dkn):
-                """dK_nope += dS^T(i) Q_nope(i), once the gradient warpgroup has formed dS^T(i)."""
-                slot = lax.rem(i, jnp.int32(stages))
-                pb = lax.rem(i, jnp.int32(2))
-                plgpu.barrier_wait(ds_ready.at[pb])
-                dkn = mma([(ds_smem.at[pb], qn_smem.at[slot])], dkn, interpret=interpret)
-                plgpu.barrier_arrive(ds_free.at[pb])
-                plgpu.barrier_arrive(q_free.at[slot])
-                return dkn
-
-            def q_step(i, dkn, *, masked):
-                # P^T(i) first, then dK for block i - 1: the gradient warpgroup forms dS^T(i - 1)
-                # while this one forms S^T(i), so neither waits on the other's hand-off.
-                slot = lax.rem(i, jnp.int32(stages))
-                pb = lax.rem(i, jnp.int32(2))
-                plgpu.barrier_wait(q_bars.at[slot])
-                s_t = mma([(k_ops[0], _t(qn_smem.at[slot])), (k_ops[1], _t(qr_smem.at[slot]))],
-                          (bkv, bq), interpret=interpret)
-                s_t = s_t * c
-                if masked:
-                    seg_q = (plgpu.load(segq_smem.at[slot], layout=COLS)
-                             if has_segments else None)
-                    vis = _visible((bkv, bq), k0, (q_hi - 1 - i) * bq, rows_are_queries=False,
-                                   seg_rows=seg_k, seg_cols=seg_q)
-                    s_t = jnp.where(vis, s_t, -jnp.inf)
-                lse = plgpu.load(lse_smem.at[slot], layout=COLS)
-                p16 = jnp.exp2(s_t - _bcast_cols(lse, s_t.shape)).astype(dtype)
-
-                @pl.when(i >= 2)
-                def _():
-                    plgpu.barrier_wait(p_free.at[pb])  # the gradient WG has read P^T(i - 2)
-
-                p_smem.at[pb][...] = p16
-                plgpu.commit_smem()
-                plgpu.barrier_arrive(p_ready.at[pb])
-                return lax.cond(i >= 1, lambda d: dk_nope(i - 1, d), lambda d: d, dkn)
-
-            dkn = wgmma_zeros((bkv, Hn))
-            dkn = lax.fori_loop(0, n_full, functools.partial(q_step, masked=False), dkn)
-            dkn = lax.fori_loop(n_full, n_steps, functools.partial(q_step, masked=True), dkn)
-            dkn = lax.cond(n_steps >= 1, lambda d: dk_nope(n_steps - 1, d), lambda d: d, dkn)
-            _await_last_two(p_free, n_steps)
-            kn_smem[...] = (dkn * scale).astype(dtype)
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(kn_smem, dkn_ref.at[b, rows, h])
-            plgpu.wait_smem_to_gmem(0)
-
-        @pl.when(wg == 1)
-        def _gradients():
-            plgpu.set_max_registers(COMPUTE_REGS, action="increase")
-            plgpu.barrier_wait(k_bar)
-            v_op = plgpu.load(v_smem, layout=WGMMA)
-
-            def q_step(i, carry):
-                dkr, dv = carry
-                slot = lax.rem(i, jnp.int32(stages))
-                pb = lax.rem(i, jnp.int32(2))
-                plgpu.barrier_wait(q_bars.at[slot])
-                dp_t = mma([(v_op, _t(do_smem.at[slot]))], (bkv, bq), interpret=interpret)
-                delta = plgpu.load(delta_smem.at[slot], layout=COLS)
-                dp_t = dp_t - _bcast_cols(delta, dp_t.shape)
-                plgpu.barrier_wait(p_ready.at[pb])
-                p16 = plgpu.load(p_smem.at[pb], layout=WGMMA)
-                plgpu.barrier_arrive(p_free.at[pb])
-                ds16 = (p16.astype(jnp.float32) * dp_t).astype(dtype)
-
-                @pl.when(i >= 2)
-                def _():
-                    plgpu.barrier_wait(ds_free.at[pb])  # the score WG's dK(i - 2) has read it
-
-                ds_smem.at[pb][...] = ds16
-                plgpu.commit_smem()
-                plgpu.barrier_arrive(ds_ready.at[pb])
-                dkr, dv = mma_multi([([(ds16, qr_smem.at[slot])], dkr),
-                                     ([(p16, do_smem.at[slot])], dv)], interpret=interpret)
-                plgpu.barrier_arrive(q_free.at[slot])
-                return dkr, dv
-
-            dkr, dv = lax.fori_loop(0, n_steps, q_step,
-                                    (wgmma_zeros((bkv, Hr)), wgmma_zeros((bkv, Hv))))
-            _await_last_two(ds_free, n_steps)
-            v_smem[...] = dv.astype(dtype)
-            dkr_smem[...] = dkr * scale
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[b, rows, h])
-            plgpu.copy_smem_to_gmem(dkr_smem, dkr_ref.at[b, rows, h])
-            plgpu.wait_smem_to_gmem(0)
-
-        @pl.when(wg == 2)
-        def _memory():
-            plgpu.set_max_registers(MEMORY_REGS, action="decrease")
-
-            def load(i, slot):
-                q_rows = pl.ds((q_hi - 1 - i) * bq, bq)
-                bar = q_bars.at[slot]
-                plgpu.copy_gmem_to_smem(qn_ref.at[b, q_rows, h], qn_smem.at[slot], bar)
-                plgpu.copy_gmem_to_smem(qr_ref.at[b, q_rows, h], qr_smem.at[slot], bar)
-                plgpu.copy_gmem_to_smem(do_ref.at[b, q_rows, h], do_smem.at[slot], bar)
-                plgpu.copy_gmem_to_smem(lse_ref.at[b, h, q_rows], lse_smem.at[slot], bar)
-                plgpu.copy_gmem_to_smem(delta_ref.at[b, h, q_rows], delta_smem.at[slot], bar)
-                if has_segments:
-                    plgpu.copy_gmem_to_smem(seg_ref.at[b, q_rows], segq_smem.at[slot], bar)
-
-            _stream(load, n_steps, stages, q_free)
-
-    scratch = _dkv_scratch(Hn, Hr, Hv, dtype, config, has_segments)
-    call = plgpu.kernel(
-        _drop_none_kwargs(kernel, scratch),
-        out_type=(jax.ShapeDtypeStruct((B, T, N, Hn), dtype),
-                  jax.ShapeDtypeStruct((B, T, N, Hv), dtype),
-                  jax.ShapeDtypeStruct((B, T, N, Hr), jnp.float32)),
-        scratch_types={k: s for k, s in scratch.items() if s is not None},
-        grid=(N, n_kv_ctas, B),
-        grid_names=("heads", "kv_seq", "batch"),
-        num_threads=3,
-        thread_name="wg",
-        kernel_name="mla_attention_dkv",
-        compiler_params=plgpu.CompilerParams(approx_math=True),
-        interpret=interpret_params(interpret),
-    )
+    B, T, N, _ = q_nope.shape
+    st = _static(q_nope, q_rope, v, DKV_TILE, DKV_TILE, config.bwd_concurrent_steps,
+                 scale=scale, has_segments=has_segments, interpret=interpret)
+    call = warp_specialized_kernel(
+        functools.partial(_dkv_kernel, st), _DkvRefs,
+        _dkv_scratch(st.Hn, st.Hr, st.Hv, st.dtype, config, has_segments),
+        out_type=(jax.ShapeDtypeStruct((B, T, N, st.Hn), st.dtype),
+                  jax.ShapeDtypeStruct((B, T, N, st.Hv), st.dtype),
+                  jax.ShapeDtypeStruct((B, T, N, st.Hr), jnp.float32)),
+        grid=(N, T // st.bkv, B), grid_names=("heads", "kv_seq", "batch"),
+        compute_wgs=COMPUTE_WGS, kernel_name="mla_attention_dkv", interpret=interpret)
     return call(q_nope, q_rope, k_nope, k_rope, v, do, lse2, delta, seg_bt, q_hi_bc)
-
-
-def _forward_scratch(Hn, Hr, Hv, dtype, config: Config, has_segments: bool) -> dict:
-    """SMEM and barriers of the forward kernel (None: not allocated)."""
-    bq, bkv, stages = config.block_q, config.block_kv, config.max_concurrent_steps
-    n_k_copies = 3 if has_segments else 2
-    n_q_copies = 3 if has_segments else 2
-    return dict(
-        qn_smem2=plgpu.SMEM((2, bq, Hn), dtype, transforms=TRANSFORMS),
-        qr_smem2=plgpu.SMEM((2, bq, Hr), dtype, transforms=TRANSFORMS),
-        o_smem2=(None if Hv == Hn
-                 else plgpu.SMEM((2, bq, Hv), dtype, transforms=TRANSFORMS)),
-        segq_smem2=plgpu.SMEM((2, bq), jnp.int32) if has_segments else None,
-        lse_smem2=plgpu.SMEM((2, bq), jnp.float32),
-        kn_smem=plgpu.SMEM((stages, bkv, Hn), dtype, transforms=TRANSFORMS),
-        kr_smem=plgpu.SMEM((stages, bkv, Hr), dtype, transforms=TRANSFORMS),
-        v_smem=plgpu.SMEM((stages, bkv, Hv), dtype, transforms=TRANSFORMS),
-        segk_smem=plgpu.SMEM((stages, bkv), jnp.int32) if has_segments else None,
-        q_bars=plgpu.Barrier(num_arrivals=n_q_copies, num_barriers=2),
-        k_bars=plgpu.Barrier(num_arrivals=n_k_copies, num_barriers=stages),
-        v_bars=plgpu.Barrier(num_barriers=stages),
-        k_free=plgpu.Barrier(num_arrivals=2, num_barriers=stages),
-        v_free=plgpu.Barrier(num_arrivals=2, num_barriers=stages),
-        sched=plgpu.Barrier(num_arrivals=2),
-    )
-
-
-def _dq_scratch(Hn, Hr, Hv, dtype, config: Config, has_segments: bool) -> dict:
-    """SMEM and barriers of the dq kernel (None: not allocated)."""
-    bq, bkv, stages = config.block_q_dq, config.block_kv_dq, config.bwd_concurrent_steps
-    return dict(
-        qn_smem2=plgpu.SMEM((2, bq, Hn), dtype, transforms=TRANSFORMS),
-        qr_smem2=plgpu.SMEM((2, bq, Hr), dtype, transforms=TRANSFORMS),
-        do_smem2=plgpu.SMEM((2, bq, Hv), dtype, transforms=TRANSFORMS),
-        lse_smem2=plgpu.SMEM((2, bq), jnp.float32),
-        delta_smem2=plgpu.SMEM((2, bq), jnp.float32),
-        segq_smem2=plgpu.SMEM((2, bq), jnp.int32) if has_segments else None,
-        kn_smem=plgpu.SMEM((stages, bkv, Hn), dtype, transforms=TRANSFORMS),
-        kr_smem=plgpu.SMEM((stages, bkv, Hr), dtype, transforms=TRANSFORMS),
-        v_smem=plgpu.SMEM((stages, bkv, Hv), dtype, transforms=TRANSFORMS),
-        segk_smem=plgpu.SMEM((stages, bkv), jnp.int32) if has_segments else None,
-        q_bars=plgpu.Barrier(num_arrivals=6 if has_segments else 5, num_barriers=2),
-        kv_bars=plgpu.Barrier(num_arrivals=4 if has_segments else 3, num_barriers=stages),
-        kv_free=plgpu.Barrier(num_arrivals=2, num_barriers=stages),
-    )
 
 
 def _dkv_scratch(Hn, Hr, Hv, dtype, config: Config, has_segments: bool) -> dict:
     """SMEM and barriers of the dk/dv kernel (None: not allocated)."""
     bq = bkv = DKV_TILE
     stages = config.bwd_concurrent_steps
-    return dict(
+    smem = dict(
         kn_smem=plgpu.SMEM((bkv, Hn), dtype, transforms=TRANSFORMS),
         kr_smem=plgpu.SMEM((bkv, Hr), dtype, transforms=TRANSFORMS),
         v_smem=plgpu.SMEM((bkv, Hv), dtype, transforms=TRANSFORMS),
@@ -633,16 +613,179 @@ def _dkv_scratch(Hn, Hr, Hv, dtype, config: Config, has_segments: bool) -> dict:
         lse_smem=plgpu.SMEM((stages, bq), jnp.float32),
         delta_smem=plgpu.SMEM((stages, bq), jnp.float32),
         segq_smem=plgpu.SMEM((stages, bq), jnp.int32) if has_segments else None,
+        # P^T and dS^T pass between the compute warpgroups through double buffers.
         p_smem=plgpu.SMEM((2, bkv, bq), dtype, transforms=TRANSFORMS),
         ds_smem=plgpu.SMEM((2, bkv, bq), dtype, transforms=TRANSFORMS),
-        k_bar=plgpu.Barrier(num_arrivals=4 if has_segments else 3),
-        q_bars=plgpu.Barrier(num_arrivals=6 if has_segments else 5, num_barriers=stages),
-        q_free=plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+    )
+    q_tiles = ("qn_smem", "qr_smem", "do_smem", "lse_smem", "delta_smem", "segq_smem")
+    return smem | dict(
+        k_bar=tma_barrier(smem["kn_smem"], smem["kr_smem"], smem["v_smem"], smem["segk_smem"]),
+        q_bars=tma_barrier(*(smem[k] for k in q_tiles), num_barriers=stages),
+        q_free=plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),
+        # One warpgroup writes each hand-off buffer and the other reads it.
         p_ready=plgpu.Barrier(num_barriers=2),
         p_free=plgpu.Barrier(num_barriers=2),
         ds_ready=plgpu.Barrier(num_barriers=2),
         ds_free=plgpu.Barrier(num_barriers=2),
     )
+
+
+def _key_cta(st: _Static, qhi_ref) -> _KeyCta:
+    b, h, wg = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("wg")
+    kc = lax.axis_index("kv_seq")  # heaviest first: key block 0 meets every query block
+    k0 = kc * st.bkv
+    rows = pl.ds(k0, st.bkv)
+    q_hi = qhi_ref[b, kc] if st.has_segments else jnp.int32(st.T // st.bq)
+    n_steps = q_hi - lax.div(k0, jnp.int32(st.bq))  # query blocks q_hi - 1 down to the diagonal
+    # Query blocks wholly at or after the last key of this block need no mask.
+    n_full = (jnp.int32(0) if st.has_segments
+              else jnp.maximum(q_hi - pl.cdiv(k0 + st.bkv - 1, jnp.int32(st.bq)), 0))
+    return _KeyCta(b, h, wg, k0, rows, q_hi, n_steps, n_full)
+
+
+def _dkv_kernel(st: _Static, refs: _DkvRefs, smem):
+    cta = _key_cta(st, refs.qhi)
+
+    @pl.when(cta.wg == 0)
+    def _scores():
+        _dkv_scores(st, refs, smem, cta)
+
+    @pl.when(cta.wg == 1)
+    def _gradients():
+        _dkv_gradients(st, refs, smem, cta)
+
+    @pl.when(cta.wg == COMPUTE_WGS)
+    def _memory():
+        _dkv_memory(st, refs, smem, cta)
+
+
+def _dkv_scores(st: _Static, refs: _DkvRefs, smem, cta: _KeyCta):
+    """Score warpgroup (0): loads the key tiles, forms S^T and P^T, accumulates dK_nope."""
+    plgpu.set_max_registers(COMPUTE_REGS, action="increase")
+    b, h, rows = cta.b, cta.h, cta.rows
+    plgpu.copy_gmem_to_smem(refs.kn.at[b, rows, h], smem.kn_smem, smem.k_bar)
+    plgpu.copy_gmem_to_smem(refs.kr.at[b, rows], smem.kr_smem, smem.k_bar)
+    plgpu.copy_gmem_to_smem(refs.v.at[b, rows, h], smem.v_smem, smem.k_bar)
+    if st.has_segments:
+        plgpu.copy_gmem_to_smem(refs.seg.at[b, rows], smem.segk_smem, smem.k_bar)
+    plgpu.barrier_wait(smem.k_bar)
+    seg_k = plgpu.load(smem.segk_smem, layout=ROWS) if st.has_segments else None
+    # The key tile is stationary: as a register operand it is read from SMEM once.
+    k_ops = (plgpu.load(smem.kn_smem, layout=WGMMA), plgpu.load(smem.kr_smem, layout=WGMMA))
+    dk_nope = functools.partial(_dkv_dk_nope, st, smem)
+    step = functools.partial(_dkv_score_step, st, smem, cta, k_ops, seg_k, dk_nope)
+    dkn = wgmma_zeros((st.bkv, st.Hn))
+    dkn = lax.fori_loop(0, cta.n_full, functools.partial(step, masked=False), dkn)
+    dkn = lax.fori_loop(cta.n_full, cta.n_steps, functools.partial(step, masked=True), dkn)
+    dkn = lax.cond(cta.n_steps >= 1, lambda d: dk_nope(cta.n_steps - 1, d), lambda d: d, dkn)
+    _await_last_two(smem.p_free, cta.n_steps)
+    smem.kn_smem[...] = (dkn * st.scale).astype(st.dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(smem.kn_smem, refs.dkn.at[b, rows, h])
+    plgpu.wait_smem_to_gmem(0)
+
+
+def _dkv_score_step(st: _Static, smem, cta: _KeyCta, k_ops, seg_k, dk_nope, i, dkn, *, masked):
+    """P^T(i) first, then dK for block i - 1: the gradient warpgroup forms dS^T(i - 1) while this
+    one forms S^T(i), so neither waits on the other's hand-off."""
+    slot = lax.rem(i, jnp.int32(st.stages))
+    pb = lax.rem(i, jnp.int32(2))
+    plgpu.barrier_wait(smem.q_bars.at[slot])
+    s_t = mma([(k_ops[0], _t(smem.qn_smem.at[slot])), (k_ops[1], _t(smem.qr_smem.at[slot]))],
+              (st.bkv, st.bq), interpret=st.interpret)
+    s_t = s_t * st.c
+    if masked:
+        seg_q = (plgpu.load(smem.segq_smem.at[slot], layout=COLS)
+                 if st.has_segments else None)
+        vis = _visible((st.bkv, st.bq), cta.k0, (cta.q_hi - 1 - i) * st.bq,
+                       rows_are_queries=False, seg_rows=seg_k, seg_cols=seg_q)
+        s_t = jnp.where(vis, s_t, -jnp.inf)
+    lse = plgpu.load(smem.lse_smem.at[slot], layout=COLS)
+    p16 = jnp.exp2(s_t - _bcast_cols(lse, s_t.shape)).astype(st.dtype)
+
+    @pl.when(i >= 2)
+    def _():
+        plgpu.barrier_wait(smem.p_free.at[pb])  # the gradient WG has read P^T(i - 2)
+
+    smem.p_smem.at[pb][...] = p16
+    plgpu.commit_smem()
+    plgpu.barrier_arrive(smem.p_ready.at[pb])
+    return lax.cond(i >= 1, lambda d: dk_nope(i - 1, d), lambda d: d, dkn)
+
+
+def _dkv_dk_nope(st: _Static, smem, i, dkn):
+    """dK_nope += dS^T(i) Q_nope(i), once the gradient warpgroup has formed dS^T(i)."""
+    slot = lax.rem(i, jnp.int32(st.stages))
+    pb = lax.rem(i, jnp.int32(2))
+    plgpu.barrier_wait(smem.ds_ready.at[pb])
+    dkn = mma([(smem.ds_smem.at[pb], smem.qn_smem.at[slot])], dkn, interpret=st.interpret)
+    plgpu.barrier_arrive(smem.ds_free.at[pb])
+    plgpu.barrier_arrive(smem.q_free.at[slot])
+    return dkn
+
+
+def _dkv_gradients(st: _Static, refs: _DkvRefs, smem, cta: _KeyCta):
+    """Gradient warpgroup (1): forms dP^T and dS^T, accumulates dV and dK_rope."""
+    plgpu.set_max_registers(COMPUTE_REGS, action="increase")
+    plgpu.barrier_wait(smem.k_bar)
+    v_op = plgpu.load(smem.v_smem, layout=WGMMA)
+    dkr, dv = lax.fori_loop(0, cta.n_steps, functools.partial(_dkv_gradient_step, st, smem, v_op),
+                            (wgmma_zeros((st.bkv, st.Hr)), wgmma_zeros((st.bkv, st.Hv))))
+    _await_last_two(smem.ds_free, cta.n_steps)
+    smem.v_smem[...] = dv.astype(st.dtype)
+    smem.dkr_smem[...] = dkr * st.scale
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(smem.v_smem, refs.dv.at[cta.b, cta.rows, cta.h])
+    plgpu.copy_smem_to_gmem(smem.dkr_smem, refs.dkr.at[cta.b, cta.rows, cta.h])
+    plgpu.wait_smem_to_gmem(0)
+
+
+def _dkv_gradient_step(st: _Static, smem, v_op, i, carry):
+    """Query block i: dP^T = v do^T - delta, dS^T = P^T * dP^T (handed to the score warpgroup),
+    then dK_rope += dS^T q_rope and dV += P^T do."""
+    dkr, dv = carry
+    slot = lax.rem(i, jnp.int32(st.stages))
+    pb = lax.rem(i, jnp.int32(2))
+    plgpu.barrier_wait(smem.q_bars.at[slot])
+    dp_t = mma([(v_op, _t(smem.do_smem.at[slot]))], (st.bkv, st.bq), interpret=st.interpret)
+    delta = plgpu.load(smem.delta_smem.at[slot], layout=COLS)
+    dp_t = dp_t - _bcast_cols(delta, dp_t.shape)
+    plgpu.barrier_wait(smem.p_ready.at[pb])
+    p16 = plgpu.load(smem.p_smem.at[pb], layout=WGMMA)
+    plgpu.barrier_arrive(smem.p_free.at[pb])
+    ds16 = (p16.astype(jnp.float32) * dp_t).astype(st.dtype)
+
+    @pl.when(i >= 2)
+    def _():
+        plgpu.barrier_wait(smem.ds_free.at[pb])  # the score WG's dK(i - 2) has read it
+
+    smem.ds_smem.at[pb][...] = ds16
+    plgpu.commit_smem()
+    plgpu.barrier_arrive(smem.ds_ready.at[pb])
+    dkr, dv = mma_multi([([(ds16, smem.qr_smem.at[slot])], dkr),
+                         ([(p16, smem.do_smem.at[slot])], dv)], interpret=st.interpret)
+    plgpu.barrier_arrive(smem.q_free.at[slot])
+    return dkr, dv
+
+
+def _dkv_memory(st: _Static, refs: _DkvRefs, smem, cta: _KeyCta):
+    """Memory warpgroup: query blocks q_hi - 1 down to the diagonal (q_nope, q_rope, do, lse2,
+    delta, query segment ids)."""
+    plgpu.set_max_registers(MEMORY_REGS, action="decrease")
+    b, h = cta.b, cta.h
+
+    def load(i, slot):
+        q_rows = pl.ds((cta.q_hi - 1 - i) * st.bq, st.bq)
+        bar = smem.q_bars.at[slot]
+        plgpu.copy_gmem_to_smem(refs.qn.at[b, q_rows, h], smem.qn_smem.at[slot], bar)
+        plgpu.copy_gmem_to_smem(refs.qr.at[b, q_rows, h], smem.qr_smem.at[slot], bar)
+        plgpu.copy_gmem_to_smem(refs.do.at[b, q_rows, h], smem.do_smem.at[slot], bar)
+        plgpu.copy_gmem_to_smem(refs.lse.at[b, h, q_rows], smem.lse_smem.at[slot], bar)
+        plgpu.copy_gmem_to_smem(refs.delta.at[b, h, q_rows], smem.delta_smem.at[slot], bar)
+        if st.has_segments:
+            plgpu.copy_gmem_to_smem(refs.seg.at[b, q_rows], smem.segq_smem.at[slot], bar)
+
+    stream(cta.n_steps, st.stages, (load, smem.q_free))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -674,11 +817,6 @@ def unsupported(Hn: int, Hr: int, Hv: int, *, has_segments: bool = True,
 # ----------------------------------------------------------------------------------------------
 # Entry points used by mla_attention._flash (custom_vjp)
 # ----------------------------------------------------------------------------------------------
-def compute_dtype(dtype) -> jnp.dtype:
-    """wgmma operand dtype: bf16/f16 as given; fp32 inputs are rounded to bf16 (fp32 accumulate)."""
-    return jnp.dtype(dtype) if dtype in (jnp.bfloat16, jnp.float16) else jnp.dtype(jnp.bfloat16)
-
-
 def _kv_lo(first_bt, rows_per_cta, block_kv):
     B, T = first_bt.shape
     return (first_bt.reshape(B, T // rows_per_cta, rows_per_cta).min(-1) // block_kv
@@ -695,7 +833,7 @@ def forward(q_nope, q_rope, k_nope, k_rope, v, seg_bt, bounds, *, scale: float, 
             has_segments: bool, interpret: bool):
     """o[B, T, N, Hv], lse2[B, N, T]. bounds = segment_bounds(seg_bt) or None."""
     B, T = seg_bt.shape
-    rows = 2 * config.block_q
+    rows = COMPUTE_WGS * config.block_q
     kv_lo = (_kv_lo(bounds[0], rows, config.block_kv) if has_segments
              else jnp.zeros((B, T // rows), jnp.int32))
     return _forward_call(q_nope, q_rope, k_nope, k_rope, v, seg_bt, kv_lo, scale=scale,
@@ -706,7 +844,7 @@ def backward(q_nope, q_rope, k_nope, k_rope, v, do, lse2, delta, seg_bt, bounds,
              scale: float, config: Config, has_segments: bool, interpret: bool):
     """(dq_nope, dq_rope, dk_nope, dk_rope[B, S, Hr] summed over heads, dv)."""
     B, T = seg_bt.shape
-    rows = 2 * config.block_q_dq
+    rows = COMPUTE_WGS * config.block_q_dq
     if has_segments:
         kv_lo = _kv_lo(bounds[0], rows, config.block_kv_dq)
         q_hi = _q_hi(bounds[1], DKV_TILE, DKV_TILE)
@@ -732,40 +870,10 @@ def backward(q_nope, q_rope, k_nope, k_rope, v, do, lse2, delta, seg_bt, bounds,
 # ----------------------------------------------------------------------------------------------
 # Plumbing
 # ----------------------------------------------------------------------------------------------
-def _stream(load, n_steps, stages, free_bars):
-    """Memory warpgroup: issue `load(step, slot)` for steps [0, n_steps) through a ring of slots,
-    waiting for both compute warpgroups to free a slot before refilling it."""
-    for i in range(stages):
-        @pl.when(i < n_steps)
-        def _prologue(i=i):
-            load(i, i)
-
-    @pl.loop(stages, jnp.maximum(n_steps, stages))
-    def _steady(i):
-        slot = lax.rem(i, jnp.int32(stages))
-        plgpu.barrier_wait(free_bars.at[slot])
-        load(i, slot)
-
-    @pl.loop(jnp.maximum(n_steps - stages, 0), n_steps)
-    def _tail(i):  # observe the last releases too (every mbarrier phase gets awaited)
-        plgpu.barrier_wait(free_bars.at[lax.rem(i, jnp.int32(stages))])
-
-
 def _await_last_two(bars, n_steps):
     """Wait for the releases of a double buffer's last two uses (steps n_steps - 2, n_steps - 1)
     that the loop did not wait for, so that every mbarrier phase is observed."""
     @pl.loop(jnp.maximum(n_steps - 2, 0), n_steps)
     def _(i):
         plgpu.barrier_wait(bars.at[lax.rem(i, jnp.int32(2))])
-
-
-def _drop_none_kwargs(kernel, scratch):
-    """plgpu.kernel passes scratch refs by name; unused (None) scratch entries arrive as None."""
-    missing = {k: None for k, s in scratch.items() if s is None}
-
-    @functools.wraps(kernel)
-    def wrapped(*refs, **scratch_refs):
-        return kernel(*refs, **scratch_refs, **missing)
-
-    return wrapped
 

@@ -22,7 +22,12 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import _gmm_gpu
-from pallas_kernels._mla_mgpu_common import SMEM_LIMIT, SMEM_RESERVED, smem_aligned
+from pallas_kernels._mla_mgpu_common import (
+    SMEM_LIMIT,
+    SMEM_RESERVED,
+    persistent_kernel,
+    smem_aligned,
+)
 
 # Bytes of one pipeline stage; whole rows are used when they fit.
 _STAGE_BYTES = 32 * 1024
@@ -113,6 +118,11 @@ def _row_range(M: int, nsm: int):
     return r0, jnp.clip(M - r0, 0, chunk)
 
 
+def _out_staging(rb: int, C: int, dtype) -> plgpu.SMEM:
+    """The double-buffered output chunk `_store_chunk` writes through (see `_pipeline_smem`)."""
+    return plgpu.SMEM((2, rb, C), dtype)
+
+
 def _store_chunk(o_smem, val, o_gmem, j, row0, n_c, rb):
     """Step j of a pipeline: write val (rb-row chunk j % n_c of row row0 + j // n_c of the
     [rows, R, C] output) through a double-buffered staging slot; the slot's store from two
@@ -151,15 +161,8 @@ def gather_rows(x_td: jax.Array, src_m: jax.Array, *,
         )(x_gmem)
         plgpu.wait_smem_to_gmem(0)
 
-    call = plgpu.kernel(
-        kernel,
-        out_type=jax.ShapeDtypeStruct((M, R, C), x_td.dtype),
-        scratch_types=[plgpu.SMEM((2, rb, C), x_td.dtype)],
-        grid=(nsm,),
-        grid_names=("sm",),
-        compiler_params=plgpu.CompilerParams(
-            lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-    )
+    call = persistent_kernel(kernel, out_type=jax.ShapeDtypeStruct((M, R, C), x_td.dtype),
+                             num_sms=nsm, scratch_types=[_out_staging(rb, C, x_td.dtype)])
     with _gmm_gpu.interpret_context(interpret):
         return call(src_m.astype(jnp.int32), x_td.reshape(T, R, C)).reshape(M, D)
 
@@ -205,14 +208,7 @@ def combine_rows(y_md: jax.Array, inv_tk: jax.Array, w_tk: jax.Array | None, out
         )(*([y_gmem] * K))
         plgpu.wait_smem_to_gmem(0)
 
-    call = plgpu.kernel(
-        kernel,
-        out_type=jax.ShapeDtypeStruct((T, R, C), out_dtype),
-        scratch_types=[plgpu.SMEM((2, rb, C), out_dtype)],
-        grid=(nsm,),
-        grid_names=("sm",),
-        compiler_params=plgpu.CompilerParams(
-            lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-    )
+    call = persistent_kernel(kernel, out_type=jax.ShapeDtypeStruct((T, R, C), out_dtype),
+                             num_sms=nsm, scratch_types=[_out_staging(rb, C, out_dtype)])
     with _gmm_gpu.interpret_context(interpret):
         return call(inv_m, w_m, y_md.reshape(M, R, C)).reshape(T, D)
