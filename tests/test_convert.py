@@ -444,10 +444,10 @@ def test_trained_model_generates_the_same_greedy_tokens_in_transformers(trained,
     tok = ByteTokenizer()
     prompt = [tok.bos_id, *tok.encode("def main():\n    return")]
     n = 16
-    # dsv3_jax.infer.generate is what `python -m launch.generate` runs; plain and MTP-speculative.
-    ours = dsv3_jax.infer.generate(cfg, variables, [prompt], max_new_tokens=n,
+    # dsv3_jax.generate is what `python -m launch.generate` runs; plain and MTP-speculative.
+    ours = dsv3_jax.generate(cfg, variables, [prompt], max_new_tokens=n,
                              eos_id=tok.eos_id).tokens[0]
-    speculative = dsv3_jax.infer.generate(cfg, variables, [prompt], max_new_tokens=n,
+    speculative = dsv3_jax.generate(cfg, variables, [prompt], max_new_tokens=n,
                                     eos_id=tok.eos_id, speculative="mtp").tokens[0]
     assert speculative == ours
 
