@@ -34,6 +34,7 @@ from ml_collections import config_flags
 
 from dsv3_jax.model import flops, implementations
 from dsv3_jax.train import loop as train_loop
+from dsv3_jax.train.run_spec import RunSpec
 from dsv3_jax.train.step import Trainer
 
 # name -> config overrides ("devices": how many GPUs). "xla": cuDNN attention (v padded) +
@@ -90,19 +91,19 @@ def apply(cfg, overrides: dict):
     return cfg
 
 
-def synthetic_batch(cfg, vocab: int) -> dict:
+def synthetic_batch(hyper, vocab: int) -> dict:
     rng = np.random.default_rng(0)
-    tokens = rng.integers(0, vocab, (cfg.batch_size, cfg.seq_len + 1), dtype=np.int32)
+    tokens = rng.integers(0, vocab, (hyper.batch_size, hyper.seq_len + 1), dtype=np.int32)
     return {"tokens": jnp.asarray(tokens), "segment_ids": jnp.ones_like(jnp.asarray(tokens))}
 
 
 def measure(cfg, name: str, steps: int, profile_dir: str | None) -> dict:
-    model = train_loop.model_config(cfg)
-    train_loop.validate(cfg, model)
-    parallel = train_loop.parallel_layout(cfg)
-    trainer = Trainer(model, train_loop.hyper(cfg), parallel)
+    spec = RunSpec.from_config(cfg, devices=jax.device_count(), backend=jax.default_backend())
+    model = spec.model
+    parallel = train_loop.parallel_layout(spec.mesh)
+    trainer = Trainer(model, spec.hyper, parallel)
     state = trainer.init_state(jax.random.key(0))
-    batch = trainer.place_batch(synthetic_batch(cfg, model.vocab_size))
+    batch = trainer.place_batch(synthetic_batch(spec.hyper, model.vocab_size))
     n = jax.device_count()
     t0 = time.perf_counter()
     compiled = trainer.train_step.lower(state, batch).compile()
@@ -117,8 +118,8 @@ def measure(cfg, name: str, steps: int, profile_dir: str | None) -> dict:
         jax.block_until_ready(metrics["loss"])
         times.append(time.perf_counter() - t)
     step_s = statistics.median(times)
-    tokens = cfg.batch_size * cfg.seq_len / n  # per device
-    per_token = flops.train_flops_per_token(model, cfg.seq_len)
+    tokens = spec.hyper.batch_size * spec.hyper.seq_len / n  # per device
+    per_token = flops.train_flops_per_token(model, spec.hyper.seq_len)
     peak = flops.device_peak_flops() or float("nan")
     stats = [d.memory_stats() or {} for d in jax.local_devices()]
     pipe = parallel.pipeline if parallel else None

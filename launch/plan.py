@@ -89,35 +89,23 @@ from dsv3_jax.config import REMAT_POLICIES, ModelConfig
 from dsv3_jax.model import implementations
 from dsv3_jax.model.transformer import MATMUL_WEIGHTS
 from dsv3_jax.parallel import pipeline, sharding
-from dsv3_jax.train import loop as train_loop
+from dsv3_jax.train import objective
+from dsv3_jax.train.run_spec import RunSpec
 from launch import cli
 
 GB = 1e9
 HEADROOM = 0.9  # the plan fits when the total is at most this share of the device
 DEFAULT_DEVICE_MEMORY_GB = 141.0  # one H200
-LOSS_CHUNK = 512  # dsv3_jax.train.objective.cross_entropy_sum's default chunk of positions
 BACKENDS = ("gpu", "tpu")
 GROUPS = ("MoE layers", "dense layers", "embedding, head, final norm", "MTP modules",
           "router bias (not trained)")
 
 
 @dataclasses.dataclass(frozen=True)
-class Pipeline:
-    """How the MoE stack is pipelined (dsv3_jax.parallel.pipeline); stages == 1: not at all."""
-
-    stages: int = 1
-    microbatches: int = 1  # mesh.pipeline_microbatches
-    repeats: int = 1  # V: rounds of the circular schedule (1 for GPipe)
-
-    @property
-    def iterations(self) -> int:
-        return self.microbatches * self.repeats + self.stages - 1
-
-
-@dataclasses.dataclass(frozen=True)
 class Plan:
     """Per-device bytes of one training job on one mesh."""
 
+    spec: RunSpec  # the run as the trainer builds it
     model: ModelConfig
     mesh: dict[str, int]  # pipeline, data, expert
     fsdp: bool
@@ -127,7 +115,7 @@ class Plan:
     gradients_label: str  # what `gradients` holds
     optimizer: int
     activations: dict[str, int]  # saved, working
-    pipeline: Pipeline
+    pipeline: pipeline.PipelineSpec  # stages == 1: not pipelined
     assumptions: tuple[str, ...]
     warnings: tuple[str, ...] = ()  # what the trainer refuses today, although it was sized
 
@@ -298,7 +286,8 @@ def saved_per_token(c: ModelConfig, values: dict[str, float], b: int) -> float:
 
 
 def activation_bytes(c: ModelConfig, mesh: dict[str, int], batch_size: int, microbatches: int,
-                     seq_len: int, capacity_factor: float, pipe: Pipeline, layer_weights: int,
+                     seq_len: int, capacity_factor: float, pipe: pipeline.PipelineSpec,
+                     layer_weights: int,
                      flash: bool) -> dict[str, int]:
     """Saved and working activation bytes per device (the module's formula).
     layer_weights: fp32 bytes of the largest layer's weights as a device computes with them;
@@ -320,7 +309,7 @@ def activation_bytes(c: ModelConfig, mesh: dict[str, int], batch_size: int, micr
     else:
         tokens_out = rows_out * seq_len
         tokens_in = per_step // pipe.microbatches // (mesh["data"] * mesh["expert"]) * seq_len
-        per_pass = -(-c.n_moe_layers // (P * pipe.repeats))
+        per_pass = -(-c.n_moe_layers // (P * pipe.rounds))
         saved = (tokens_out * (c.n_dense_layers * saved_per_token(c, dense, b) + extra)
                  + pipe.iterations * tokens_in * (per_pass * saved_per_token(c, moe, b) + D * b))
         layer = max(2 * every_value(dense) * tokens_out,
@@ -328,36 +317,12 @@ def activation_bytes(c: ModelConfig, mesh: dict[str, int], batch_size: int, micr
     # The fused loss (dsv3_jax.train.objective) keeps its head and hidden-state gradients, fp32,
     # from the forward pass to the backward, for the main head and every MTP depth.
     saved += (1 + c.mtp_depth) * (D * c.vocab_size + rows_out * seq_len * D) * 4
-    loss_chunk = 2 * rows_out * min(LOSS_CHUNK, seq_len) * c.vocab_size * 4
+    loss_chunk = 2 * rows_out * min(objective.LOSS_CHUNK, seq_len) * c.vocab_size * 4
     working = layer + layer_weights * b // 4 + loss_chunk
     return {"saved": int(saved), "working": int(working)}
 
 
 # The plan ----------------------------------------------------------------------------------------
-def pipeline_of(cfg: config_dict.ConfigDict, stages: int) -> Pipeline:
-    """The pipeline settings of a run config (mesh.pipeline_microbatches / _schedule /
-    _repeats, as dsv3_jax.train.loop reads them)."""
-    if stages == 1:
-        return Pipeline()
-    mesh = cfg.mesh
-    circular = mesh.get("pipeline_schedule", "gpipe") == "circular"
-    return Pipeline(stages, mesh.get("pipeline_microbatches", 1),
-                    mesh.get("pipeline_repeats", 1) if circular else 1)
-
-
-def trainer_refusal(cfg: config_dict.ConfigDict, model: ModelConfig, stages: int) -> str | None:
-    """The trainer's own pipeline check (dsv3_jax.parallel.pipeline.check) as a message, or
-    None."""
-    if stages == 1:
-        return None
-    try:
-        spec = train_loop.pipeline_spec(cfg, stages)
-        pipeline.check(spec, model.n_moe_layers, cfg.batch_size // cfg.microbatches)
-    except ValueError as e:
-        return str(e)
-    return None
-
-
 def make_plan(cfg: config_dict.ConfigDict, devices: int,
               device_memory_gb: float = DEFAULT_DEVICE_MEMORY_GB, backend: str = "gpu") -> Plan:
     """The plan of run config `cfg` (configs/*.py) on `devices` devices of `backend` (gpu or
@@ -369,37 +334,25 @@ def make_plan(cfg: config_dict.ConfigDict, devices: int,
         raise ValueError(f"--devices={devices!r} must be a positive integer")
     if not device_memory_gb > 0:
         raise ValueError(f"--device_memory_gb={device_memory_gb} must be positive")
-    if not cfg.mesh.capacity_factor > 0:
-        raise ValueError(f"mesh.capacity_factor={cfg.mesh.capacity_factor} must be positive")
-    model = train_loop.model_config(cfg)
-    shape = sharding.resolve_mesh_shape(cfg.mesh.pipeline, cfg.mesh.data, cfg.mesh.expert,
-                                        devices)
-    mesh = dict(zip(sharding.MESH_AXES, shape, strict=True))
-    sharding.check_fits(model, mesh, cfg.batch_size, cfg.microbatches)
-    pipe = pipeline_of(cfg, mesh["pipeline"])
-    per_step = cfg.batch_size // cfg.microbatches
-    if pipe.stages > 1 and per_step % (pipe.microbatches * mesh["data"] * mesh["expert"]):
-        raise ValueError(
-            f"batch_size={cfg.batch_size} / microbatches={cfg.microbatches} / "
-            f"mesh.pipeline_microbatches={pipe.microbatches} sequences do not divide over data "
-            f"x expert = {mesh['data'] * mesh['expert']}; raise batch_size or lower "
-            "mesh.pipeline_microbatches")
-    fsdp = bool(cfg.mesh.fsdp)
+    spec, refusal = RunSpec.sizable(cfg, devices=devices, backend=backend)
+    model, hyper, mesh = spec.model, spec.hyper, spec.mesh.sizes
+    pipe = spec.mesh.pipeline or pipeline.PipelineSpec(1, 1)
+    fsdp = spec.mesh.fsdp
     pb = parameter_bytes(model, mesh, fsdp)
     P, moe_here = mesh["pipeline"], -(-model.n_moe_layers // mesh["pipeline"])
     layer_weights = max(pb.unsharded_by_data.get(GROUPS[0], 0) // moe_here,
                         pb.unsharded_by_data.get(GROUPS[1], 0) // max(model.n_dense_layers, 1))
     attention = implementations.resolve(model, backend).attention
-    activations = activation_bytes(model, mesh, cfg.batch_size, cfg.microbatches, cfg.seq_len,
-                                   cfg.mesh.capacity_factor, pipe, layer_weights,
+    activations = activation_bytes(model, mesh, hyper.batch_size, hyper.microbatches,
+                                   hyper.seq_len, spec.mesh.capacity_factor, pipe, layer_weights,
                                    flash=attention != "xla")
-    if pipe.repeats > 1:  # the circular layout is made inside the step (dsv3_jax.parallel.pipeline)
+    if pipe.rounds > 1:  # the circular layout is made inside the step (dsv3_jax.parallel.pipeline)
         activations["working"] += pb.groups.get(GROUPS[0], 0)
     if P == 1:
-        schedule = (f"no pipeline: {cfg.microbatches} accumulation microbatch(es), one at a "
+        schedule = (f"no pipeline: {hyper.microbatches} accumulation microbatch(es), one at a "
                     "time")
     else:
-        per_pass = -(-model.n_moe_layers // (P * pipe.repeats))
+        per_pass = -(-model.n_moe_layers // (P * pipe.rounds))
         schedule = (f"pipeline of {P} stages: {pipe.microbatches} pipeline microbatches, "
                     f"{pipe.iterations} iterations of {per_pass} MoE layers whose values the "
                     "backward keeps (GPipe order)")
@@ -413,13 +366,12 @@ def make_plan(cfg: config_dict.ConfigDict, devices: int,
     if model.moe_impl == "dense":
         assumptions.append("moe_impl=dense runs every expert on every token: far more "
                            "activation memory than counted here (sorted rows)")
-    refusal = trainer_refusal(cfg, model, P)
-    return Plan(model=model, mesh=mesh, fsdp=fsdp, device_memory=device_memory_gb * GB,
+    return Plan(spec=spec, model=model, mesh=mesh, fsdp=fsdp, device_memory=device_memory_gb * GB,
                 params=pb.groups,
-                gradients=(pb.microbatch_grads + pb.optimizer // 2 if cfg.microbatches > 1
+                gradients=(pb.microbatch_grads + pb.optimizer // 2 if hyper.microbatches > 1
                            else pb.trainable),
                 gradients_label=(f"gradients (microbatch's, {model.dtype} matmuls; fp32 sum)"
-                                 if cfg.microbatches > 1 else "gradients (fp32)"),
+                                 if hyper.microbatches > 1 else "gradients (fp32)"),
                 optimizer=pb.optimizer, activations=activations, pipeline=pipe,
                 assumptions=tuple(assumptions),
                 warnings=() if refusal is None else (
@@ -439,32 +391,31 @@ def _divisors(n: int) -> list[int]:
     return [k for k in range(1, n + 1) if n % k == 0]
 
 
-def flag_changes(cfg: config_dict.ConfigDict, plan: Plan,
-                 backend: str) -> list[tuple[tuple[str, ...], object]]:
-    """(field path, value) of every single flag change worth sizing against `plan` (the plan of
-    `cfg`): the layout and memory knobs the module sizes, each value the trainer might accept."""
+def flag_changes(plan: Plan, backend: str) -> list[tuple[tuple[str, ...], object]]:
+    """(field path, value) of every single flag change worth sizing against `plan`: the layout
+    and memory knobs the module sizes, each value the trainer might accept."""
     c, m, P = plan.model, plan.mesh, plan.mesh["pipeline"]
     devices = math.prod(m.values())
     changes: list[tuple[tuple[str, ...], object]] = [(("mesh", "fsdp"), not plan.fsdp)]
     changes += [(("model", "remat"), r) for r in REMAT_POLICIES if r != c.remat]
     changes += [(("model", "attention_impl"), a) for a in SUGGESTED_ATTENTION[backend]
                 if a != c.attention_impl]
-    changes += [(("microbatches",), k) for k in _divisors(cfg.batch_size)
-                if k > cfg.microbatches]
+    hyper, pipe = plan.spec.hyper, plan.pipeline
+    changes += [(("microbatches",), k) for k in _divisors(hyper.batch_size)
+                if k > hyper.microbatches]
     changes += [(("mesh", "expert"), k) for k in _divisors(c.n_routed_experts)
                 if k != m["expert"]]
     changes += [(("mesh", axis), k) for axis in ("pipeline", "data") for k in _divisors(devices)
                 if k != m[axis] and (axis == "data" or k <= c.n_moe_layers)]
     if P > 1:
-        per_step = cfg.batch_size // cfg.microbatches
+        per_step = hyper.batch_size // hyper.microbatches
         changes += [(("mesh", "pipeline_microbatches"), k) for k in _divisors(per_step)
-                    if k != plan.pipeline.microbatches]
+                    if k != pipe.microbatches]
         changes += [(("mesh", "pipeline_schedule"), s) for s in pipeline.SCHEDULES
-                    if s != cfg.mesh.pipeline_schedule]
-        if cfg.mesh.pipeline_schedule == "circular":
+                    if s != pipe.schedule]
+        if pipe.schedule == "circular":
             changes += [(("mesh", "pipeline_repeats"), k)
-                        for k in range(2, c.n_moe_layers // P + 1)
-                        if k != cfg.mesh.pipeline_repeats]
+                        for k in range(2, c.n_moe_layers // P + 1) if k != pipe.repeats]
     return changes
 
 
@@ -483,7 +434,7 @@ def alternatives(cfg: config_dict.ConfigDict, devices: int, device_memory_gb: fl
     total when no value fits."""
     base = make_plan(cfg, devices, device_memory_gb, backend)
     by_field: dict[tuple[str, ...], list[tuple[str, Plan]]] = {}
-    for path, value in flag_changes(cfg, base, backend):
+    for path, value in flag_changes(base, backend):
         variant = cfg.copy_and_resolve_references()
         with variant.unlocked():
             functools.reduce(lambda node, key: node[key], path[:-1], variant)[path[-1]] = value

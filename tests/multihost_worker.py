@@ -32,8 +32,9 @@ import numpy as np  # noqa: E402
 
 from configs import tiny  # noqa: E402
 from dsv3_jax.parallel import sharding  # noqa: E402
-from dsv3_jax.train import loop as train_loop  # noqa: E402
+from dsv3_jax.train import run_spec  # noqa: E402
 from dsv3_jax.train.checkpointer import Checkpointer  # noqa: E402
+from dsv3_jax.train.data import DataSpec, TokenData  # noqa: E402
 from dsv3_jax.train.step import Trainer  # noqa: E402
 from launch import distributed  # noqa: E402
 
@@ -84,13 +85,15 @@ def wait_for_peers(name: str) -> None:
 def main(out: str) -> None:
     cluster = distributed.maybe_initialize("auto") if MODE == "multi" else None
     cfg = config()
-    model = train_loop.model_config(cfg)
-    data = train_loop.TokenData(
-        train_loop.DataSpec("text", "", "text", "bytes", cfg.seq_len, 50), model.vocab_size)
+    model = run_spec.model_config(cfg)
+    data = TokenData(
+        DataSpec("text", "", "text", "bytes", cfg.seq_len, 50), model.vocab_size)
     parallel = sharding.Parallel(
         sharding.make_mesh(MESH["pipeline"], MESH["data"], MESH["expert"]),
         capacity_factor=0.5)  # forces several exchange rounds, across processes here
-    trainer = Trainer(model, train_loop.hyper(cfg), parallel)
+    trainer = Trainer(model, run_spec.RunSpec.from_config(
+        cfg, devices=jax.device_count(), backend="cpu", processes=jax.process_count()).hyper,
+        parallel)
     if MODE == "multi":
         rows = process_rows(data, cfg, jax.process_index())
     else:

@@ -12,14 +12,20 @@ import numpy as np  # noqa: E402
 
 from configs import tiny  # noqa: E402
 from dsv3_jax.train import loop as train_loop  # noqa: E402
+from dsv3_jax.train.data import DataSpec, TokenData  # noqa: E402
+from dsv3_jax.train.run_spec import RunSpec  # noqa: E402
 from dsv3_jax.train.step import Trainer  # noqa: E402
+
+
+def spec_of(cfg):
+    return RunSpec.from_config(cfg, devices=jax.device_count(), backend="cpu")
 
 
 def step(cfg, parallel):
     """One training step from the seed-0 init on the first batch; (state, metrics) on host."""
-    trainer = Trainer(train_loop.model_config(cfg), train_loop.hyper(cfg), parallel)
-    data = train_loop.TokenData(
-        train_loop.DataSpec("text", "", "text", "bytes", cfg.seq_len, 50), 320)
+    trainer = Trainer(spec_of(cfg).model, spec_of(cfg).hyper, parallel)
+    data = TokenData(
+        DataSpec("text", "", "text", "bytes", cfg.seq_len, 50), 320)
     batch = next(iter(data.dataset("train", cfg.batch_size, 0)))
     state = trainer.init_state(jax.random.key(0))
     state, metrics = trainer.train_step(state, trainer.place_batch(batch))
@@ -30,7 +36,7 @@ def reference(cfg):
     """The single-device step, and whether it moved every weight (so comparisons mean
     something)."""
     ref_state, ref_metrics = step(cfg, None)
-    init = jax.device_get(Trainer(train_loop.model_config(cfg), train_loop.hyper(cfg))
+    init = jax.device_get(Trainer(spec_of(cfg).model, spec_of(cfg).hyper)
                           .init_state(jax.random.key(0)).params)
     moved = [float(np.max(np.abs(a - b))) for a, b in zip(
         jax.tree.leaves(ref_state.params), jax.tree.leaves(init), strict=True)]
@@ -59,8 +65,7 @@ def main(cases):
         cfg.mesh.pipeline_schedule = case.get("schedule", "gpipe")
         cfg.mesh.pipeline_microbatches = 2
         cfg.mesh.pipeline_repeats = 2
-        train_loop.validate(cfg, train_loop.model_config(cfg))
-        parallel = train_loop.parallel_layout(cfg)
+        parallel = train_loop.parallel_layout(spec_of(cfg).mesh)
         state, metrics = step(cfg, parallel)
         params_err = max(
             float(np.max(np.abs(a - b)) / (np.max(np.abs(b)) + 1e-30))

@@ -38,6 +38,7 @@ from dsv3_jax.convert.safetensors_io import read_header
 from dsv3_jax.model.layers import rope_attention_factor, rope_frequencies
 from dsv3_jax.tokenizer import ByteTokenizer
 from dsv3_jax.train import loop as train_loop
+from dsv3_jax.train import run_spec
 from launch.convert import main as convert_main
 from tests.hf_reference import random_hf_model
 
@@ -143,7 +144,7 @@ def trained(tmp_path_factory):
                            init_from=str(root / "imported")).items():
         run[key] = value
     train_loop.run(run, str(root / "run"), progress=False)
-    assert train_loop.model_config(run) == TINY
+    assert run_spec.model_config(run) == TINY
     return TINY, root / "run", imported
 
 

@@ -12,6 +12,7 @@ import pytest
 
 import dsv3_jax
 from configs import deepseek_v3_671b, small, tiny
+from dsv3_jax.train import run_spec
 from launch import plan as planner
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -110,7 +111,7 @@ def test_remat_full_without_pipeline_saves_the_layer_inputs():
     cfg = tiny.get_config()
     cfg.model.mtp_depth, cfg.model.remat = 0, "full"
     plan = planner.make_plan(cfg, 4)  # data=4: 16 sequences of 128 tokens, 4 per device
-    c = planner.train_loop.model_config(cfg)
+    c = run_spec.model_config(cfg)
     tokens = 16 // 4 * 128
     # fp32 (4 bytes): every layer's input, plus the embedding and the final norm's input, plus
     # the fused loss's gradients kept from its forward pass (head [D, V] and hidden [tokens, D]).

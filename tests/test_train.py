@@ -16,6 +16,8 @@ import pytest
 from configs import tiny
 from dsv3_jax.train import loop as train_loop
 from dsv3_jax.train import optim
+from dsv3_jax.train.data import DataSpec, TokenData
+from dsv3_jax.train.run_spec import RunSpec
 from dsv3_jax.train.step import Trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,6 +37,11 @@ def config(**overrides):
     return c
 
 
+def spec_of(cfg):
+    """The run spec a run of `cfg` on this machine builds (validated)."""
+    return RunSpec.from_config(cfg, devices=jax.device_count(), backend=jax.default_backend())
+
+
 def losses(workdir):
     """step -> loss; a resumed run moves the records it logs again aside, so each step is in
     metrics.jsonl once."""
@@ -49,8 +56,8 @@ def losses(workdir):
 
 
 def batch_from(cfg, seed=0):
-    data = train_loop.TokenData(
-        train_loop.DataSpec("text", "", "text", "bytes", cfg.seq_len, 50), 320)
+    data = TokenData(
+        DataSpec("text", "", "text", "bytes", cfg.seq_len, 50), 320)
     return next(iter(data.dataset("train", cfg.batch_size, seed)))
 
 
@@ -78,12 +85,12 @@ MOVING = {"optimizer.schedule": (("constant", 1, 1e-3),), "optimizer.eps": 1e-4}
 
 def test_gradient_accumulation_equals_the_large_batch():
     cfg = config(**MOVING)
-    model = train_loop.model_config(cfg)
+    model = spec_of(cfg).model
     batch = batch_from(cfg)
     results = []
     for m in (1, 2):
         cfg.microbatches = m
-        trainer = Trainer(model, train_loop.hyper(cfg))
+        trainer = Trainer(model, spec_of(cfg).hyper)
         state = trainer.init_state(jax.random.key(0))
         init = jax.device_get(state.params)
         state, metrics = trainer.train_step(state, batch)
@@ -106,7 +113,7 @@ def test_gradient_accumulation_equals_the_large_batch():
 
 def test_step_updates_bias_by_the_rule_and_skips_non_finite_steps():
     cfg = config(inject_nonfinite_steps=(1,), **MOVING)
-    trainer = Trainer(train_loop.model_config(cfg), train_loop.hyper(cfg))
+    trainer = Trainer(spec_of(cfg).model, spec_of(cfg).hyper)
     state = trainer.init_state(jax.random.key(0))
     # The bias has no optimizer state: AdamW's moments mirror the params tree only.
     mu = state.opt_state[1][0].mu
@@ -289,16 +296,16 @@ def test_matmul_weights_cast_once_give_the_same_loss_and_gradients():
 
 def test_eval_is_the_token_weighted_mean_over_held_out_windows_with_padding_masked():
     cfg = config(eval_batches=3)
-    trainer = Trainer(train_loop.model_config(cfg), train_loop.hyper(cfg))
+    trainer = Trainer(spec_of(cfg).model, spec_of(cfg).hyper)
     state = trainer.init_state(jax.random.key(0))
-    data = train_loop.TokenData(
-        train_loop.DataSpec("text", "", "text", "bytes", cfg.seq_len, 50), 320)
+    data = TokenData(
+        DataSpec("text", "", "text", "bytes", cfg.seq_len, 50), 320)
     held = data.split_indices("eval")
     windows = [data.window(int(i)) for i in held[:10]]
     data.split_indices = lambda split: held[:10]  # 10 windows: batches of 4, 4 and 2 + padding
-    got = train_loop.evaluate(trainer, state, data, cfg)
+    got = train_loop.evaluate(trainer, state, data, cfg.batch_size, cfg.eval_batches)
     # Reference: each window alone (a batch of one, no padding), weighted by its target count.
-    one = Trainer(train_loop.model_config(cfg), train_loop.hyper(config(batch_size=1)))
+    one = Trainer(spec_of(cfg).model, spec_of(config(batch_size=1)).hyper)
     sums = np.zeros(2)
     counts = np.zeros(2)
     for w in windows:

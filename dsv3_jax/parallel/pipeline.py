@@ -45,8 +45,18 @@ class PipelineSpec:
     repeats: int = 1  # V, circular only
 
     @property
+    def rounds(self) -> int:
+        """V: passes of the stack through the stages (repeats for circular, 1 for GPipe)."""
+        return self.repeats if self.schedule == "circular" else 1
+
+    @property
     def virtual_stages(self) -> int:
-        return self.stages * (self.repeats if self.schedule == "circular" else 1)
+        return self.stages * self.rounds
+
+    @property
+    def iterations(self) -> int:
+        """Steps of the pipelined loop: M V + P - 1."""
+        return self.microbatches * self.rounds + self.stages - 1
 
     def bubble_fraction(self) -> float:
         passes = self.microbatches * self.virtual_stages // self.stages

@@ -1,5 +1,6 @@
-"""The training run: validate, build data and state (fresh, resumed or fine-tuned), train with
-progress, metrics, evals and checkpoints; stop cleanly on SIGTERM or repeated non-finite steps.
+"""The training run: build the run spec (`run_spec.RunSpec`), data and state (fresh, resumed or
+fine-tuned), train with progress, metrics, evals and checkpoints; stop cleanly on SIGTERM or
+repeated non-finite steps.
 
 `run(config, workdir)` is what `python -m launch.train` calls; the notebook calls it too.
 """
@@ -19,16 +20,14 @@ import jax
 import numpy as np
 from ml_collections import config_dict
 
-from dsv3_jax import config as model_configs
 from dsv3_jax.checkpoints import load_variables
-from dsv3_jax.config import ModelConfig
 from dsv3_jax.model import api, flops, implementations
-from dsv3_jax.parallel import pipeline, sharding
-from dsv3_jax.train import optim
+from dsv3_jax.parallel import sharding
 from dsv3_jax.train import workdir as workdirs
 from dsv3_jax.train.checkpointer import Checkpointer
-from dsv3_jax.train.data import DataSpec, TokenData
-from dsv3_jax.train.step import Hyper, Trainer
+from dsv3_jax.train.data import TokenData
+from dsv3_jax.train.run_spec import MeshSpec, RunSpec
+from dsv3_jax.train.step import Trainer
 
 log = logging.getLogger("dsv3_jax.train")
 
@@ -37,88 +36,14 @@ class NonFiniteError(RuntimeError):
     """Raised when too many consecutive steps had a non-finite loss or gradient."""
 
 
-def model_config(cfg: config_dict.ConfigDict) -> ModelConfig:
-    """The preset named by cfg.model.preset with every set field of cfg.model over it."""
-    overrides = {k: v for k, v in cfg.model.items() if k != "preset" and v is not None}
-    return model_configs.preset(cfg.model.preset, **overrides)
-
-
-def validate(cfg: config_dict.ConfigDict, model: ModelConfig) -> None:
-    """Refuse impossible run settings before anything is compiled."""
-
-    def need(ok: bool, msg: str) -> None:
-        if not ok:
-            raise ValueError(f"config: {msg}")
-
-    for name in ("steps", "batch_size", "microbatches", "seq_len", "checkpoint_every",
-                 "keep_checkpoints", "eval_every", "eval_batches", "log_every"):
-        need(isinstance(cfg[name], int) and cfg[name] > 0,
-             f"{name}={cfg[name]!r} must be a positive integer")
-    unit = cfg.microbatches * jax.process_count()
-    need(cfg.batch_size % unit == 0,
-         f"batch_size={cfg.batch_size} must be divisible by microbatches={cfg.microbatches} x "
-         f"processes={jax.process_count()}; e.g. batch_size="
-         f"{unit * max(1, cfg.batch_size // unit)}")
-    need(cfg.seq_len <= model.max_seq_len,
-         f"seq_len={cfg.seq_len} exceeds the model's max_seq_len={model.max_seq_len}")
-    need(cfg.data.source in ("text", "tokens", "synthetic"),
-         f"data.source={cfg.data.source!r} is not one of text, tokens, synthetic")
-    need(cfg.data.eval_period >= 2, f"data.eval_period={cfg.data.eval_period} must be >= 2")
-    try:
-        optim.check_schedule(cfg.optimizer.start_lr, cfg.optimizer.schedule)
-    except ValueError as e:
-        need(False, f"optimizer.{e}")
-    need(cfg.optimizer.clip_norm > 0, f"optimizer.clip_norm={cfg.optimizer.clip_norm} must be > 0")
-    need(0 <= cfg.optimizer.b1 < 1 and 0 <= cfg.optimizer.b2 < 1,
-         f"optimizer betas ({cfg.optimizer.b1}, {cfg.optimizer.b2}) must lie in [0, 1)")
-    need(cfg.objective.max_nonfinite_steps > 0,
-         f"objective.max_nonfinite_steps={cfg.objective.max_nonfinite_steps} must be > 0")
-    if cfg.init_from:
-        need(os.path.isdir(cfg.init_from), f"init_from={cfg.init_from!r} is not a directory")
-    implementations.resolve(model, jax.default_backend())  # an explicit kernel that cannot run
-    shape = sharding.resolve_mesh_shape(cfg.mesh.pipeline, cfg.mesh.data, cfg.mesh.expert,
-                                        jax.device_count())
-    sharding.check_fits(model, dict(zip(sharding.MESH_AXES, shape, strict=True)),
-                        cfg.batch_size, cfg.microbatches)
-    need(cfg.mesh.capacity_factor > 0,
-         f"mesh.capacity_factor={cfg.mesh.capacity_factor} must be positive")
-    if shape[0] > 1:
-        spec = pipeline_spec(cfg, shape[0])
-        pipeline.check(spec, model.n_moe_layers, cfg.batch_size // cfg.microbatches)
-        per_microbatch = cfg.batch_size // cfg.microbatches // spec.microbatches
-        need(per_microbatch % (shape[1] * shape[2]) == 0,
-             f"pipeline microbatches of {per_microbatch} sequences do not divide over data x "
-             f"expert = {shape[1] * shape[2]}; raise batch_size or lower "
-             f"mesh.pipeline_microbatches")
-
-
-def pipeline_spec(cfg: config_dict.ConfigDict, stages: int) -> pipeline.PipelineSpec:
-    return pipeline.PipelineSpec(stages, cfg.mesh.pipeline_microbatches,
-                                 cfg.mesh.pipeline_schedule, cfg.mesh.pipeline_repeats)
-
-
-def parallel_layout(cfg: config_dict.ConfigDict) -> sharding.Parallel | None:
-    """The mesh for this run, or None on a single device."""
-    if jax.device_count() == 1:
+def parallel_layout(mesh: MeshSpec) -> sharding.Parallel | None:
+    """The mesh of this run over the real devices, or None on a single device."""
+    if mesh.devices == 1:
         return None
-    mesh = sharding.make_mesh(cfg.mesh.pipeline, cfg.mesh.data, cfg.mesh.expert)
-    stages = mesh.shape["pipeline"]
+    pipe = mesh.pipeline
     return sharding.Parallel(
-        mesh, fsdp=cfg.mesh.fsdp, capacity_factor=cfg.mesh.capacity_factor,
-        pipeline=pipeline_spec(cfg, stages) if stages > 1 else None,
-        batch_axes=sharding.MESH_AXES if stages > 1 else sharding.BATCH_AXES)
-
-
-def hyper(cfg: config_dict.ConfigDict) -> Hyper:
-    o = cfg.optimizer
-    return Hyper(
-        batch_size=cfg.batch_size, microbatches=cfg.microbatches, seq_len=cfg.seq_len,
-        schedule=tuple(tuple(p) for p in o.schedule), start_lr=o.start_lr, b1=o.b1, b2=o.b2,
-        eps=o.eps, weight_decay=o.weight_decay, clip_norm=o.clip_norm,
-        mtp_weight=tuple(tuple(p) for p in cfg.objective.mtp_weight),
-        bias_rate=tuple(tuple(p) for p in cfg.objective.bias_rate),
-        balance_alpha=cfg.objective.balance_alpha,
-        inject_nonfinite_steps=tuple(cfg.get("inject_nonfinite_steps", ())))
+        sharding.make_mesh(*mesh.shape), fsdp=mesh.fsdp, capacity_factor=mesh.capacity_factor,
+        pipeline=pipe, batch_axes=sharding.MESH_AXES if pipe else sharding.BATCH_AXES)
 
 
 def pipeline_note(parallel) -> str:
@@ -168,36 +93,36 @@ def run(cfg: config_dict.ConfigDict, workdir: str, *, progress: bool = True) -> 
     """Train until cfg.steps; resume from the latest good checkpoint in workdir. Returns the
     last logged metrics. Everything about the config, the workdir and the data is checked
     before the workdir is created, and the workdir is held by this run alone."""
-    model = model_config(cfg)
-    validate(cfg, model)
+    spec = RunSpec.from_config(cfg, devices=jax.device_count(), backend=jax.default_backend(),
+                               processes=jax.process_count())
+    if spec.run.init_from and not os.path.isdir(spec.run.init_from):
+        raise ValueError(f"config: init_from={spec.run.init_from!r} is not a directory")
     workdirs.check_writable(workdir)
-    data = TokenData(DataSpec(cfg.data.source, cfg.data.path, cfg.data.text_field,
-                              cfg.data.tokenizer, cfg.seq_len, cfg.data.eval_period),
-                     model.vocab_size)
+    data = TokenData(spec.data, spec.model.vocab_size)
     os.makedirs(workdir, exist_ok=True)
     lock = workdirs.WorkdirLock(workdir).acquire() if jax.process_index() == 0 else None
     try:
-        return _train(cfg, workdir, model, data, progress)
+        return _train(spec, workdir, data, progress)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _train(cfg: config_dict.ConfigDict, workdir: str, model: ModelConfig, data: TokenData,
-           progress: bool) -> dict[str, Any]:
+def _train(spec: RunSpec, workdir: str, data: TokenData, progress: bool) -> dict[str, Any]:
     began = time.perf_counter()
     processes, process = jax.process_count(), jax.process_index()
-    parallel = parallel_layout(cfg)
-    trainer = Trainer(model, hyper(cfg), parallel)
-    checkpoints = Checkpointer(os.path.join(workdir, "checkpoints"), cfg.keep_checkpoints)
-    meta = {"model": dataclasses.asdict(model), "config": json.loads(cfg.to_json()),
+    model, hyper, run = spec.model, spec.hyper, spec.run
+    parallel = parallel_layout(spec.mesh)
+    trainer = Trainer(model, hyper, parallel)
+    checkpoints = Checkpointer(os.path.join(workdir, "checkpoints"), run.keep_checkpoints)
+    meta = {"model": dataclasses.asdict(model), "config": spec.config,
             "tokenizer": data.tokenizer.to_json() if data.tokenizer else None}
     if process == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             json.dump(meta, f, indent=1)
 
-    per_process = cfg.batch_size // processes
-    train_iter = iter(data.dataset("train", per_process, cfg.seed, process, processes))
+    per_process = hyper.batch_size // processes
+    train_iter = iter(data.dataset("train", per_process, run.seed, process, processes))
     restored = checkpoints.restore_latest(trainer.abstract_state())
     if restored is not None:
         start, state, data_state, _ = restored
@@ -205,7 +130,7 @@ def _train(cfg: config_dict.ConfigDict, workdir: str, model: ModelConfig, data: 
         log.info("resumed from %s/%d", checkpoints.directory, start)
     else:
         unusable = checkpoints.set_aside or checkpoints.unusable_on_disk()
-        if unusable and not cfg.allow_fresh_start:
+        if unusable and not run.allow_fresh_start:
             raise ValueError(
                 f"no checkpoint in {checkpoints.directory} can be restored: "
                 f"{', '.join(os.path.basename(u) for u in unusable)} were set aside as unusable "
@@ -213,17 +138,17 @@ def _train(cfg: config_dict.ConfigDict, workdir: str, model: ModelConfig, data: 
                 f"Pass --config.allow_fresh_start=True to start over in this workdir, or use "
                 f"another --workdir")
         start = 0
-        state = trainer.init_state(jax.random.key(cfg.seed))
-        if cfg.init_from:
+        state = trainer.init_state(jax.random.key(run.seed))
+        if run.init_from:
             # Restored straight into this run's shardings: no process holds the whole model.
             abstract = trainer.abstract_state()
             variables, _ = load_variables(
-                cfg.init_from, {"params": abstract.params, "router_bias": abstract.router_bias})
+                run.init_from, {"params": abstract.params, "router_bias": abstract.router_bias})
             state = trainer.state_from_variables(variables)
-            log.info("initialized params and router bias from %s", cfg.init_from)
+            log.info("initialized params and router bias from %s", run.init_from)
 
     counts = api.param_counts(model)
-    flops_per_token = flops.train_flops_per_token(model, cfg.seq_len)
+    flops_per_token = flops.train_flops_per_token(model, hyper.seq_len)
     peak = flops.device_peak_flops()
     devices = jax.device_count()
     say(f"dsv3-jax: {counts['main'] / 1e6:.1f}M parameters ({counts['active'] / 1e6:.1f}M "
@@ -232,7 +157,7 @@ def _train(cfg: config_dict.ConfigDict, workdir: str, model: ModelConfig, data: 
           f"{jax.devices()[0].device_kind}"
           f"{'' if parallel is None else f' as mesh {dict(parallel.mesh.shape)}'}"
           f"{pipeline_note(parallel)}; "
-          f"steps {start} -> {cfg.steps}")
+          f"steps {start} -> {run.steps}")
     say(f"kernels on {jax.default_backend()}: "
         f"{implementations.resolve(model, jax.default_backend()).describe()}")
 
@@ -263,7 +188,7 @@ def _train(cfg: config_dict.ConfigDict, workdir: str, model: ModelConfig, data: 
     if progress and process == 0:
         from tqdm import tqdm
 
-        bar = tqdm(total=cfg.steps, initial=start, unit="step", dynamic_ncols=True,
+        bar = tqdm(total=run.steps, initial=start, unit="step", dynamic_ncols=True,
                    file=sys.stderr, mininterval=1.0)
 
     last: dict[str, Any] = {}
@@ -275,24 +200,24 @@ def _train(cfg: config_dict.ConfigDict, workdir: str, model: ModelConfig, data: 
         checkpoints.save(step, state, train_iter.get_state(), meta)
 
     try:
-        for step in range(start + 1, cfg.steps + 1):
+        for step in range(start + 1, run.steps + 1):
             batch = trainer.place_batch(next(train_iter))
             state, metrics = trainer.train_step(state, batch)
             window_steps += 1
             if pending is not None:
-                check_finite(*pending, cfg.objective.max_nonfinite_steps, checkpoints)
+                check_finite(*pending, run.max_nonfinite_steps, checkpoints)
             pending = (step, metrics)
 
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                check_finite(*pending, cfg.objective.max_nonfinite_steps, checkpoints)
+            if step % run.log_every == 0 or step == run.steps:
+                check_finite(*pending, run.max_nonfinite_steps, checkpoints)
                 pending = None
                 host = to_host(metrics)
                 elapsed = time.perf_counter() - window_start
-                tokens_per_sec = window_steps * cfg.batch_size * cfg.seq_len / elapsed
+                tokens_per_sec = window_steps * hyper.batch_size * hyper.seq_len / elapsed
                 last = {"step": step, **{k: v for k, v in host.items() if k != "expert_load"},
                         "expert_load_max_over_mean": host["expert_load"]["max_over_mean"],
                         "bias_spread": host["expert_load"]["bias_spread"],
-                        "tokens_seen": step * cfg.batch_size * cfg.seq_len,
+                        "tokens_seen": step * hyper.batch_size * hyper.seq_len,
                         "tokens_per_sec": tokens_per_sec,
                         "step_time": elapsed / window_steps}
                 if peak:
@@ -301,18 +226,19 @@ def _train(cfg: config_dict.ConfigDict, workdir: str, model: ModelConfig, data: 
                 if bar is not None:
                     bar.set_postfix(progress_fields(host, tokens_per_sec, model.mtp_depth))
                 window_start, window_steps = time.perf_counter(), 0
-            if step % cfg.eval_every == 0 or step == cfg.steps:
-                last_eval = {"step": step, **evaluate(trainer, state, data, cfg)}
+            if step % run.eval_every == 0 or step == run.steps:
+                last_eval = {"step": step, **evaluate(trainer, state, data, hyper.batch_size,
+                                                      run.eval_batches)}
                 writer.write(last_eval)
                 window_start, window_steps = time.perf_counter(), 0
-            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            if step % run.checkpoint_every == 0 or step == run.steps:
                 save(step)
             if bar is not None:
                 bar.update(1)
             if preempted(step):
                 if pending is not None:
-                    check_finite(*pending, cfg.objective.max_nonfinite_steps, checkpoints)
-                if step % cfg.checkpoint_every and step != cfg.steps:
+                    check_finite(*pending, run.max_nonfinite_steps, checkpoints)
+                if step % run.checkpoint_every and step != run.steps:
                     save(step)
                 log.warning("SIGTERM: saved a checkpoint at step %d; exiting", step)
                 say(f"stopped by SIGTERM: checkpoint saved at step {step}")
@@ -377,12 +303,13 @@ def check_finite(step: int, metrics: dict, max_in_a_row: int, checkpoints) -> No
             f"{good[-1] if good else 'none'} in {checkpoints.directory}")
 
 
-def evaluate(trainer: Trainer, state, data: TokenData, cfg) -> dict[str, float]:
+def evaluate(trainer: Trainer, state, data: TokenData, batch_size: int,
+             max_batches: int) -> dict[str, float]:
     """Token-weighted mean cross-entropy over the held-out windows (each once, at most
-    cfg.eval_batches batches of cfg.batch_size), for the main head and averaged over MTP depths."""
+    max_batches batches of batch_size), for the main head and averaged over MTP depths."""
     processes, process = jax.process_count(), jax.process_index()
     sums = counts = 0.0
-    for batch in data.eval_batches(cfg.batch_size // processes, cfg.eval_batches, process,
+    for batch in data.eval_batches(batch_size // processes, max_batches, process,
                                    processes):
         out = jax.device_get(trainer.eval_step(state, trainer.place_batch(batch)))
         sums, counts = sums + np.asarray(out["ce_sums"], np.float64), counts + out["counts"]

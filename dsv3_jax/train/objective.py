@@ -35,7 +35,11 @@ def targets_and_masks(tokens_bs, segment_ids_bs, depth: int):
     return inputs_bt, seg_bt, targets, masks
 
 
-def cross_entropy_sum(params, h_btd, targets_bt, mask_bt, chunk: int = 512, parallel=None):
+LOSS_CHUNK = 512  # positions per chunk of the fused cross-entropy (logits never whole)
+
+
+def cross_entropy_sum(params, h_btd, targets_bt, mask_bt, chunk: int = LOSS_CHUNK,
+                      parallel=None):
     """Sum over masked positions of -log p(target) under the output head.
 
     Fused and chunked over T: the [B, T, V] fp32 logits never exist at once, and when
