@@ -24,7 +24,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec as P
 
 from dsv3_jax.parallel.sharding import BATCH_AXES, Parallel
 from pallas_kernels import expert_dispatch
@@ -34,9 +33,9 @@ def routed_experts(x_td, expert_idx_tk, weights_tk, w_gate_edf, w_up_edf, w_down
                    parallel: Parallel, implementation: str):
     """The routed-expert block over the mesh; same contract as expert_dispatch.routed_experts."""
     mesh, fsdp = parallel.mesh, parallel.fsdp
-    w_in_spec = P("expert", "data" if fsdp else None, None)
-    w_out_spec = P("expert", None, "data" if fsdp else None)
-    rows = P(parallel.batch_axes, None)
+    w_in_spec = parallel.spec("experts", "embed", None)  # [E, D, F]
+    w_out_spec = parallel.spec("experts", None, "embed")  # [E, F, D]
+    rows = parallel.spec("batch", None)
 
     def local(x_, idx_, w_, wg_, wu_, wd_):
         T_, K = idx_.shape

@@ -2,7 +2,8 @@
 
 Mesh axes: `pipeline` (layer stages), `data` (batch; ZeRO-1 optimizer sharding; optional full
 parameter sharding), `expert` (routed experts; the batch is split over data x expert too).
-Every parameter and activation sharding comes from `RULES` through `spec`.
+Every parameter, activation and `shard_map` spec comes from `RULES` through `spec` (or
+`Parallel.spec`, which maps "batch" to the axes the rows are split over where it is called).
 """
 
 from __future__ import annotations
@@ -46,6 +47,11 @@ class Parallel:
 
     def inside_stages(self) -> Parallel:
         return dataclasses.replace(self, batch_axes=BATCH_AXES)
+
+    def spec(self, *logical: str | None) -> PartitionSpec:
+        """The PartitionSpec of logical axes here: `RULES`, with "batch" over `batch_axes` and
+        the weights' "embed" over `data` when parameters are fully sharded (fsdp)."""
+        return spec(logical, self.fsdp, batch_axes=self.batch_axes)
 
     @property
     def expert_size(self) -> int:
@@ -109,13 +115,16 @@ def check_fits(model: ModelConfig, mesh_shape: dict[str, int], batch_size: int,
             f"devices; e.g. batch_size={rows * microbatches * max(1, per_step // rows)}")
 
 
-def spec(logical: Sequence[str | None], fsdp: bool = False) -> PartitionSpec:
+def spec(logical: Sequence[str | None], fsdp: bool = False,
+         batch_axes: tuple[str, ...] = BATCH_AXES) -> PartitionSpec:
     """The PartitionSpec of a tuple of logical names; a mesh axis may appear only once."""
     mesh_axes, used = [], set()
     for name in logical:
         target = RULES.get(name) if name is not None else None
         if name == "embed" and fsdp:
             target = RULES["fsdp"]
+        if name == "batch":
+            target = batch_axes
         names = () if target is None else (target,) if isinstance(target, str) else target
         clash = used.intersection(names)
         if clash:
@@ -169,16 +178,17 @@ def _drop_indivisible(s: PartitionSpec, shape: tuple[int, ...], mesh: Mesh) -> P
     shards), except `pipeline`: an MoE stack of L layers that P stages do not divide (uneven
     stages) is split over `pipeline` on its largest free dimension that P divides instead, so
     each stage still stores 1/P of it; dsv3_jax.parallel.pipeline gathers each stage's layers."""
+    sizes = mesh.shape
     parts = list(s) + [None] * (len(shape) - len(s))
     displaced = []
     for i, (part, size) in enumerate(zip(parts, shape, strict=True)):
         axes = () if part is None else (part,) if isinstance(part, str) else part
-        n = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+        n = int(np.prod([sizes[a] for a in axes])) if axes else 1
         if size % n:
             parts[i] = None
             displaced += [a for a in axes if a == "pipeline"]
     for axis in displaced:
-        free = [i for i, p in enumerate(parts) if p is None and shape[i] % mesh.shape[axis] == 0]
+        free = [i for i, p in enumerate(parts) if p is None and shape[i] % sizes[axis] == 0]
         if free:
             parts[max(free, key=lambda i: shape[i])] = axis
     return PartitionSpec(*parts)

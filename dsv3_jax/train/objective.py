@@ -13,7 +13,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.model.transformer import head_logits
@@ -52,16 +51,16 @@ def cross_entropy_sum(params, h_btd, targets_bt, mask_bt, chunk: int = LOSS_CHUN
     ce = functools.partial(_fused_ce_sum, chunk=chunk)
     if parallel is None:
         return ce(params["head"], h_btd, targets_bt, mask_bt)
-    rows = PartitionSpec(parallel.batch_axes)
+    rows, replicated = parallel.spec("batch"), parallel.spec()
 
     def local(w_dv, h_, t_, m_):
         return ce(w_dv, h_, t_, m_)[None]
 
     # check_vma=False: the transpose sums the replicated head's per-device cotangents over the
     # batch axes (once, here), as in dsv3_jax.parallel.expert_parallel.
-    per_device = jax.shard_map(local, mesh=parallel.mesh, in_specs=(PartitionSpec(), rows, rows,
-                                                                   rows),
-                               out_specs=rows, check_vma=False)(
+    per_device = jax.shard_map(local, mesh=parallel.mesh,
+                               in_specs=(replicated, rows, rows, rows), out_specs=rows,
+                               check_vma=False)(
         params["head"], h_btd, targets_bt, mask_bt)
     return jnp.sum(per_device)
 

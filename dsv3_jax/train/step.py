@@ -14,7 +14,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.model import api
@@ -76,7 +76,7 @@ class Trainer:
         boxed = api.abstract_variables(model)
         var_sh = sharding.variable_shardings(boxed, mesh, parallel.fsdp)
         params = nn.meta.unbox(boxed)["params"]
-        replicated = NamedSharding(mesh, PartitionSpec())
+        replicated = NamedSharding(mesh, parallel.spec())
         self.state_sharding = TrainState(
             step=replicated, params=var_sh["params"], router_bias=var_sh["router_bias"],
             opt_state=sharding.opt_state_shardings(self.tx, params, var_sh["params"]),
@@ -86,7 +86,7 @@ class Trainer:
         # 1/data of them.
         self.grad_sharding = jax.tree.map(lambda s, a: sharding.zero1(s, a.shape),
                                           var_sh["params"], params)
-        rows = NamedSharding(mesh, PartitionSpec(parallel.batch_axes, None))
+        rows = NamedSharding(mesh, parallel.spec("batch", None))
         self.batch_sharding = {"tokens": rows, "segment_ids": rows}
         self.init_state = jax.jit(self._init_state, out_shardings=self.state_sharding)
         self.state_from_variables = jax.jit(self._state_from_variables,
