@@ -203,3 +203,33 @@ def test_restoring_past_a_corrupt_checkpoint_prints_no_traceback(tmp_path, damag
     assert "checkpoints/8 cannot be used" in out.stderr
     assert "Traceback" not in out.stderr and "Event loop is closed" not in out.stderr
     assert sorted(losses(tmp_path)) == list(range(1, 11))
+
+
+CLOSED_LOOP_RACE = """
+import asyncio, sys, time
+import numpy as np, tensorstore as ts
+if sys.argv[2] == "trainer":
+    import dsv3_jax.train.checkpointer  # what launch.train imports
+arr = ts.open({"driver": "zarr", "kvstore": {"driver": "file", "path": sys.argv[1]}},
+              create=True, dtype=ts.float32, shape=[2048, 2048]).result()
+arr.write(np.ones((2048, 2048), np.float32)).result()
+loop = asyncio.new_event_loop()
+async def read():
+    return await arr.read()
+task = loop.create_task(read())
+loop.run_until_complete(asyncio.sleep(0))  # a read in flight, as when a restore fails
+loop.close()
+time.sleep(1)  # the read completes into the closed loop
+"""
+
+
+@pytest.mark.parametrize("process", ["plain", "trainer"])
+def test_a_read_completing_into_a_closed_loop_prints_nothing_in_the_trainer(tmp_path, process):
+    # Issue 20.14: what a failed restore leaves behind, made deterministic. In a plain process
+    # Python prints the "Event loop is closed" traceback (the race is real); the trainer's
+    # process drops exactly that one.
+    out = subprocess.run([sys.executable, "-c", CLOSED_LOOP_RACE, str(tmp_path / "a"), process],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    printed = "RuntimeError: Event loop is closed" in out.stderr
+    assert printed == (process == "plain"), out.stderr[-2000:]

@@ -18,7 +18,9 @@ import logging
 import os
 import re
 import shutil
+import sys
 import time
+import traceback
 from typing import Any
 
 import jax
@@ -59,6 +61,27 @@ class _DropNoSpaceTracebacks(logging.Filter):
 
 
 logging.getLogger("absl").addFilter(_DropNoSpaceTracebacks())
+
+
+def _quiet_closed_loop_callbacks(previous):
+    """A restore that fails (a corrupt checkpoint, set aside) closes orbax's asyncio loop while
+    TensorStore reads of its other arrays are still in flight; each one then completes into a
+    closed loop and reports "RuntimeError: Event loop is closed" as an unraisable exception, a
+    traceback that means nothing here. Only that one is dropped; everything else reaches the
+    previous hook."""
+
+    def hook(unraisable):
+        error, tb = unraisable.exc_value, unraisable.exc_traceback
+        frames = [f.f_code.co_name for f, _ in traceback.walk_tb(tb)]
+        if (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+                and "call_soon_threadsafe" in frames):
+            return
+        previous(unraisable)
+
+    return hook
+
+
+sys.unraisablehook = _quiet_closed_loop_callbacks(sys.unraisablehook)
 
 
 def _gib(n: float) -> str:

@@ -21,6 +21,7 @@ import numpy as np
 from ml_collections import config_dict
 
 from dsv3_jax.checkpoints import load_variables
+from dsv3_jax.config import ModelConfig
 from dsv3_jax.model import api, flops, implementations
 from dsv3_jax.parallel import sharding
 from dsv3_jax.train import workdir as workdirs
@@ -67,6 +68,20 @@ class MetricsWriter:
                 self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
             except ImportError:  # pragma: no cover - tensorboardX is a dependency
                 self.tb = None
+
+    @classmethod
+    def continuing(cls, workdir: str, start: int) -> MetricsWriter:
+        """The writer of a run starting at `start`: records an earlier attempt logged past it
+        move to metrics.superseded.jsonl first, so each step is in metrics.jsonl once."""
+        if jax.process_index() == 0:
+            moved = workdirs.supersede_metrics(workdir, start)
+            if moved:
+                say(f"{moved} metrics records past step {start} (logged after the checkpoint "
+                    f"this run starts from) moved to {workdirs.SUPERSEDED}")
+        writer = cls(workdir)
+        if start > 0:
+            writer.write({"step": start, "event": "resumed"})
+        return writer
 
     def write(self, record: dict[str, Any]) -> None:
         if jax.process_index() != 0:
@@ -123,67 +138,10 @@ def _train(spec: RunSpec, workdir: str, data: TokenData, progress: bool) -> dict
 
     per_process = hyper.batch_size // processes
     train_iter = iter(data.dataset("train", per_process, run.seed, process, processes))
-    restored = checkpoints.restore_latest(trainer.abstract_state())
-    if restored is not None:
-        start, state, data_state, _ = restored
-        train_iter.set_state(data_state)
-        log.info("resumed from %s/%d", checkpoints.directory, start)
-    else:
-        unusable = checkpoints.set_aside or checkpoints.unusable_on_disk()
-        if unusable and not run.allow_fresh_start:
-            raise ValueError(
-                f"no checkpoint in {checkpoints.directory} can be restored: "
-                f"{', '.join(os.path.basename(u) for u in unusable)} were set aside as unusable "
-                f"(renamed, not deleted); starting again from step 0 would replace this run. "
-                f"Pass --config.allow_fresh_start=True to start over in this workdir, or use "
-                f"another --workdir")
-        start = 0
-        state = trainer.init_state(jax.random.key(run.seed))
-        if run.init_from:
-            # Restored straight into this run's shardings: no process holds the whole model.
-            abstract = trainer.abstract_state()
-            variables, _ = load_variables(
-                run.init_from, {"params": abstract.params, "router_bias": abstract.router_bias})
-            state = trainer.state_from_variables(variables)
-            log.info("initialized params and router bias from %s", run.init_from)
-
-    counts = api.param_counts(model)
-    flops_per_token = flops.train_flops_per_token(model, hyper.seq_len)
-    peak = flops.device_peak_flops()
-    devices = jax.device_count()
-    say(f"dsv3-jax: {counts['main'] / 1e6:.1f}M parameters ({counts['active'] / 1e6:.1f}M "
-          f"active per token), MTP {counts['mtp'] / 1e6:.1f}M as released; "
-          f"{flops_per_token / 1e6:.1f} MFLOPs per trained token; {devices} x "
-          f"{jax.devices()[0].device_kind}"
-          f"{'' if parallel is None else f' as mesh {dict(parallel.mesh.shape)}'}"
-          f"{pipeline_note(parallel)}; "
-          f"steps {start} -> {run.steps}")
-    say(f"kernels on {jax.default_backend()}: "
-        f"{implementations.resolve(model, jax.default_backend()).describe()}")
-
-    if process == 0:
-        moved = workdirs.supersede_metrics(workdir, start)
-        if moved:
-            say(f"{moved} metrics records past step {start} (logged after the checkpoint this "
-                f"run starts from) moved to {workdirs.SUPERSEDED}")
-    writer = MetricsWriter(workdir)
-    if start > 0:
-        writer.write({"step": start, "event": "resumed"})
-    stop = {"signal": None}
-
-    def on_sigterm(signum, _frame):
-        stop["signal"] = signum
-
-    # One process: our own SIGTERM flag. Several: JAX's preemption sync point, which makes
-    # every process stop (and save) at the same step.
-    previous = signal.signal(signal.SIGTERM, on_sigterm) if processes == 1 else None
-
-    def preempted(step: int) -> bool:
-        if processes == 1:
-            return stop["signal"] is not None
-        from jax.experimental import multihost_utils
-
-        return multihost_utils.reached_preemption_sync_point(step)
+    start, state = _starting_state(trainer, checkpoints, train_iter, run)
+    say_start_up(model, hyper.seq_len, parallel, start, run.steps)
+    writer = MetricsWriter.continuing(workdir, start)
+    preemption = Preemption(processes)
     bar = None
     if progress and process == 0:
         from tqdm import tqdm
@@ -191,9 +149,9 @@ def _train(spec: RunSpec, workdir: str, data: TokenData, progress: bool) -> dict
         bar = tqdm(total=run.steps, initial=start, unit="step", dynamic_ncols=True,
                    file=sys.stderr, mininterval=1.0)
 
+    rate = Throughput(model, hyper)
     last: dict[str, Any] = {}
     last_eval: dict[str, Any] = {}
-    window_start, window_steps = time.perf_counter(), 0
     pending = None  # the previous step's metrics: checked one step late to keep dispatch async
 
     def save(step):
@@ -201,41 +159,30 @@ def _train(spec: RunSpec, workdir: str, data: TokenData, progress: bool) -> dict
 
     try:
         for step in range(start + 1, run.steps + 1):
-            batch = trainer.place_batch(next(train_iter))
-            state, metrics = trainer.train_step(state, batch)
-            window_steps += 1
+            state, metrics = trainer.train_step(state, trainer.place_batch(next(train_iter)))
+            rate.steps += 1
             if pending is not None:
                 check_finite(*pending, run.max_nonfinite_steps, checkpoints)
             pending = (step, metrics)
-
             if step % run.log_every == 0 or step == run.steps:
                 check_finite(*pending, run.max_nonfinite_steps, checkpoints)
                 pending = None
                 host = to_host(metrics)
-                elapsed = time.perf_counter() - window_start
-                tokens_per_sec = window_steps * hyper.batch_size * hyper.seq_len / elapsed
-                last = {"step": step, **{k: v for k, v in host.items() if k != "expert_load"},
-                        "expert_load_max_over_mean": host["expert_load"]["max_over_mean"],
-                        "bias_spread": host["expert_load"]["bias_spread"],
-                        "tokens_seen": step * hyper.batch_size * hyper.seq_len,
-                        "tokens_per_sec": tokens_per_sec,
-                        "step_time": elapsed / window_steps}
-                if peak:
-                    last["mfu"] = tokens_per_sec * flops_per_token / (peak * devices)
+                last = rate.record(step, host)
                 writer.write(last)
                 if bar is not None:
-                    bar.set_postfix(progress_fields(host, tokens_per_sec, model.mtp_depth))
-                window_start, window_steps = time.perf_counter(), 0
+                    bar.set_postfix(progress_fields(host, last["tokens_per_sec"],
+                                                    model.mtp_depth))
             if step % run.eval_every == 0 or step == run.steps:
                 last_eval = {"step": step, **evaluate(trainer, state, data, hyper.batch_size,
                                                       run.eval_batches)}
                 writer.write(last_eval)
-                window_start, window_steps = time.perf_counter(), 0
+                rate.restart()
             if step % run.checkpoint_every == 0 or step == run.steps:
                 save(step)
             if bar is not None:
                 bar.update(1)
-            if preempted(step):
+            if preemption.reached(step):
                 if pending is not None:
                     check_finite(*pending, run.max_nonfinite_steps, checkpoints)
                 if step % run.checkpoint_every and step != run.steps:
@@ -250,9 +197,108 @@ def _train(spec: RunSpec, workdir: str, data: TokenData, progress: bool) -> dict
             bar.close()
         writer.close()
         checkpoints.close()
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        preemption.close()
     return last
+
+
+def _starting_state(trainer: Trainer, checkpoints: Checkpointer, train_iter, run):
+    """(start step, state): the latest good checkpoint (and the data iterator's position), else
+    a fresh state (from run.init_from's weights when given); refuses a silent restart of a run
+    whose every checkpoint was unusable."""
+    restored = checkpoints.restore_latest(trainer.abstract_state())
+    if restored is not None:
+        start, state, data_state, _ = restored
+        train_iter.set_state(data_state)
+        log.info("resumed from %s/%d", checkpoints.directory, start)
+        return start, state
+    unusable = checkpoints.set_aside or checkpoints.unusable_on_disk()
+    if unusable and not run.allow_fresh_start:
+        raise ValueError(
+            f"no checkpoint in {checkpoints.directory} can be restored: "
+            f"{', '.join(os.path.basename(u) for u in unusable)} were set aside as unusable "
+            f"(renamed, not deleted); starting again from step 0 would replace this run. "
+            f"Pass --config.allow_fresh_start=True to start over in this workdir, or use "
+            f"another --workdir")
+    state = trainer.init_state(jax.random.key(run.seed))
+    if run.init_from:
+        # Restored straight into this run's shardings: no process holds the whole model.
+        abstract = trainer.abstract_state()
+        variables, _ = load_variables(
+            run.init_from, {"params": abstract.params, "router_bias": abstract.router_bias})
+        state = trainer.state_from_variables(variables)
+        log.info("initialized params and router bias from %s", run.init_from)
+    return 0, state
+
+
+def say_start_up(model: ModelConfig, seq_len: int, parallel, start: int, steps: int) -> None:
+    """The two start-up lines: the model, the devices and mesh, the steps; what runs."""
+    counts = api.param_counts(model)
+    flops_per_token = flops.train_flops_per_token(model, seq_len)
+    say(f"dsv3-jax: {counts['main'] / 1e6:.1f}M parameters ({counts['active'] / 1e6:.1f}M "
+        f"active per token), MTP {counts['mtp'] / 1e6:.1f}M as released; "
+        f"{flops_per_token / 1e6:.1f} MFLOPs per trained token; {jax.device_count()} x "
+        f"{jax.devices()[0].device_kind}"
+        f"{'' if parallel is None else f' as mesh {dict(parallel.mesh.shape)}'}"
+        f"{pipeline_note(parallel)}; "
+        f"steps {start} -> {steps}")
+    say(f"kernels on {jax.default_backend()}: "
+        f"{implementations.resolve(model, jax.default_backend()).describe()}")
+
+
+class Throughput:
+    """Tokens/s (and MFU where the device's peak is known) over the steps since the last
+    record, and the record of a logged step."""
+
+    def __init__(self, model: ModelConfig, hyper):
+        self.hyper = hyper
+        self.flops_per_token = flops.train_flops_per_token(model, hyper.seq_len)
+        self.peak = flops.device_peak_flops()
+        self.restart()
+
+    def restart(self) -> None:
+        """Leave what ran since (an eval) out of the next rate."""
+        self.since, self.steps = time.perf_counter(), 0
+
+    def record(self, step: int, host: dict) -> dict[str, Any]:
+        elapsed = time.perf_counter() - self.since
+        tokens = self.hyper.batch_size * self.hyper.seq_len
+        tokens_per_sec = self.steps * tokens / elapsed
+        record = {"step": step, **{k: v for k, v in host.items() if k != "expert_load"},
+                  "expert_load_max_over_mean": host["expert_load"]["max_over_mean"],
+                  "bias_spread": host["expert_load"]["bias_spread"],
+                  "tokens_seen": step * tokens, "tokens_per_sec": tokens_per_sec,
+                  "step_time": elapsed / self.steps}
+        if self.peak:
+            record["mfu"] = (tokens_per_sec * self.flops_per_token
+                             / (self.peak * jax.device_count()))
+        self.restart()
+        return record
+
+
+class Preemption:
+    """SIGTERM as a stop request. One process: our own flag (the previous handler is put back
+    on close). Several: JAX's preemption sync point, so every process stops (and saves) at the
+    same step."""
+
+    def __init__(self, processes: int):
+        self.processes, self.signal = processes, None
+        self.previous = (signal.signal(signal.SIGTERM, self._on_sigterm) if processes == 1
+                         else None)
+
+    def _on_sigterm(self, signum, _frame):
+        self.signal = signum
+
+    def reached(self, step: int) -> bool:
+        if self.processes == 1:
+            return self.signal is not None
+        from jax.experimental import multihost_utils
+
+        return multihost_utils.reached_preemption_sync_point(step)
+
+    def close(self) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+            self.previous = None
 
 
 def progress_fields(host: dict, tokens_per_sec: float, mtp_depth: int) -> dict[str, str]:
