@@ -73,7 +73,7 @@ def _raw_attention_grad(*args):
                                   (128, 64, 128)])
 def test_supported_attention_dims_lower(dims):
     assert mla_attention.pallas_unsupported("gpu", *dims) is None
-    assert _lowers(_attention_grad("pallas_mosaic_gpu"), *_attention_args(*dims)) == "ok"
+    assert _lowers(_attention_grad("pallas_gpu"), *_attention_args(*dims)) == "ok"
 
 
 # The first unsupported: one more 64-column block on any head dim past DeepSeek-V3's.
@@ -85,7 +85,7 @@ def test_first_unsupported_attention_dims_are_refused_and_really_do_not_fit(dims
     raw = _lowers(_raw_attention_grad, *_attention_args(*dims))
     assert "exceeds available shared memory" in raw, raw
     with pytest.raises(ValueError, match="implementation 'pallas' on gpu: head dims"):
-        jax.jit(_attention_grad("pallas_mosaic_gpu")).trace(*_attention_args(*dims))
+        jax.jit(_attention_grad("pallas_gpu")).trace(*_attention_args(*dims))
 
 
 def test_unpadded_dims_fail_in_mosaic_without_the_wrapper():
@@ -120,7 +120,7 @@ def _raw_decode(R, Hr, N, Tq):
 def test_supported_decode_shapes_lower(R, Hr, N, Tq):
     assert mla_decode.pallas_unsupported("gpu", R, Hr, N, Tq) is None
     fn = lambda *a: mla_decode.mla_decode(*a, scale=0.1,  # noqa: E731
-                                          implementation="pallas_mosaic_gpu")
+                                          implementation="pallas_gpu")
     assert _lowers(fn, *_decode_args(R, Hr, N, Tq)) == "ok"
 
 
@@ -133,7 +133,7 @@ def test_first_unsupported_decode_shapes_are_refused_and_do_not_fit(R, Hr, N, Tq
     assert "exceeds available shared memory" in _raw_decode(R, Hr, N, Tq)
     with pytest.raises(ValueError, match="mla_decode implementation 'pallas' on gpu"):
         jax.jit(lambda *a: mla_decode.mla_decode(*a, scale=0.1,
-                                                 implementation="pallas_mosaic_gpu")
+                                                 implementation="pallas_gpu")
                 ).trace(*_decode_args(R, Hr, N, Tq))
 
 
