@@ -123,6 +123,7 @@ def mla_attention(q_nope: jax.Array, q_rope: jax.Array, k_nope: jax.Array, k_rop
 # cuDNN baseline
 # ----------------------------------------------------------------------------------------------
 def _cudnn(q_nope, q_rope, k_nope, k_rope, v, segment_ids, *, scale):
+    # A refusal, not a choice: without a GPU the cuDNN call would fail later and less clearly.
     if jax.default_backend() != "gpu":
         raise ValueError("mla_attention implementation 'cudnn' needs a CUDA GPU backend, "
                          f"this is {jax.default_backend()!r}; use 'xla' or 'pallas'")

@@ -17,11 +17,13 @@ import pytest
 import dsv3_jax
 from dsv3_jax.config import PRESETS
 from dsv3_jax.model import implementations
+from dsv3_jax.model.transformer import Transformer
 from pallas_kernels import (
     _mla_attention_mgpu,
     _mla_decode_mgpu,
     dispatch_gpu,
     expert_dispatch,
+    grouped_matmul,
     mla_attention,
     mla_decode,
 )
@@ -259,6 +261,38 @@ def test_explicit_pallas_experts_are_refused_without_a_kernel_backend():
     cfg = PRESETS["tiny"].replace(moe_impl="pallas")
     with pytest.raises(ValueError, match=r"model\.moe_impl='pallas' cannot run on cpu: no grouped"):
         implementations.resolve(cfg, "cpu")
+
+
+def test_a_resolved_config_names_the_kernel_and_passes_through():
+    small = PRESETS["small"]  # auto takes every kernel on GPU (above)
+    gpu = implementations.resolved(small, "gpu")
+    assert (gpu.attention_impl, gpu.decode_impl, gpu.moe_impl) == ("pallas_gpu",) * 3
+    assert implementations.resolved(gpu, "gpu") == gpu
+    assert implementations.resolve(gpu, "gpu").describe() == (
+        implementations.resolve(small, "gpu").describe())
+    cpu = implementations.resolved(small, "cpu")
+    assert (cpu.attention_impl, cpu.decode_impl, cpu.moe_impl) == ("xla",) * 3
+    with pytest.raises(ValueError, match=r"model\.attention_impl='pallas_gpu' cannot run on tpu: "
+                                         "it is the gpu kernel"):
+        implementations.resolved(gpu, "tpu")
+
+
+def test_the_model_refuses_a_config_not_resolved_for_a_backend():
+    """The modules read the implementation fields as they are: no backend lookup while
+    tracing, so "auto" or a bare "pallas" must have been resolved (dsv3_jax.model.api does)."""
+    tokens = S((1, 8), jnp.int32)
+    for field in ("attention_impl", "moe_impl"):
+        for request in ("auto", "pallas"):
+            cfg = PRESETS["tiny"].replace(**{"attention_impl": "xla", "decode_impl": "xla",
+                                             "moe_impl": "xla", field: request})
+            with pytest.raises(ValueError, match=f"model.{field}='{request}' is not resolved"):
+                jax.eval_shape(lambda t, cfg=cfg: Transformer(cfg).init(
+                    jax.random.key(0), t, t, None, jnp.ones(t.shape, bool)), tokens)
+
+
+def test_every_kernel_entry_point_takes_the_same_kernel_names():
+    for module in (grouped_matmul, expert_dispatch, mla_attention, mla_decode):
+        assert {"pallas", "pallas_gpu", "pallas_tpu"} <= set(module.IMPLEMENTATIONS), module
 
 
 # ---------------------------------------------------------------------------------------------

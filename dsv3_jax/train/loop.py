@@ -233,8 +233,7 @@ def _train(cfg: config_dict.ConfigDict, workdir: str, model: ModelConfig, data: 
           f"{'' if parallel is None else f' as mesh {dict(parallel.mesh.shape)}'}"
           f"{pipeline_note(parallel)}; "
           f"steps {start} -> {cfg.steps}")
-    say(f"kernels on {jax.default_backend()}: "
-        f"{implementations.resolve(model, jax.default_backend()).describe()}")
+    say(f"kernels on {jax.default_backend()}: {trainer.implementations.describe()}")
 
     if process == 0:
         moved = workdirs.supersede_metrics(workdir, start)
