@@ -32,7 +32,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from dsv3_jax.model import flops, implementations
+from dsv3_jax.model import flops
 from dsv3_jax.train import loop as train_loop
 from dsv3_jax.train.run_spec import RunSpec
 from dsv3_jax.train.step import Trainer
@@ -123,7 +123,7 @@ def measure(cfg, name: str, steps: int, profile_dir: str | None) -> dict:
     peak = flops.device_peak_flops() or float("nan")
     stats = [d.memory_stats() or {} for d in jax.local_devices()]
     pipe = parallel.pipeline if parallel else None
-    impls = implementations.resolve(model, jax.default_backend())
+    impls = trainer.implementations
     result = {
         "setting": name, "devices": n, "mesh": dict(parallel.mesh.shape) if parallel else {},
         "bubble": pipe.bubble_fraction() if pipe else 0.0,

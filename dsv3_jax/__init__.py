@@ -3,7 +3,7 @@
 The public API. Its names load on first use (PEP 562), so importing one subpackage
 (`dsv3_jax.train.loop`, say) does not import generation or conversion with it.
 
-  dsv3_jax.config       ModelConfig and the presets            (imports nothing of ours)
+  dsv3_jax.config       ModelConfig and the presets            (pallas_kernels.implementations)
   dsv3_jax.tokenizer    byte-level and Hugging Face tokenizers  (nothing of ours)
   dsv3_jax.checkpoints  find and read a saved run              (config, tokenizer)
   dsv3_jax.parallel     mesh, logical axes, expert and pipeline parallelism   (config)

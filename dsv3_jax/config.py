@@ -10,11 +10,15 @@ import dataclasses
 import math
 from typing import Any
 
+from pallas_kernels import implementations as kernels
+
 REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch", "save_attention_out",
                   "save_kernels")
-ATTENTION_IMPLS = ("auto", "xla", "cudnn", "pallas")
-DECODE_IMPLS = ("auto", "xla", "pallas")
-MOE_IMPLS = ("auto", "dense", "xla", "pallas")
+# "auto" or what the kernel entry points take (pallas_kernels.implementations): "auto" and
+# "pallas" are resolved for a backend (dsv3_jax.model.implementations) to what the model runs.
+ATTENTION_IMPLS = ("auto", *kernels.MLA_ATTENTION)
+DECODE_IMPLS = ("auto", *kernels.MLA_DECODE)
+MOE_IMPLS = ("auto", *kernels.ROUTED_EXPERTS)
 DTYPES = ("float32", "bfloat16")
 # config.json fields that decide which tensors a checkpoint holds and their shapes. transformers
 # would take DeepSeek-V3 671B's values for a missing one, which fit no other model's files, so
@@ -68,7 +72,9 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype; parameters are always float32
     remat: str = "none"
     # "auto": the fastest measured implementation the kernels support for the backend and these
-    # shapes (dsv3_jax/model/implementations.py); decode is the absorbed attention of generation.
+    # shapes; "pallas": the backend's kernel (dsv3_jax/model/implementations.py resolves both, to
+    # "pallas_gpu" / "pallas_tpu" where a kernel runs); decode is the absorbed attention of
+    # generation.
     attention_impl: str = "auto"
     decode_impl: str = "auto"
     moe_impl: str = "auto"

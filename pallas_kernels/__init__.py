@@ -6,6 +6,8 @@ Modules:
                       weighted un-permute/combine.
   mla_attention    -- causal multi-head latent attention for training/prefill (q/k 192, v 128).
   mla_decode       -- absorbed MLA decode attention over the shared 576-value latent cache.
+  implementations  -- the names their `implementation` argument takes ("pallas_gpu",
+                      "pallas_tpu", ...), defined once.
 
 Every public op takes an `implementation` argument; "reference" is always available and is
 what the kernels are tested against on CPU (interpret mode).

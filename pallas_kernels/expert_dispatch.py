@@ -16,8 +16,9 @@ compute dtype (x.dtype) before the down projection; the weighted combine is done
 to x.dtype at the end.
 
 Implementations: "dense" (every expert on every token; the reference), "xla" (sort, ragged_dot,
-scatter), "pallas" (our kernels, one `jax.custom_vjp` over the whole block; "pallas_gpu" /
-"pallas_tpu" force a backend, `interpret=True` runs on the CPU). The pallas forward is
+scatter), "pallas_gpu" / "pallas_tpu" (our Mosaic GPU / Mosaic TPU kernels, one
+`jax.custom_vjp` over the whole block; a bare "pallas" takes the default backend's,
+`interpret=True` runs on the CPU; names in pallas_kernels.implementations). The pallas forward is
 
   x_sorted[M, D]  = gather_rows(x, token of each sorted row)          (companion kernel)
   h, gate, up     = grouped SwiGLU: x_sorted @ w_gate, x_sorted @ w_up, silu(gate) * up fused
@@ -43,11 +44,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import dispatch_gpu, residuals
+from pallas_kernels import dispatch_gpu, implementations, residuals
 from pallas_kernels import grouped_matmul as gmm_lib
-
-PALLAS_IMPLEMENTATIONS = ("pallas", "pallas_gpu", "pallas_tpu")
-
+from pallas_kernels.implementations import PALLAS_IMPLEMENTATIONS
 
 # ---------------------------------------------------------------------------------------------
 # Routing tables and row movement.
@@ -329,7 +328,7 @@ def _routed_pallas_bwd(options, res, dy_td):
 _routed_pallas.defvjp(_routed_pallas_fwd, _routed_pallas_bwd)
 
 
-IMPLEMENTATIONS = ("dense", "xla", *PALLAS_IMPLEMENTATIONS)
+IMPLEMENTATIONS = implementations.ROUTED_EXPERTS
 
 
 # The GPU grouped matmuls zero-pad K and N (dim, expert_dim) up to whole tiles of this width.
@@ -361,9 +360,10 @@ def routed_experts(x_td, expert_idx_tk, expert_weights_tk, w_gate_edf, w_up_edf,
     """Dispatch to one implementation of the routed-expert block (see module docstring).
 
     "dense": every expert on every token (the reference); "xla": sorted dispatch with
-    `jax.lax.ragged_dot`; "pallas": our fused kernels (GPU or TPU by the default backend),
-    differentiable w.r.t. x, expert_weights and the three weights. x [T, D], expert_idx [T, K]
-    int, expert_weights [T, K], w_gate/w_up [E, D, F], w_down [E, F, D] -> [T, D] in x.dtype.
+    `jax.lax.ragged_dot`; "pallas_gpu" / "pallas_tpu": our fused kernels ("pallas": the default
+    backend's), differentiable w.r.t. x, expert_weights and the three weights. x [T, D],
+    expert_idx [T, K] int, expert_weights [T, K], w_gate/w_up [E, D, F], w_down [E, F, D]
+    -> [T, D] in x.dtype.
     """
     args = (x_td, expert_idx_tk, expert_weights_tk, w_gate_edf, w_up_edf, w_down_efd)
     if implementation == "dense":

@@ -6,12 +6,12 @@ Legend: M rows (token-rows sorted by group), K contraction, N output, G groups.
   out[r] = lhs[r] @ rhs[g(r)], where rows [start_g, start_g + group_sizes[g]) belong to group g.
   Rows past sum(group_sizes) are zero in the output.
 
-Implementations: "reference" (masked dense, tests only), "xla" (`jax.lax.ragged_dot`), and
-"pallas" (our kernels, with a `jax.custom_vjp`): Mosaic GPU on GPUs (`_gmm_gpu`), Mosaic TPU on
-TPUs (`_gmm_tpu`); "pallas_gpu" / "pallas_tpu" pick one explicitly, and `interpret=True` runs
-it on the CPU. Backward: d_lhs = the same kernel against the weights read transposed
-(d_lhs[M, K] = dout[M, N] @ rhs[g]^T) and d_rhs[G, K, N] = the transposed kernel `tgmm`
-(per group, lhs^T @ dout).
+Implementations (pallas_kernels.implementations): "reference" (masked dense, tests only),
+"xla" (`jax.lax.ragged_dot`), and our kernels, with a `jax.custom_vjp`: "pallas_gpu" (Mosaic
+GPU, `_gmm_gpu`) and "pallas_tpu" (Mosaic TPU, `_gmm_tpu`); a bare "pallas" takes the default
+backend's, and `interpret=True` runs either on the CPU. Backward: d_lhs = the same kernel
+against the weights read transposed (d_lhs[M, K] = dout[M, N] @ rhs[g]^T) and d_rhs[G, K, N] =
+the transposed kernel `tgmm` (per group, lhs^T @ dout).
 
 Numerics: accumulation in fp32; the output is cast to `preferred_element_type` (default
 lhs.dtype). The GPU kernels multiply 16-bit operands; fp32 operands are split into a bf16 high
@@ -29,9 +29,10 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import _gmm_gpu, _gmm_tpu
+from pallas_kernels import _gmm_gpu, _gmm_tpu, implementations
+from pallas_kernels.implementations import PALLAS, PALLAS_GPU, PALLAS_IMPLEMENTATIONS, PALLAS_TPU
 
-IMPLEMENTATIONS = ("reference", "xla", "pallas", "pallas_gpu", "pallas_tpu")
+IMPLEMENTATIONS = implementations.GROUPED_MATMUL
 
 
 def group_ids(group_sizes: jax.Array, num_rows: int) -> jax.Array:
@@ -84,31 +85,21 @@ class PallasOptions:
     tpu: _gmm_tpu.TpuConfig = dataclasses.field(default_factory=_gmm_tpu.TpuConfig)
 
 
-def pallas_options(implementation: str = "pallas", interpret: bool = False,
+def pallas_options(implementation: str = PALLAS, interpret: bool = False,
                    gpu_tuning: GpuTuning | None = None,
                    tpu_config: _gmm_tpu.TpuConfig | None = None) -> PallasOptions:
-    """Resolves "pallas" to the kernel of the default backend ("pallas_gpu"/"pallas_tpu" force one).
-
-    On a CPU backend "pallas" needs interpret=True and then runs the Mosaic GPU kernels.
-    """
-    if implementation == "pallas_gpu":
-        backend = "gpu"
-    elif implementation == "pallas_tpu":
-        backend = "tpu"
-    elif implementation == "pallas":
+    """The options of "pallas_gpu" / "pallas_tpu"; a bare "pallas" takes the kernel of the
+    default backend, read here (on a CPU backend it needs interpret=True and then runs the
+    Mosaic GPU kernels)."""
+    if implementation == PALLAS:
         platform = jax.default_backend()
-        if platform in ("gpu", "cuda"):
-            backend = "gpu"
-        elif platform == "tpu":
-            backend = "tpu"
-        elif interpret:
-            backend = "gpu"
-        else:
+        if platform not in ("gpu", "cuda", "tpu") and not interpret:
             raise ValueError(f"implementation='pallas' has no kernel for backend {platform!r} "
                              "(pass interpret=True to run the GPU kernels interpreted)")
-    else:
+        implementation = implementations.for_backend(platform)
+    if implementation not in (PALLAS_GPU, PALLAS_TPU):
         raise ValueError(f"not a pallas implementation: {implementation!r}")
-    return PallasOptions(backend=backend, interpret=interpret,
+    return PallasOptions(backend=implementations.chip_of(implementation), interpret=interpret,
                          gpu=gpu_tuning or GpuTuning(),
                          tpu=tpu_config or _gmm_tpu.TpuConfig())
 
@@ -229,7 +220,7 @@ def _pallas_gmm_bwd(out_dtype, options, res, ct_mn):
 _pallas_gmm.defvjp(_pallas_gmm_fwd, _pallas_gmm_bwd)
 
 
-def pallas(lhs, rhs, group_sizes, *, preferred_element_type=None, implementation="pallas",
+def pallas(lhs, rhs, group_sizes, *, preferred_element_type=None, implementation=PALLAS,
            interpret=False, gpu_tuning=None):
     """Our kernels (see module docstring), differentiable w.r.t. lhs and rhs."""
     options = pallas_options(implementation, interpret, gpu_tuning)
@@ -245,7 +236,7 @@ def grouped_matmul(lhs, rhs, group_sizes, *, implementation="xla", preferred_ele
     lhs [M, K], rhs [G, K, N], group_sizes [G] int -> [M, N] in preferred_element_type
     (default lhs.dtype). `interpret` and `gpu_tuning` only apply to the pallas implementations.
     """
-    if implementation in ("pallas", "pallas_gpu", "pallas_tpu"):
+    if implementation in PALLAS_IMPLEMENTATIONS:
         return pallas(lhs, rhs, group_sizes, preferred_element_type=preferred_element_type,
                       implementation=implementation, interpret=interpret,
                       gpu_tuning=gpu_tuning)

@@ -10,9 +10,10 @@ Hr rope head dim (64, ONE rope key shared by all heads), Hv value head dim (128)
   key s is visible to query t iff s <= t and segment_ids[s] == segment_ids[t].
   Softmax in fp32; output in q_nope.dtype.
 
-Implementations: "xla" (reference() below), "cudnn" (GPU only), "pallas" = Mosaic GPU flash
-attention (_mla_attention_mgpu.py) on GPU or Mosaic TPU (_mla_attention_tpu.py) on TPU, both behind
-one custom_vjp (_flash) that saves only the log-sum-exp. Benchmark: benchmarks/mla_attention.py.
+Implementations (pallas_kernels.implementations): "xla" (reference() below), "cudnn" (GPU only),
+"pallas_gpu" = Mosaic GPU flash attention (_mla_attention_mgpu.py) and "pallas_tpu" = Mosaic TPU
+(_mla_attention_tpu.py), both behind one custom_vjp (_flash) that saves only the log-sum-exp; a
+bare "pallas" takes the default backend's. Benchmark: benchmarks/mla_attention.py.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels import residuals
+from pallas_kernels import implementations, residuals
+from pallas_kernels.implementations import PALLAS, PALLAS_GPU, PALLAS_TPU
 
 
 def visibility_mask(segment_ids_bt, T, S):
@@ -48,7 +50,7 @@ def reference(q_nope, q_rope, k_nope, k_rope, v, segment_ids=None, *, scale):
     return o.astype(q_nope.dtype)
 
 
-IMPLEMENTATIONS = ("xla", "cudnn", "pallas", "pallas_mosaic_gpu", "pallas_mosaic_tpu")
+IMPLEMENTATIONS = implementations.MLA_ATTENTION
 # Head dims are zero-padded up to this multiple for the Mosaic GPU kernels (their swizzle tile).
 GPU_HEAD_DIM_MULTIPLE = 64
 
@@ -92,8 +94,8 @@ def mla_attention(q_nope: jax.Array, q_rope: jax.Array, k_nope: jax.Array, k_rop
       "cudnn": jax.nn.dot_product_attention(implementation="cudnn") on [q_nope; q_rope] and
         [k_nope; k_rope broadcast to every head], v zero-padded to the qk head dim and sliced back;
         segment_ids become a boolean [B, 1, T, S] mask. GPU only.
-      "pallas": flash attention in Pallas, Mosaic GPU on GPU backends and Mosaic TPU on TPU
-        ("pallas_mosaic_gpu" / "pallas_mosaic_tpu" pick one explicitly). Saves only the
+      "pallas_gpu" / "pallas_tpu": flash attention in Pallas, Mosaic GPU / Mosaic TPU ("pallas":
+        the default backend's, read when traced: TPU on a TPU, GPU elsewhere). Saves only the
         log-sum-exp for the custom_vjp backward; dk_rope is summed over heads. Any T (padded to
         the tile multiple inside); on GPU head dims are zero-padded to multiples of 64, and dims
         the kernels cannot hold (`pallas_unsupported`) raise a ValueError naming them. The
@@ -107,13 +109,12 @@ def mla_attention(q_nope: jax.Array, q_rope: jax.Array, k_nope: jax.Array, k_rop
         return reference(q_nope, q_rope, k_nope, k_rope, v, segment_ids, scale=scale)
     if implementation == "cudnn":
         return _cudnn(q_nope, q_rope, k_nope, k_rope, v, segment_ids, scale=scale)
-    if implementation == "pallas":
-        on_tpu = jax.default_backend() == "tpu"
-        implementation = "pallas_mosaic_tpu" if on_tpu else "pallas_mosaic_gpu"
-    if implementation in ("pallas_mosaic_gpu", "pallas_mosaic_tpu"):
-        backend = implementation.removeprefix("pallas_")
+    if implementation == PALLAS:
+        implementation = implementations.for_backend(jax.default_backend())
+    if implementation in (PALLAS_GPU, PALLAS_TPU):
         return _pallas(q_nope, q_rope, k_nope, k_rope, v, segment_ids, scale=scale,
-                       backend=backend, config=config, interpret=interpret)
+                       chip=implementations.chip_of(implementation), config=config,
+                       interpret=interpret)
     raise ValueError(
         f"mla_attention implementation {implementation!r} is not one of {list(IMPLEMENTATIONS)}")
 
@@ -122,6 +123,7 @@ def mla_attention(q_nope: jax.Array, q_rope: jax.Array, k_nope: jax.Array, k_rop
 # cuDNN baseline
 # ----------------------------------------------------------------------------------------------
 def _cudnn(q_nope, q_rope, k_nope, k_rope, v, segment_ids, *, scale):
+    # A refusal, not a choice: without a GPU the cuDNN call would fail later and less clearly.
     if jax.default_backend() != "gpu":
         raise ValueError("mla_attention implementation 'cudnn' needs a CUDA GPU backend, "
                          f"this is {jax.default_backend()!r}; use 'xla' or 'pallas'")
@@ -169,23 +171,22 @@ def segment_bounds(segment_ids_bt: jax.Array) -> tuple[jax.Array, jax.Array]:
     return first_bt.astype(jnp.int32), last_bt.astype(jnp.int32)
 
 
-def _backend_module(backend: str):
-    if backend == "mosaic_gpu":
+def _chip_module(chip: str):
+    if chip == "gpu":
         from pallas_kernels import _mla_attention_mgpu as module
     else:
         from pallas_kernels import _mla_attention_tpu as module
     return module
 
 
-def _pallas(q_nope, q_rope, k_nope, k_rope, v, segment_ids, *, scale, backend, config,
+def _pallas(q_nope, q_rope, k_nope, k_rope, v, segment_ids, *, scale, chip, config,
             interpret):
-    module = _backend_module(backend)
+    module = _chip_module(chip)
     config = module.Config() if config is None else config
     B, T = q_nope.shape[:2]
     if k_nope.shape[1] != T:
         raise ValueError(f"causal MLA attention needs S == T, got S={k_nope.shape[1]}, T={T}")
     Hn, Hr, Hv = q_nope.shape[-1], q_rope.shape[-1], v.shape[-1]
-    chip = backend.removeprefix("mosaic_")
     reason = pallas_unsupported(chip, Hn, Hr, Hv)
     if reason:
         raise ValueError(f"mla_attention implementation 'pallas' on {chip}: {reason}; "
@@ -209,21 +210,21 @@ def _pallas(q_nope, q_rope, k_nope, k_rope, v, segment_ids, *, scale, backend, c
             seg_bt = jnp.pad(seg_bt, ((0, 0), (0, pad)), constant_values=jnp.max(seg_bt) + 1)
         else:
             seg_bt = jnp.zeros((B, T + pad), jnp.int32)
-    o = _flash(*args, seg_bt, scale, backend, config, has_segments, interpret)
+    o = _flash(*args, seg_bt, scale, chip, config, has_segments, interpret)
     return o[:, :T, :, :Hv].astype(out_dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10))
-def _flash(q_nope, q_rope, k_nope, k_rope, v, seg_bt, scale, backend, config, has_segments,
+def _flash(q_nope, q_rope, k_nope, k_rope, v, seg_bt, scale, chip, config, has_segments,
            interpret):
-    o, _ = _flash_fwd(q_nope, q_rope, k_nope, k_rope, v, seg_bt, scale, backend, config,
+    o, _ = _flash_fwd(q_nope, q_rope, k_nope, k_rope, v, seg_bt, scale, chip, config,
                       has_segments, interpret)
     return o
 
 
-def _flash_fwd(q_nope, q_rope, k_nope, k_rope, v, seg_bt, scale, backend, config, has_segments,
+def _flash_fwd(q_nope, q_rope, k_nope, k_rope, v, seg_bt, scale, chip, config, has_segments,
                interpret):
-    module = _backend_module(backend)
+    module = _chip_module(chip)
     bounds = segment_bounds(seg_bt) if has_segments else None
     with jax.named_scope("mla_flash_fwd"):
         o, lse = module.forward(q_nope, q_rope, k_nope, k_rope, v, seg_bt, bounds, scale=scale,
@@ -235,8 +236,8 @@ def _flash_fwd(q_nope, q_rope, k_nope, k_rope, v, seg_bt, scale, backend, config
     return o, (q_nope, q_rope, k_nope, k_rope, v, seg_bt, o, lse)
 
 
-def _flash_bwd(scale, backend, config, has_segments, interpret, residuals, do):
-    module = _backend_module(backend)
+def _flash_bwd(scale, chip, config, has_segments, interpret, residuals, do):
+    module = _chip_module(chip)
     q_nope, q_rope, k_nope, k_rope, v, seg_bt, o, lse = residuals
     bounds = segment_bounds(seg_bt) if has_segments else None
     with jax.named_scope("mla_flash_bwd"):

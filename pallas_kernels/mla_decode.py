@@ -13,9 +13,10 @@ New token j of sequence b sees rows s <= lengths[b] - Tq + j.
   o_latent[j] = softmax_s(score[j]) @ kv_cache[:, :R]
 Softmax in fp32; output in q_latent.dtype.
 
-Implementations: "xla" (reference() below), "pallas" = Mosaic GPU (_mla_decode_mgpu.py: a
-row-major kernel for Tq * N > 32 query rows, a transposed one for fewer) on GPU or Mosaic TPU
-(_mla_decode_tpu.py) on TPU. Benchmark: benchmarks/mla_attention.py.
+Implementations (pallas_kernels.implementations): "xla" (reference() below), "pallas_gpu" =
+Mosaic GPU (_mla_decode_mgpu.py: a row-major kernel for Tq * N > 32 query rows, a transposed one
+for fewer) and "pallas_tpu" = Mosaic TPU (_mla_decode_tpu.py); a bare "pallas" takes the default
+backend's. Benchmark: benchmarks/mla_attention.py.
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+from pallas_kernels import implementations
+from pallas_kernels.implementations import PALLAS, PALLAS_GPU, PALLAS_TPU
 
 
 def reference(q_latent, q_rope, kv_cache, lengths, *, scale):
@@ -42,7 +46,7 @@ def reference(q_latent, q_rope, kv_cache, lengths, *, scale):
     return o.astype(q_latent.dtype)
 
 
-IMPLEMENTATIONS = ("xla", "pallas", "pallas_mosaic_gpu", "pallas_mosaic_tpu")
+IMPLEMENTATIONS = implementations.MLA_DECODE
 
 
 def pallas_unsupported(backend: str, R: int, Hr: int, N: int, Tq: int) -> str | None:
@@ -65,25 +69,25 @@ def mla_decode(q_latent: jax.Array, q_rope: jax.Array, kv_cache: jax.Array, leng
 
     implementation:
       "xla": the plain-JAX reference.
-      "pallas": flash-decoding kernel in Pallas, Mosaic GPU on GPU backends, Mosaic TPU on TPU
-        ("pallas_mosaic_gpu" / "pallas_mosaic_tpu" pick one explicitly). Reads each sequence's
-        cache once per 64 query rows (GPU) and splits long caches over several programs whose
-        partial results are merged by their log-sum-exp. On GPU fp32 inputs are rounded to bf16
-        for the matmuls, and a cache capacity L that is not a multiple of 8 is padded (a copy).
+      "pallas_gpu" / "pallas_tpu": flash-decoding kernel in Pallas, Mosaic GPU / Mosaic TPU
+        ("pallas": the default backend's, read when traced: TPU on a TPU, GPU elsewhere). Reads
+        each sequence's cache once per 64 query rows (GPU) and splits long caches over several
+        programs whose partial results are merged by their log-sum-exp. On GPU fp32 inputs are
+        rounded to bf16 for the matmuls, and a cache capacity L that is not a multiple of 8 is
+        padded (a copy).
     interpret: run the Pallas kernel in interpret mode (CPU tests); `config` overrides its tiling
       (_mla_decode_mgpu.Config / _mla_decode_tpu.Config).
     """
     if implementation == "xla":
         return reference(q_latent, q_rope, kv_cache, lengths, scale=scale)
-    if implementation == "pallas":
-        on_tpu = jax.default_backend() == "tpu"
-        implementation = "pallas_mosaic_tpu" if on_tpu else "pallas_mosaic_gpu"
-    if implementation == "pallas_mosaic_gpu":
+    if implementation == PALLAS:
+        implementation = implementations.for_backend(jax.default_backend())
+    if implementation == PALLAS_GPU:
         from pallas_kernels import _mla_decode_mgpu
         with jax.named_scope("mla_decode_mgpu"):
             return _mla_decode_mgpu.decode(q_latent, q_rope, kv_cache, lengths, scale=scale,
                                            config=config, interpret=interpret)
-    if implementation == "pallas_mosaic_tpu":
+    if implementation == PALLAS_TPU:
         from pallas_kernels import _mla_decode_tpu
         with jax.named_scope("mla_decode_tpu"):
             return _mla_decode_tpu.decode(q_latent, q_rope, kv_cache, lengths, scale=scale,

@@ -17,11 +17,13 @@ import pytest
 import dsv3_jax
 from dsv3_jax.config import PRESETS
 from dsv3_jax.model import implementations
+from dsv3_jax.model.transformer import Transformer
 from pallas_kernels import (
     _mla_attention_mgpu,
     _mla_decode_mgpu,
     dispatch_gpu,
     expert_dispatch,
+    grouped_matmul,
     mla_attention,
     mla_decode,
 )
@@ -73,7 +75,7 @@ def _raw_attention_grad(*args):
                                   (128, 64, 128)])
 def test_supported_attention_dims_lower(dims):
     assert mla_attention.pallas_unsupported("gpu", *dims) is None
-    assert _lowers(_attention_grad("pallas_mosaic_gpu"), *_attention_args(*dims)) == "ok"
+    assert _lowers(_attention_grad("pallas_gpu"), *_attention_args(*dims)) == "ok"
 
 
 # The first unsupported: one more 64-column block on any head dim past DeepSeek-V3's.
@@ -85,7 +87,7 @@ def test_first_unsupported_attention_dims_are_refused_and_really_do_not_fit(dims
     raw = _lowers(_raw_attention_grad, *_attention_args(*dims))
     assert "exceeds available shared memory" in raw, raw
     with pytest.raises(ValueError, match="implementation 'pallas' on gpu: head dims"):
-        jax.jit(_attention_grad("pallas_mosaic_gpu")).trace(*_attention_args(*dims))
+        jax.jit(_attention_grad("pallas_gpu")).trace(*_attention_args(*dims))
 
 
 def test_unpadded_dims_fail_in_mosaic_without_the_wrapper():
@@ -120,7 +122,7 @@ def _raw_decode(R, Hr, N, Tq):
 def test_supported_decode_shapes_lower(R, Hr, N, Tq):
     assert mla_decode.pallas_unsupported("gpu", R, Hr, N, Tq) is None
     fn = lambda *a: mla_decode.mla_decode(*a, scale=0.1,  # noqa: E731
-                                          implementation="pallas_mosaic_gpu")
+                                          implementation="pallas_gpu")
     assert _lowers(fn, *_decode_args(R, Hr, N, Tq)) == "ok"
 
 
@@ -133,7 +135,7 @@ def test_first_unsupported_decode_shapes_are_refused_and_do_not_fit(R, Hr, N, Tq
     assert "exceeds available shared memory" in _raw_decode(R, Hr, N, Tq)
     with pytest.raises(ValueError, match="mla_decode implementation 'pallas' on gpu"):
         jax.jit(lambda *a: mla_decode.mla_decode(*a, scale=0.1,
-                                                 implementation="pallas_mosaic_gpu")
+                                                 implementation="pallas_gpu")
                 ).trace(*_decode_args(R, Hr, N, Tq))
 
 
@@ -259,6 +261,38 @@ def test_explicit_pallas_experts_are_refused_without_a_kernel_backend():
     cfg = PRESETS["tiny"].replace(moe_impl="pallas")
     with pytest.raises(ValueError, match=r"model\.moe_impl='pallas' cannot run on cpu: no grouped"):
         implementations.resolve(cfg, "cpu")
+
+
+def test_a_resolved_config_names_the_kernel_and_passes_through():
+    small = PRESETS["small"]  # auto takes every kernel on GPU (above)
+    gpu = implementations.resolved(small, "gpu")
+    assert (gpu.attention_impl, gpu.decode_impl, gpu.moe_impl) == ("pallas_gpu",) * 3
+    assert implementations.resolved(gpu, "gpu") == gpu
+    assert implementations.resolve(gpu, "gpu").describe() == (
+        implementations.resolve(small, "gpu").describe())
+    cpu = implementations.resolved(small, "cpu")
+    assert (cpu.attention_impl, cpu.decode_impl, cpu.moe_impl) == ("xla",) * 3
+    with pytest.raises(ValueError, match=r"model\.attention_impl='pallas_gpu' cannot run on tpu: "
+                                         "it is the gpu kernel"):
+        implementations.resolved(gpu, "tpu")
+
+
+def test_the_model_refuses_a_config_not_resolved_for_a_backend():
+    """The modules read the implementation fields as they are: no backend lookup while
+    tracing, so "auto" or a bare "pallas" must have been resolved (dsv3_jax.model.api does)."""
+    tokens = S((1, 8), jnp.int32)
+    for field in ("attention_impl", "moe_impl"):
+        for request in ("auto", "pallas"):
+            cfg = PRESETS["tiny"].replace(**{"attention_impl": "xla", "decode_impl": "xla",
+                                             "moe_impl": "xla", field: request})
+            with pytest.raises(ValueError, match=f"model.{field}='{request}' is not resolved"):
+                jax.eval_shape(lambda t, cfg=cfg: Transformer(cfg).init(
+                    jax.random.key(0), t, t, None, jnp.ones(t.shape, bool)), tokens)
+
+
+def test_every_kernel_entry_point_takes_the_same_kernel_names():
+    for module in (grouped_matmul, expert_dispatch, mla_attention, mla_decode):
+        assert {"pallas", "pallas_gpu", "pallas_tpu"} <= set(module.IMPLEMENTATIONS), module
 
 
 # ---------------------------------------------------------------------------------------------

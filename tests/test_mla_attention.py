@@ -104,7 +104,7 @@ def _run_gpu_case(name):
     T, N, dims, segment_lengths, dtype, config = GPU_CASES[name]
     args, do = _inputs(T, 1, T, N, *dims, dtype)
     seg = None if segment_lengths is None else _segments(T, segment_lengths)
-    _check_against_reference("pallas_mosaic_gpu", config, args, do, seg, tol=2e-2)
+    _check_against_reference("pallas_gpu", config, args, do, seg, tol=2e-2)
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +128,7 @@ def test_mosaic_gpu_matches_reference(name, gpu_interpret_results):
 def test_mosaic_tpu_matches_reference(B, T, dtype, segment_lengths, tol):
     args, do = _inputs(T + 1, B, T, 1, 64, 32, 48, dtype)
     seg = None if segment_lengths is None else _segments(T, segment_lengths)
-    _check_against_reference("pallas_mosaic_tpu", TPU_SMALL, args, do, seg, tol=tol)
+    _check_against_reference("pallas_tpu", TPU_SMALL, args, do, seg, tol=tol)
 
 
 @pytest.mark.parametrize("segmented", [False, True])
@@ -142,7 +142,7 @@ def test_mosaic_gpu_lowers_for_cuda_at_benchmark_shape(segmented):
             S((B, T, N, 128), bf), S((B, T), jnp.int32) if segmented else None)
 
     def loss(*a):
-        o = mla_attention(*a, scale=0.1, implementation="pallas_mosaic_gpu")
+        o = mla_attention(*a, scale=0.1, implementation="pallas_gpu")
         return o.astype(jnp.float32).sum()
 
     lowered = jax.jit(jax.grad(loss, argnums=range(5))).trace(*args).lower(
@@ -181,7 +181,7 @@ def test_save_kernels_policy_runs_the_forward_kernel_once():
     w = jnp.ones((2 * 128, 8), jnp.bfloat16)
 
     def layer(*args):  # the output projection as the model's attention applies it
-        o = mla_attention(*args, None, scale=0.1, implementation="pallas_mosaic_gpu")
+        o = mla_attention(*args, None, scale=0.1, implementation="pallas_gpu")
         return jnp.sum(einsum_f32("BTF,FD->BTD", o.reshape(1, 128, -1), w))
 
     def launches(policy=None):

@@ -68,7 +68,7 @@ GPU_CASES = {  # B, Tq, N, R, L, lengths, splits, few_rows_max, dtype
 def _run_gpu_case(name):
     B, Tq, N, R, L, lengths, splits, few_rows_max, dtype = GPU_CASES[name]
     config = _mla_decode_mgpu.Config(num_splits=splits, few_rows_max=few_rows_max)
-    _check("pallas_mosaic_gpu", config, B, Tq, N, R, L, lengths, dtype)
+    _check("pallas_gpu", config, B, Tq, N, R, L, lengths, dtype)
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +90,7 @@ def test_mosaic_gpu_matches_reference(name, gpu_interpret_results):
     ],
 )
 def test_mosaic_tpu_matches_reference(B, Tq, N, L, lengths, dtype):
-    _check("pallas_mosaic_tpu", _mla_decode_tpu.Config(block_kv=128), B, Tq, N, 128, L, lengths,
+    _check("pallas_tpu", _mla_decode_tpu.Config(block_kv=128), B, Tq, N, 128, L, lengths,
            dtype)
 
 
@@ -106,7 +106,7 @@ def test_mosaic_gpu_lowers_for_cuda_at_benchmark_shape(B, L, N, Tq):
     args = (S((B, Tq, N, 512), jnp.bfloat16), S((B, Tq, N, 64), jnp.bfloat16),
             S((B, L, 576), jnp.bfloat16), S((B,), jnp.int32))
     config = _mla_decode_mgpu.Config()
-    fn = lambda *a: mla_decode(*a, scale=0.1, implementation="pallas_mosaic_gpu",  # noqa: E731
+    fn = lambda *a: mla_decode(*a, scale=0.1, implementation="pallas_gpu",  # noqa: E731
                                config=config)
     text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text

@@ -57,6 +57,7 @@ from dsv3_jax.convert.safetensors_io import (
     read_header,
     read_tensor,
 )
+from dsv3_jax.model import implementations
 from dsv3_jax.model.api import abstract_variables
 from dsv3_jax.model.moe import ROUTER_BIAS, ROUTER_STATS
 from dsv3_jax.model.transformer import MTPModule
@@ -504,9 +505,11 @@ def fresh_mtp_leaves(cfg: ModelConfig, seed: int,
     """(path, value) of every MTP variable, equal to dsv3_jax.init(cfg, jax.random.key(seed))'s,
     made a group of leaves of at most `max_bytes` (or one larger leaf) at a time: each group is
     its own jitted program, from which XLA drops the other leaves' initializers."""
+    model = implementations.resolved(cfg, jax.default_backend())  # as dsv3_jax.init traces it
+
     def init(rng):
         h_btd = jnp.zeros((1, 8, cfg.dim), jnp.float32)
-        boxed = _MTPModules(cfg).init(rng, h_btd, jnp.zeros((1, 8), jnp.int32),
+        boxed = _MTPModules(model).init(rng, h_btd, jnp.zeros((1, 8), jnp.int32),
                                       jnp.ones((1, 8), bool))
         boxed.pop(ROUTER_STATS, None)
         flat, _ = jax.tree_util.tree_flatten_with_path(nn.meta.unbox(boxed))

@@ -38,7 +38,7 @@ import numpy as np
 
 from dsv3_jax import checkpoints
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.model import api
+from dsv3_jax.model import api, implementations
 from dsv3_jax.tokenizer import load_tokenizer
 
 # Prompts are padded to a multiple of this many tokens, so prompts of nearby lengths share one
@@ -135,7 +135,9 @@ def generate(config: ModelConfig, variables: api.Variables,
     for b, ids in enumerate(prompt_ids):
         tokens_bp[b, :len(ids)] = ids
 
-    programs = _programs(config, speculative == "mtp")
+    # The implementations chosen once for the default backend; the programs trace this config.
+    programs = _programs(implementations.resolved(config, jax.default_backend()),
+                         speculative == "mtp")
     caches = {"main": api.init_cache(config, B, L)}
     if speculative == "mtp":
         caches["mtp"] = api.init_mtp_cache(config, B, L)

@@ -2,6 +2,11 @@
 
 Variables are a dict of two collections: "params" (float32, trained) and "router_bias" (the
 per-expert selection bias of every MoE layer: no gradient, no optimizer state, no weight decay).
+
+Each function resolves the config's implementations for the default backend when called
+(`implementations.resolved`; "auto" and "pallas" become what runs, an explicit kernel that cannot
+run is refused), and the model is traced from that resolved config. A caller that resolved its
+config already (the trainer, generation) passes it through unchanged.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsv3_jax.config import ModelConfig
+from dsv3_jax.model import implementations
 from dsv3_jax.model.layers import positions_from_segments
 from dsv3_jax.model.moe import ROUTER_STATS
 from dsv3_jax.model.transformer import MTPModule, Transformer, head_logits
@@ -62,9 +68,18 @@ def check_tokens(tokens, cfg: ModelConfig) -> None:
             f"token id {int(bad)} is outside the vocabulary [0, {cfg.vocab_size}) of this model")
 
 
-@functools.partial(jax.jit, static_argnums=0)
+def _for_backend(config: ModelConfig) -> ModelConfig:
+    """`config` with its implementations resolved for the default backend."""
+    return implementations.resolved(config, jax.default_backend())
+
+
 def init(config: ModelConfig, rng: jax.Array) -> Variables:
     """Random initial variables (params: N(0, init_std^2) matrices, unit norms; zero bias)."""
+    return _init(_for_backend(config), rng)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _init(config, rng):
     tokens = jnp.zeros((1, 8), jnp.int32)
     boxed = _model(config).init(rng, tokens, jnp.zeros_like(tokens), None,
                                 jnp.ones(tokens.shape, bool))
@@ -74,6 +89,8 @@ def init(config: ModelConfig, rng: jax.Array) -> Variables:
 
 def abstract_variables(config: ModelConfig) -> Variables:
     """Shapes and dtypes of every variable, with their logical-axis metadata; allocates nothing."""
+    config = _for_backend(config)
+
     def boxed_init(rng, tokens, valid):
         out = _model(config).init(rng, tokens, tokens, None, valid)
         out.pop(ROUTER_STATS, None)
@@ -102,7 +119,8 @@ def forward(config: ModelConfig, variables: Variables, tokens, segment_ids=None,
     if segment_ids is not None and np.shape(segment_ids) != np.shape(tokens):
         raise ValueError(
             f"segment_ids shape {np.shape(segment_ids)} differs from tokens {np.shape(tokens)}")
-    return _forward(config, variables, tokens, segment_ids, return_hidden, parallel)
+    return _forward(_for_backend(config), variables, tokens, segment_ids, return_hidden,
+                    parallel)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4, 5))
@@ -147,7 +165,7 @@ def prefill(config: ModelConfig, variables: Variables, tokens, lengths, cache: C
     cache. Returns (logits [B, T, V] fp32, cache with lengths = lengths), and the final-normed
     hidden states [B, T, D] with return_hidden."""
     check_tokens(tokens, config)
-    logits, cache, hidden = _prefill(config, variables, tokens,
+    logits, cache, hidden = _prefill(_for_backend(config), variables, tokens,
                                      jnp.asarray(lengths, jnp.int32), cache)
     return (logits, cache, hidden) if return_hidden else (logits, cache)
 
@@ -171,7 +189,7 @@ def decode(config: ModelConfig, variables: Variables, tokens, cache: Cache, *,
     hidden states [B, Tq, D] with return_hidden. To roll back (rejected speculative tokens),
     lower `cache.lengths`: rows past it are ignored and later overwritten."""
     check_tokens(tokens, config)
-    logits, cache, hidden = _decode(config, variables, tokens, cache)
+    logits, cache, hidden = _decode(_for_backend(config), variables, tokens, cache)
     return (logits, cache, hidden) if return_hidden else (logits, cache)
 
 
@@ -213,8 +231,8 @@ def mtp_step(config: ModelConfig, variables: Variables, h_prev, next_tokens, cac
     predicting t_{i+depth+2}, h [B, T, D] for the next depth, updated cache).
     """
     check_tokens(next_tokens, config)
-    return _mtp_step(config, variables, h_prev, jnp.asarray(next_tokens, jnp.int32), cache,
-                     prefill, depth)
+    return _mtp_step(_for_backend(config), variables, h_prev,
+                     jnp.asarray(next_tokens, jnp.int32), cache, prefill, depth)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 5, 6))

@@ -98,7 +98,7 @@ class MLA(nn.Module):
         R = c.kv_lora_rank
         kv_btnh = jnp.einsum("BTR,RNH->BTNH", latent_btc[..., :R], self.wkv_b.astype(dt))
         k_nope, v = jnp.split(kv_btnh, [c.qk_nope_head_dim], axis=-1)
-        impl = implementations.resolve(c, jax.default_backend()).attention
+        impl = implementations.chosen(c, "attention_impl")
         with jax.named_scope("mla_attention"):
             return mla_attention.mla_attention(
                 q_nope, q_rope, k_nope, latent_btc[..., R:], v, segment_ids_bt,
@@ -110,7 +110,7 @@ class MLA(nn.Module):
         wkv_b = self.wkv_b.astype(dt)
         w_uk_rnh, w_uv_rnh = wkv_b[..., :c.qk_nope_head_dim], wkv_b[..., c.qk_nope_head_dim:]
         q_latent_btnr = jnp.einsum("BTNH,RNH->BTNR", q_nope, w_uk_rnh)
-        impl = implementations.resolve(c, jax.default_backend()).decode
+        impl = implementations.chosen(c, "decode_impl")
         with jax.named_scope("mla_decode"):
             o_latent_btnr = mla_decode.mla_decode(
                 q_latent_btnr, q_rope, kv_cache_blc.astype(dt), lengths_b,

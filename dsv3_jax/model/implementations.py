@@ -1,22 +1,30 @@
 """Which implementation runs attention, decode and the routed experts, for a model on a backend.
 
 `resolve(cfg, backend)` is the one place that turns the config's `attention_impl`, `decode_impl`
-and `moe_impl` into what runs. "auto" takes a Pallas kernel only where the kernel's own support
-predicate (`pallas_unsupported` beside each kernel) holds for the model's shapes and the kernel is
-measured faster there (benchmarks/RESULTS.md, one H200), and otherwise the XLA path, saying why.
-Shapes the GPU kernels run only zero-padded (head dims or expert widths that are not whole
-64-wide tiles, as `tiny`'s) are not measured faster: there `auto` takes XLA (on one H200, `tiny`
-ran 529k tokens/s on XLA after a 25 s compile; the padded kernels did not finish compiling and
-32 steps in 150 s), while an explicit "pallas" runs them padded. An explicit "pallas" on shapes
-its kernel cannot run is refused with that reason, before anything is traced or compiled.
+and `moe_impl` into what runs, and `resolved(cfg, backend)` is the config that says so: its
+fields name the implementation itself ("pallas_gpu" / "pallas_tpu" for the kernels, names of
+pallas_kernels.implementations), and the modules read them as they are, with no backend lookup
+while tracing (`chosen`). The public functions of `api` resolve for the default backend (a
+resolved config passes through unchanged); the trainer and generation resolve once, when built.
+
+"auto" takes a Pallas kernel only where the kernel's own support predicate (`pallas_unsupported`
+beside each kernel) holds for the model's shapes and the kernel is measured faster there
+(benchmarks/RESULTS.md, one H200), and otherwise the XLA path, saying why. Shapes the GPU kernels
+run only zero-padded (head dims or expert widths that are not whole 64-wide tiles, as `tiny`'s)
+are not measured faster: there `auto` takes XLA (on one H200, `tiny` ran 529k tokens/s on XLA
+after a 25 s compile; the padded kernels did not finish compiling and 32 steps in 150 s), while
+an explicit "pallas" runs them padded. An explicit "pallas" on shapes its kernel cannot run is
+refused with that reason, before anything is traced or compiled.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 from dsv3_jax.config import ModelConfig
 from pallas_kernels import expert_dispatch, mla_attention, mla_decode
+from pallas_kernels import implementations as kernels
 
 # New tokens per sequence a decode step attends with: 1, or 2 for MTP verification.
 DECODE_TOKENS = (1, 2)
@@ -25,7 +33,8 @@ DECODE_TOKENS = (1, 2)
 @dataclasses.dataclass(frozen=True)
 class Implementations:
     """What runs: attention ("xla" | "cudnn" | "pallas"), decode ("xla" | "pallas") and the
-    routed experts ("dense" | "xla" | "pallas"), with a note for each "auto" that fell back."""
+    routed experts ("dense" | "xla" | "pallas"), with a note for each "auto" that fell back.
+    "pallas" is the backend's kernel ("pallas_gpu" | "pallas_tpu" in a `resolved` config)."""
 
     attention: str
     decode: str
@@ -85,10 +94,13 @@ def moe_padding(cfg: ModelConfig) -> str | None:
 def _pick(field: str, requested: str, chip: str, reason: str | None, notes: list[str],
           padded: str | None = None) -> str:
     """requested "auto": Pallas on GPU where supported without padding; an explicit "pallas"
-    must be supported (padding allowed)."""
-    if requested == "pallas":
+    must be supported (padding allowed), and so must a kernel named outright ("pallas_gpu" /
+    "pallas_tpu", as a resolved config has), on its own chip."""
+    if requested in kernels.PALLAS_IMPLEMENTATIONS:
+        if requested != kernels.PALLAS and kernels.chip_of(requested) != chip:
+            reason = f"it is the {kernels.chip_of(requested)} kernel"
         if reason:
-            raise ValueError(f"model.{field}='pallas' cannot run on {chip}: {reason}. Use "
+            raise ValueError(f"model.{field}={requested!r} cannot run on {chip}: {reason}. Use "
                              f"model.{field}='auto' (falls back to XLA) or 'xla'")
         return "pallas"
     if requested != "auto":
@@ -113,3 +125,32 @@ def resolve(cfg: ModelConfig, backend: str) -> Implementations:
     moe = _pick("moe_impl", cfg.moe_impl, chip, moe_unsupported(cfg, chip), notes,
                 moe_padding(cfg))
     return Implementations(attention, decode, moe, tuple(notes))
+
+
+@functools.lru_cache(maxsize=64)
+def resolved(cfg: ModelConfig, backend: str) -> ModelConfig:
+    """`cfg` with attention_impl, decode_impl and moe_impl naming what runs on `backend`, as
+    `resolve` picks it ("pallas" becomes the backend's kernel, "pallas_gpu" or "pallas_tpu");
+    a resolved config comes back unchanged. Raises as `resolve` does."""
+    impls = resolve(cfg, backend)
+
+    def concrete(name: str) -> str:
+        return kernels.for_chip(_chip(backend)) if name == kernels.PALLAS else name
+
+    return cfg.replace(attention_impl=concrete(impls.attention),
+                       decode_impl=concrete(impls.decode), moe_impl=concrete(impls.moe))
+
+
+UNRESOLVED = ("auto", kernels.PALLAS)  # requests that name no implementation until resolved
+
+
+def chosen(cfg: ModelConfig, field: str) -> str:
+    """cfg.<field> ("attention_impl", "decode_impl" or "moe_impl") for a module to run: a
+    `resolved` config names the implementation; "auto" or a bare "pallas" is refused, as it would
+    depend on the backend read while tracing."""
+    name = getattr(cfg, field)
+    if name in UNRESOLVED:
+        raise ValueError(f"model.{field}={name!r} is not resolved for a backend: build the model "
+                         "from implementations.resolved(cfg, backend) (the functions of "
+                         "dsv3_jax.model.api do)")
+    return name

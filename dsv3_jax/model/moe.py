@@ -82,7 +82,7 @@ class MoE(nn.Module):
         dt = x_btd.dtype
         experts = (x_td, expert_idx_tk, weights_tk, w_gate.astype(dt), w_up.astype(dt),
                    w_down.astype(dt))
-        impl = implementations.resolve(c, jax.default_backend()).moe
+        impl = implementations.chosen(c, "moe_impl")
         with jax.named_scope("routed_experts"):
             if self.parallel is None:
                 routed_td = expert_dispatch.routed_experts(*experts, implementation=impl)

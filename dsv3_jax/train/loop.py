@@ -22,7 +22,7 @@ from ml_collections import config_dict
 
 from dsv3_jax.checkpoints import load_variables
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.model import api, flops, implementations
+from dsv3_jax.model import api, flops
 from dsv3_jax.parallel import sharding
 from dsv3_jax.train import workdir as workdirs
 from dsv3_jax.train.checkpointer import Checkpointer
@@ -139,7 +139,7 @@ def _train(spec: RunSpec, workdir: str, data: TokenData, progress: bool) -> dict
     per_process = hyper.batch_size // processes
     train_iter = iter(data.dataset("train", per_process, run.seed, process, processes))
     start, state = _starting_state(trainer, checkpoints, train_iter, run)
-    say_start_up(model, hyper.seq_len, parallel, start, run.steps)
+    say_start_up(trainer, hyper.seq_len, parallel, start, run.steps)
     writer = MetricsWriter.continuing(workdir, start)
     preemption = Preemption(processes)
     bar = None
@@ -230,8 +230,9 @@ def _starting_state(trainer: Trainer, checkpoints: Checkpointer, train_iter, run
     return 0, state
 
 
-def say_start_up(model: ModelConfig, seq_len: int, parallel, start: int, steps: int) -> None:
+def say_start_up(trainer: Trainer, seq_len: int, parallel, start: int, steps: int) -> None:
     """The two start-up lines: the model, the devices and mesh, the steps; what runs."""
+    model = trainer.model
     counts = api.param_counts(model)
     flops_per_token = flops.train_flops_per_token(model, seq_len)
     say(f"dsv3-jax: {counts['main'] / 1e6:.1f}M parameters ({counts['active'] / 1e6:.1f}M "
@@ -241,8 +242,7 @@ def say_start_up(model: ModelConfig, seq_len: int, parallel, start: int, steps: 
         f"{'' if parallel is None else f' as mesh {dict(parallel.mesh.shape)}'}"
         f"{pipeline_note(parallel)}; "
         f"steps {start} -> {steps}")
-    say(f"kernels on {jax.default_backend()}: "
-        f"{implementations.resolve(model, jax.default_backend()).describe()}")
+    say(f"kernels on {jax.default_backend()}: {trainer.implementations.describe()}")
 
 
 class Throughput:

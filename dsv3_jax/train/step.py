@@ -17,7 +17,7 @@ import optax
 from jax.sharding import NamedSharding
 
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.model import api
+from dsv3_jax.model import api, implementations
 from dsv3_jax.model.transformer import cast_matmul_weights
 from dsv3_jax.parallel import pipeline, sharding
 from dsv3_jax.parallel.sharding import Parallel
@@ -55,10 +55,17 @@ class Hyper:
 
 class Trainer:
     """Jitted init / train / eval steps; with a `parallel` layout every array is placed by the
-    sharding rules (parameters, ZeRO-1 optimizer state, batch over data x expert)."""
+    sharding rules (parameters, ZeRO-1 optimizer state, batch over data x expert).
+
+    The implementations are chosen once, here, for the default backend: `implementations` says
+    what runs (its `describe()` is the start-up line) and `model` is the config resolved to it,
+    which every step traces."""
 
     def __init__(self, model: ModelConfig, hyper: Hyper, parallel: Parallel | None = None):
-        self.model, self.hyper, self.parallel = model, hyper, parallel
+        backend = jax.default_backend()
+        self.implementations = implementations.resolve(model, backend)
+        self.model = implementations.resolved(model, backend)
+        self.hyper, self.parallel = hyper, parallel
         self.lr = optim.piecewise_schedule(hyper.start_lr, hyper.schedule)
         self.tx = optim.adamw(self.lr, b1=hyper.b1, b2=hyper.b2, eps=hyper.eps,
                               weight_decay=hyper.weight_decay, clip_norm=hyper.clip_norm)
@@ -73,7 +80,7 @@ class Trainer:
             self.eval_step = jax.jit(self._eval_step)
             return
         mesh = parallel.mesh
-        boxed = api.abstract_variables(model)
+        boxed = api.abstract_variables(self.model)
         var_sh = sharding.variable_shardings(boxed, mesh, parallel.fsdp)
         params = nn.meta.unbox(boxed)["params"]
         replicated = NamedSharding(mesh, parallel.spec())
