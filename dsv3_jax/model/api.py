@@ -146,17 +146,22 @@ def _forward(config, variables, tokens, segment_ids, return_hidden, parallel):
 def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=None) -> Cache:
     """An empty latent cache for `batch` sequences of up to `max_len` tokens (capacity rounded
     up to a multiple of 64 rows, the decode kernel's tile)."""
-    if max_len > config.max_seq_len:
-        raise ValueError(
-            f"cache length {max_len} exceeds the model's max_seq_len {config.max_seq_len}")
-    max_len = -(-max_len // 64) * 64
-    width = config.kv_lora_rank + config.qk_rope_head_dim
+    rows = _cache_rows(config, batch, max_len)
     dtype = dtype or jnp.dtype(config.dtype)
     kv = {}
     for name, n in (("dense_layers", config.n_dense_layers), ("moe_layers", config.n_moe_layers)):
         if n:
-            kv[name] = jnp.zeros((n, batch, max_len, width), dtype)
+            kv[name] = jnp.zeros((n, *rows), dtype)
     return Cache(kv, jnp.zeros((batch,), jnp.int32))
+
+
+def _cache_rows(config: ModelConfig, batch: int, max_len: int) -> tuple[int, int, int]:
+    """[batch, capacity, kv_lora_rank + qk_rope_head_dim] of one layer's latent cache: capacity
+    is max_len rounded up to the decode kernel's 64-row tile; refuses max_len > max_seq_len."""
+    if max_len > config.max_seq_len:
+        raise ValueError(
+            f"cache length {max_len} exceeds the model's max_seq_len {config.max_seq_len}")
+    return batch, -(-max_len // 64) * 64, config.kv_lora_rank + config.qk_rope_head_dim
 
 
 def prefill(config: ModelConfig, variables: Variables, tokens, lengths, cache: Cache, *,
@@ -209,14 +214,9 @@ def init_mtp_cache(config: ModelConfig, batch: int, max_len: int, dtype=None) ->
     """An empty latent cache for the MTP blocks (one per depth), for speculative decoding."""
     if not config.mtp_depth:
         raise ValueError("this model has no MTP module (mtp_depth=0)")
-    if max_len > config.max_seq_len:
-        raise ValueError(
-            f"cache length {max_len} exceeds the model's max_seq_len {config.max_seq_len}")
-    max_len = -(-max_len // 64) * 64
-    width = config.kv_lora_rank + config.qk_rope_head_dim
+    rows = _cache_rows(config, batch, max_len)
     dtype = dtype or jnp.dtype(config.dtype)
-    kv = {f"mtp_{k}": jnp.zeros((batch, max_len, width), dtype)
-          for k in range(config.mtp_depth)}
+    kv = {f"mtp_{k}": jnp.zeros(rows, dtype) for k in range(config.mtp_depth)}
     return Cache(kv, jnp.zeros((batch,), jnp.int32))
 
 
