@@ -160,11 +160,12 @@ def _train(spec: RunSpec, workdir: str, data: TokenData, progress: bool) -> dict
     try:
         for step in range(start + 1, run.steps + 1):
             state, metrics = trainer.train_step(state, trainer.place_batch(next(train_iter)))
-            rate.steps += 1
+            logged = step % run.log_every == 0 or step == run.steps
+            rate.stepped(logged)
             if pending is not None:
                 check_finite(*pending, run.max_nonfinite_steps, checkpoints)
             pending = (step, metrics)
-            if step % run.log_every == 0 or step == run.steps:
+            if logged:
                 check_finite(*pending, run.max_nonfinite_steps, checkpoints)
                 pending = None
                 host = to_host(metrics)
@@ -247,13 +248,23 @@ def say_start_up(trainer: Trainer, seq_len: int, parallel, start: int, steps: in
 
 class Throughput:
     """Tokens/s (and MFU where the device's peak is known) over the steps since the last
-    record, and the record of a logged step."""
+    record, and the record of a logged step. The first step's compile is left out: the window
+    starts when the first step has been dispatched (unless that step is itself logged)."""
 
     def __init__(self, model: ModelConfig, hyper):
         self.hyper = hyper
         self.flops_per_token = flops.train_flops_per_token(model, hyper.seq_len)
         self.peak = flops.device_peak_flops()
+        self.compiled = False
         self.restart()
+
+    def stepped(self, logged: bool) -> None:
+        """Count a dispatched step; after the first (which compiled), start the window again."""
+        if self.compiled or logged:
+            self.steps += 1
+        else:
+            self.restart()
+        self.compiled = True
 
     def restart(self) -> None:
         """Leave what ran since (an eval) out of the next rate."""
