@@ -13,7 +13,19 @@ The public API. Its names load on first use (PEP 562), so importing one subpacka
   dsv3_jax.infer        generation                                              (model)
 """
 
+import glob
 import importlib
+import os
+
+# libtpu (the `tpu` extra, installed to compile for TPU targets: launch.compile) makes JAX probe
+# for TPU chips at start-up, and on a host without them log metadata-server errors. Where the
+# host has no TPU chips (no /dev/accel*, no /dev/vfio/N), tell libtpu there is nothing to look
+# up; compile-only TPU topologies still work. Set before any JAX backend starts.
+NO_TPU_HOST_ENV = {"TPU_SKIP_MDS_QUERY": "1", "TPU_WORKER_HOSTNAMES": "localhost",
+                   "TPU_HOST_BOUNDS": "1,1,1", "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
+if not (glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*")):
+    for _key, _value in NO_TPU_HOST_ENV.items():
+        os.environ.setdefault(_key, _value)
 
 _EXPORTS = {
     "dsv3_jax.config": ("PRESETS", "ModelConfig", "preset"),

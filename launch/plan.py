@@ -381,10 +381,8 @@ def make_plan(cfg: config_dict.ConfigDict, devices: int,
 # Single flag changes ------------------------------------------------------------------------
 SHOWN = 5  # single flag changes printed for a layout that does not fit or is refused
 # attention_impl values suggested per backend (make_plan then refuses a kernel that cannot run
-# the shapes). The TPU kernels are tested but not measured on a TPU, so `auto` takes XLA there
-# (dsv3_jax.model.implementations) and a TPU plan suggests none; moe_impl changes no term of
-# the plan.
-SUGGESTED_ATTENTION = {"gpu": ("pallas",), "tpu": ()}
+# the shapes); moe_impl changes no term of the plan.
+SUGGESTED_ATTENTION = {"gpu": ("pallas",), "tpu": ("pallas",)}
 
 
 def _divisors(n: int) -> list[int]:

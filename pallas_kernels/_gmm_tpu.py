@@ -158,6 +158,7 @@ def gmm(lhs: Sequence[jax.Array], rhs: Sequence[jax.Array], group_sizes: jax.Arr
         ),
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "arbitrary", "arbitrary")),
+        cost_estimate=_gmm_cost(lhs, out_dtypes, op=op, visits=V, tm=tm, n_iters=n_iters, tn=tn),
         interpret=pltpu.InterpretParams() if interpret else False,
     )
     return tuple(call(group_v, tile_v, starts, ends, *lhs, *rhs))
@@ -213,9 +214,40 @@ def tgmm(lhs: jax.Array, dout: jax.Array, group_sizes: jax.Array, *, out_dtype,
         ),
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "arbitrary")),
+        cost_estimate=_tgmm_cost(lhs, dout, G, out_dtype, visits=V, tm=tm, k_iters=k_iters,
+                                 n_iters=n_iters),
         interpret=pltpu.InterpretParams() if interpret else False,
     )
     return call(group_v, tile_v, starts, ends, lhs, dout)
+
+
+def _gmm_cost(lhs, out_dtypes, *, op: str, visits: int, tm: int, n_iters: int, tn: int
+              ) -> pl.CostEstimate:
+    """What `gmm` executes, for XLA's scheduler and cost_analysis (which otherwise counts a
+    kernel as nothing). Every visit (V in all) multiplies its [tile_m, K] rows by its group's
+    whole [K, tile_n] weight strip, re-reading both (the contraction is the innermost grid
+    axis); each output is written once."""
+    _, n_b, pairs, _ = _OPS[op]
+    M, K = lhs[0].shape
+    isz = jnp.dtype(lhs[0].dtype).itemsize
+    rows, N = visits * tm, n_iters * tn
+    reads = n_iters * rows * K * isz * len(lhs) + n_b * visits * K * N * isz
+    writes = sum(M * N * jnp.dtype(d).itemsize for d in out_dtypes)
+    return pl.CostEstimate(flops=2 * rows * K * N * len(pairs),
+                           transcendentals=rows * N if op == "swiglu" else 0,
+                           bytes_accessed=reads + writes)
+
+
+def _tgmm_cost(lhs, dout, G: int, out_dtype, *, visits: int, tm: int, k_iters: int,
+               n_iters: int) -> pl.CostEstimate:
+    """What `tgmm` executes: each (K, N) output block streams every visit's row tiles of lhs
+    and dout (the visits are the innermost grid axis) and is written once."""
+    K, N = lhs.shape[1], dout.shape[1]
+    isz = jnp.dtype(lhs.dtype).itemsize
+    rows = visits * tm
+    reads = (n_iters * rows * K + k_iters * rows * N) * isz
+    return pl.CostEstimate(flops=2 * rows * K * N, transcendentals=0,
+                           bytes_accessed=reads + G * K * N * jnp.dtype(out_dtype).itemsize)
 
 
 def _precision(dtype):

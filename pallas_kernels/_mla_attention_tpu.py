@@ -50,7 +50,8 @@ def compute_dtype(dtype) -> jnp.dtype:
     return jnp.dtype(dtype)
 
 
-# The smallest default scoped VMEM of a Mosaic TPU kernel (v5e; v5p and v6e have 32 MiB).
+# The smallest default scoped VMEM of a Mosaic TPU kernel: 16 MiB on v5e and v5p (Mosaic's
+# "CompileTimeScopedVmemOom" limit compiling for v5p), 32 MiB on v6e (the same, for v6e).
 VMEM_LIMIT = 16 * 1024 * 1024
 
 
@@ -71,6 +72,38 @@ def unsupported(Hn: int, Hr: int, Hv: int, *, config: Config | None = None) -> s
         return (f"head dims {Hn}/{Hr}/{Hv} (nope/rope/v) need about {vmem} bytes of VMEM, "
                 f"above the {VMEM_LIMIT} scoped for a Mosaic TPU kernel")
     return None
+
+
+def causal_steps(T: int, config: Config) -> int:
+    """(query block, key block) pairs on or below the causal diagonal: the steps a kernel
+    computes per (batch, head) without segments (segments only skip more)."""
+    bq, bkv = config.block_q, config.block_kv
+    return sum(((i + 1) * bq - 1) // bkv + 1 for i in range(T // bq))
+
+
+def _cost(q_nope, config: Config, *, matmul_widths, q_row_bytes: int, kv_row_bytes: int,
+          streamed_side: str, out_row_bytes: int) -> pl.CostEstimate:
+    """What one of the three kernels executes, for XLA's scheduler and cost_analysis (which
+    otherwise counts a kernel as nothing). Per (batch, head): `causal_steps` block pairs, each
+    one [bq, bkv] product per head width in `matmul_widths` and one exp per score. The
+    resident side's rows are read once, the streamed side's ("q" | "kv") once per step; each
+    row's outputs are written once."""
+    B, T, N, _ = q_nope.shape
+    bq, bkv = config.block_q, config.block_kv
+    steps = causal_steps(T, config)
+    if streamed_side == "kv":
+        reads = steps * bkv * kv_row_bytes + T * q_row_bytes
+    else:
+        reads = steps * bq * q_row_bytes + T * kv_row_bytes
+    return pl.CostEstimate(flops=2 * B * N * steps * bq * bkv * sum(matmul_widths),
+                           transcendentals=B * N * steps * bq * bkv,
+                           bytes_accessed=B * N * (reads + T * out_row_bytes))
+
+
+def _row_bytes(isz: int, *widths: int, stats: int = 0, seg: int = 0) -> int:
+    """Bytes of one sequence row of some head-dim operands (isz each), `stats` fp32 statistics
+    and `seg` int32 segment ids (each 128 lanes wide, as the kernels hold them)."""
+    return isz * sum(widths) + 4 * LANES * stats + 4 * seg
 
 
 def _dot(x, y, dims):
@@ -117,6 +150,7 @@ def forward(q_nope, q_rope, k_nope, k_rope, v, seg_bt, bounds, *, scale: float, 
     bq, bkv = config.block_q, config.block_kv
     nq, nkv = T // bq, T // bkv
     dtype = q_nope.dtype
+    isz = jnp.dtype(dtype).itemsize
     if has_segments:
         kv_lo = (bounds[0].reshape(B, nq, bq).min(-1) // bkv).astype(jnp.int32)
     else:
@@ -191,6 +225,10 @@ def forward(q_nope, q_rope, k_nope, k_rope, v, seg_bt, bounds, *, scale: float, 
                    jax.ShapeDtypeStruct((B, N, T, LANES), jnp.float32)],
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
+        cost_estimate=_cost(q_nope, config, matmul_widths=(Hn + Hr, Hv),
+                            q_row_bytes=_row_bytes(isz, Hn, Hr, seg=LANES),
+                            kv_row_bytes=_row_bytes(isz, Hn, Hr, Hv, seg=SUBLANES),
+                            streamed_side="kv", out_row_bytes=_row_bytes(isz, Hv, stats=1)),
         interpret=pltpu.InterpretParams() if interpret else False,
     )
     o_bnth, lse_bntl = call(kv_lo, _bhtd(q_nope), _bhtd(q_rope), _bhtd(k_nope), k_rope, _bhtd(v),
@@ -206,6 +244,7 @@ def backward(q_nope, q_rope, k_nope, k_rope, v, do, lse, delta, seg_bt, bounds, 
     bq, bkv = config.block_q, config.block_kv
     nq, nkv = T // bq, T // bkv
     dtype = q_nope.dtype
+    isz = jnp.dtype(dtype).itemsize
     if has_segments:
         kv_lo = (bounds[0].reshape(B, nq, bq).min(-1) // bkv).astype(jnp.int32)
         q_hi = (bounds[1].reshape(B, nkv, bkv).max(-1) // bq).astype(jnp.int32)  # last q block
@@ -286,6 +325,10 @@ def backward(q_nope, q_rope, k_nope, k_rope, v, do, lse, delta, seg_bt, bounds, 
         out_shape=[jax.ShapeDtypeStruct((B, N, T, Hn), dtype),
                    jax.ShapeDtypeStruct((B, N, T, Hr), dtype)],
         compiler_params=params,
+        cost_estimate=_cost(q_nope, config, matmul_widths=(Hn + Hr, Hv, Hn + Hr),
+                            q_row_bytes=_row_bytes(isz, Hn, Hr, Hv, stats=2, seg=LANES),
+                            kv_row_bytes=_row_bytes(isz, Hn, Hr, Hv, seg=SUBLANES),
+                            streamed_side="kv", out_row_bytes=_row_bytes(isz, Hn, Hr)),
         interpret=interpret_params,
     )(kv_lo, qn, qr, kn, k_rope, vv, dob, lse_l, delta_l, segq, segk)
 
@@ -356,6 +399,10 @@ def backward(q_nope, q_rope, k_nope, k_rope, v, do, lse, delta, seg_bt, bounds, 
                    jax.ShapeDtypeStruct((B, N, T, Hv), dtype),
                    jax.ShapeDtypeStruct((B, N, T, Hr), jnp.float32)],
         compiler_params=params,
+        cost_estimate=_cost(q_nope, config, matmul_widths=(Hn + Hr, Hv, Hv, Hn + Hr),
+                            q_row_bytes=_row_bytes(isz, Hn, Hr, Hv, stats=2, seg=LANES),
+                            kv_row_bytes=_row_bytes(isz, Hn, Hr, Hv, seg=SUBLANES),
+                            streamed_side="q", out_row_bytes=_row_bytes(isz, Hn, Hv) + 4 * Hr),
         interpret=interpret_params,
     )(q_hi, qn, qr, kn, k_rope, vv, dob, lse_l, delta_l, segq, segk)
     dk_rope = dkr_heads.sum(axis=1).astype(k_rope.dtype)

@@ -28,7 +28,8 @@ class Config:
     block_kv: int = 512
 
 
-# The smallest default scoped VMEM of a Mosaic TPU kernel (v5e; v5p and v6e have 32 MiB).
+# The smallest default scoped VMEM of a Mosaic TPU kernel: 16 MiB on v5e and v5p (Mosaic's
+# "CompileTimeScopedVmemOom" limit compiling for v5p), 32 MiB on v6e (the same, for v6e).
 VMEM_LIMIT = 16 * 1024 * 1024
 
 
@@ -46,6 +47,17 @@ def unsupported(R: int, Hr: int, N: int, Tq: int, *, config: Config | None = Non
         return (f"{Tq} x {N} query rows with kv_lora_rank={R} need about {vmem} bytes of VMEM, "
                 f"above the {VMEM_LIMIT} scoped for a Mosaic TPU kernel")
     return None
+
+
+def _cost(B: int, rows: int, L: int, R: int, Hr: int, dtype) -> pl.CostEstimate:
+    """What the kernel executes at full caches, for XLA's scheduler and cost_analysis (which
+    otherwise counts a kernel as nothing): per sequence, scores [rows, L] over R + Hr and the
+    output over R; the cache read once, the queries, limits and output once."""
+    isz = jnp.dtype(dtype).itemsize
+    reads = B * (L * (R + Hr) * isz + rows * (R + Hr) * isz + rows * LANES * 4)
+    return pl.CostEstimate(flops=2 * B * rows * L * (2 * R + Hr),
+                           transcendentals=B * rows * L,
+                           bytes_accessed=reads + B * rows * R * isz)
 
 
 def decode(q_latent, q_rope, kv_cache, lengths, *, scale: float, config: Config | None = None,
@@ -124,6 +136,7 @@ def decode(q_latent, q_rope, kv_cache, lengths, *, scale: float, config: Config 
         ),
         out_shape=jax.ShapeDtypeStruct((B, rows, R), q_latent.dtype),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
+        cost_estimate=_cost(B, rows, L + pad_l, R, Hr, q_latent.dtype),
         interpret=pltpu.InterpretParams() if interpret else False,
     )(lengths, q_brk, kv, limit_brl)
     return o_brr[:, :n_rows].reshape(B, Tq, N, R)

@@ -225,9 +225,24 @@ def test_auto_picks_a_kernel_only_where_its_predicate_holds(cfg):
         assert picked == ("xla" if reason else "pallas")
         if reason:
             assert any(reason in note for note in impls.notes)
-    for backend in ("cpu", "tpu"):  # unmeasured TPU kernels are opt-in
-        assert implementations.resolve(cfg, backend) == implementations.Implementations(
-            "xla", "xla", "xla")
+    assert implementations.resolve(cfg, "cpu") == implementations.Implementations(
+        "xla", "xla", "xla")
+    tpu = implementations.resolve(cfg, "tpu")
+    # On TPU: the attention kernel where supported, the decode kernel from 64 heads, XLA's
+    # ragged_dot for the experts (implementations.tpu_fallback gives the estimates).
+    assert tpu.attention == ("xla" if implementations.attention_unsupported(cfg, "tpu")
+                             or implementations.tpu_fallback("attention_impl", cfg)
+                             else "pallas")
+    assert tpu.decode == ("xla" if implementations.decode_unsupported(cfg, "tpu")
+                          or cfg.n_heads < implementations.DECODE_KERNEL_MIN_HEADS else "pallas")
+    assert tpu.moe == "xla" and any("ragged_dot" in note for note in tpu.notes)
+
+
+def test_presets_pick_what_the_readme_says_on_tpu():
+    assert implementations.resolve(PRESETS["deepseek_v3_671b"], "tpu").describe().startswith(
+        "attention pallas, decode pallas, experts xla")
+    moonlight = implementations.resolve(PRESETS["moonlight_16b_a3b"], "tpu")
+    assert (moonlight.attention, moonlight.decode, moonlight.moe) == ("pallas", "xla", "xla")
 
 
 def test_presets_pick_what_the_readme_says():

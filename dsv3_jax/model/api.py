@@ -69,7 +69,11 @@ def check_tokens(tokens, cfg: ModelConfig) -> None:
 
 
 def _for_backend(config: ModelConfig) -> ModelConfig:
-    """`config` with its implementations resolved for the default backend."""
+    """`config` with its implementations resolved for the default backend; a config already
+    resolved (by a trainer or generator built for another backend, as `launch.compile` builds
+    one for a TPU target on a CPU host) passes through as it is."""
+    if implementations.is_resolved(config):
+        return config
     return implementations.resolved(config, jax.default_backend())
 
 
@@ -165,46 +169,48 @@ def _cache_rows(config: ModelConfig, batch: int, max_len: int) -> tuple[int, int
 
 
 def prefill(config: ModelConfig, variables: Variables, tokens, lengths, cache: Cache, *,
-            return_hidden: bool = False):
+            return_hidden: bool = False, parallel: Parallel | None = None):
     """Run right-padded prompts [B, T] (true lengths [B]) through the expanded form into an EMPTY
     cache. Returns (logits [B, T, V] fp32, cache with lengths = lengths), and the final-normed
-    hidden states [B, T, D] with return_hidden."""
+    hidden states [B, T, D] with return_hidden. With a `parallel` layout the rows are split over
+    its batch axes and the routed experts run expert-parallel (a serving slice)."""
     check_tokens(tokens, config)
     logits, cache, hidden = _prefill(_for_backend(config), variables, tokens,
-                                     jnp.asarray(lengths, jnp.int32), cache)
+                                     jnp.asarray(lengths, jnp.int32), cache, parallel)
     return (logits, cache, hidden) if return_hidden else (logits, cache)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _prefill(config, variables, tokens, lengths, cache):
+@functools.partial(jax.jit, static_argnums=(0, 5))
+def _prefill(config, variables, tokens, lengths, cache, parallel=None):
     tokens = jnp.asarray(tokens, jnp.int32)
     B, T = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     valid = positions < jnp.asarray(lengths)[:, None]
-    (h, _, kv), _ = _model(config).apply(
+    (h, _, kv), _ = _model(config, parallel=parallel).apply(
         variables, tokens, positions, None, valid, cache.kv, jnp.zeros((B,), jnp.int32),
         mutable=[ROUTER_STATS])
     return head_logits(variables["params"], h), Cache(kv, lengths), h
 
 
 def decode(config: ModelConfig, variables: Variables, tokens, cache: Cache, *,
-           return_hidden: bool = False):
+           return_hidden: bool = False, parallel: Parallel | None = None):
     """Append tokens [B, Tq] after each sequence's cached ones and attend with the absorbed form
     over the latent cache. Returns (logits [B, Tq, V] fp32, updated cache), and the final-normed
     hidden states [B, Tq, D] with return_hidden. To roll back (rejected speculative tokens),
-    lower `cache.lengths`: rows past it are ignored and later overwritten."""
+    lower `cache.lengths`: rows past it are ignored and later overwritten. `parallel` as for
+    `prefill`."""
     check_tokens(tokens, config)
-    logits, cache, hidden = _decode(_for_backend(config), variables, tokens, cache)
+    logits, cache, hidden = _decode(_for_backend(config), variables, tokens, cache, parallel)
     return (logits, cache, hidden) if return_hidden else (logits, cache)
 
 
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=3)
-def _decode(config, variables, tokens, cache):
+@functools.partial(jax.jit, static_argnums=(0, 4), donate_argnums=3)
+def _decode(config, variables, tokens, cache, parallel=None):
     tokens = jnp.asarray(tokens, jnp.int32)
     Tq = tokens.shape[1]
     positions = cache.lengths[:, None] + jnp.arange(Tq, dtype=jnp.int32)[None, :]
     valid = jnp.ones(tokens.shape, bool)
-    (h, _, kv), _ = _model(config, decode=True).apply(
+    (h, _, kv), _ = _model(config, decode=True, parallel=parallel).apply(
         variables, tokens, positions, None, valid, cache.kv, cache.lengths,
         mutable=[ROUTER_STATS])
     return head_logits(variables["params"], h), Cache(kv, cache.lengths + Tq), h
@@ -274,5 +280,6 @@ def param_counts(config: ModelConfig) -> dict[str, int]:
     }
 
 
-def _model(config: ModelConfig, decode: bool = False) -> Transformer:
-    return Transformer(config, decode=decode)
+def _model(config: ModelConfig, decode: bool = False,
+           parallel: Parallel | None = None) -> Transformer:
+    return Transformer(config, decode=decode, parallel=parallel)

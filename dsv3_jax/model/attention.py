@@ -17,7 +17,10 @@ import jax.numpy as jnp
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.model import implementations
 from dsv3_jax.model.layers import RMSNorm, apply_rope, normal, rope_angles, weight
+from dsv3_jax.parallel import sharding
+from dsv3_jax.parallel.sharding import Parallel
 from pallas_kernels import mla_attention, mla_decode
+from pallas_kernels.implementations import PALLAS_IMPLEMENTATIONS
 
 
 class MLA(nn.Module):
@@ -26,6 +29,7 @@ class MLA(nn.Module):
 
     cfg: ModelConfig
     decode: bool = False
+    parallel: Parallel | None = None  # on a mesh the Pallas kernels run per batch shard
 
     def setup(self):
         c, init = self.cfg, normal(self.cfg)
@@ -99,10 +103,13 @@ class MLA(nn.Module):
         kv_btnh = jnp.einsum("BTR,RNH->BTNH", latent_btc[..., :R], self.wkv_b.astype(dt))
         k_nope, v = jnp.split(kv_btnh, [c.qk_nope_head_dim], axis=-1)
         impl = implementations.chosen(c, "attention_impl")
+
+        def attend(*args):
+            return mla_attention.mla_attention(*args, scale=c.softmax_scale, implementation=impl)
+
         with jax.named_scope("mla_attention"):
-            return mla_attention.mla_attention(
-                q_nope, q_rope, k_nope, latent_btc[..., R:], v, segment_ids_bt,
-                scale=c.softmax_scale, implementation=impl)
+            return self.per_shard(impl, attend, q_nope, q_rope, k_nope, latent_btc[..., R:], v,
+                                  segment_ids_bt)
 
     def absorbed(self, q_nope, q_rope, kv_cache_blc, lengths_b):
         """Decode form: W_UK folded into the query, W_UV applied after attending the latent."""
@@ -111,8 +118,17 @@ class MLA(nn.Module):
         w_uk_rnh, w_uv_rnh = wkv_b[..., :c.qk_nope_head_dim], wkv_b[..., c.qk_nope_head_dim:]
         q_latent_btnr = jnp.einsum("BTNH,RNH->BTNR", q_nope, w_uk_rnh)
         impl = implementations.chosen(c, "decode_impl")
+
+        def attend(*args):
+            return mla_decode.mla_decode(*args, scale=c.softmax_scale, implementation=impl)
+
         with jax.named_scope("mla_decode"):
-            o_latent_btnr = mla_decode.mla_decode(
-                q_latent_btnr, q_rope, kv_cache_blc.astype(dt), lengths_b,
-                scale=c.softmax_scale, implementation=impl)
+            o_latent_btnr = self.per_shard(impl, attend, q_latent_btnr, q_rope,
+                                           kv_cache_blc.astype(dt), lengths_b)
         return jnp.einsum("BTNR,RNH->BTNH", o_latent_btnr, w_uv_rnh)
+
+    def per_shard(self, impl: str, attend, *args):
+        """attend(*args), on a mesh per batch shard when it is a Pallas kernel."""
+        if self.parallel is None or impl not in PALLAS_IMPLEMENTATIONS:
+            return attend(*args)
+        return sharding.per_row_shard(attend, self.parallel, *args)

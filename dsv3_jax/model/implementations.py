@@ -9,7 +9,8 @@ resolved config passes through unchanged); the trainer and generation resolve on
 
 "auto" takes a Pallas kernel only where the kernel's own support predicate (`pallas_unsupported`
 beside each kernel) holds for the model's shapes and the kernel is measured faster there
-(benchmarks/RESULTS.md, one H200), and otherwise the XLA path, saying why. Shapes the GPU kernels
+(benchmarks/RESULTS.md, one H200; on TPU, estimated from the kernels compiled for v5p and v6e:
+`tpu_fallback`), and otherwise the XLA path, saying why. Shapes the GPU kernels
 run only zero-padded (head dims or expert widths that are not whole 64-wide tiles, as `tiny`'s)
 are not measured faster: there `auto` takes XLA (on one H200, `tiny` ran 529k tokens/s on XLA
 after a 25 s compile; the padded kernels did not finish compiling and 32 steps in 150 s), while
@@ -91,11 +92,38 @@ def moe_padding(cfg: ModelConfig) -> str | None:
             f"faster than XLA")
 
 
+# Why "auto" takes XLA on a TPU, per field (None: the TPU kernel where it is supported). Decided
+# from the kernels compiled for v5p and v6e at DeepSeek-V3 and Moonlight shapes
+# (`python -m benchmarks.tpu_kernels`: XLA's cost analysis and memory, not yet a TPU timing).
+# Attention: XLA materializes the [B, N, T, T] scores (16.6 GiB of scratch for one DeepSeek-V3
+# layer's forward+backward at T=4096, 1.8 GiB for the kernel) and its roofline estimate is 2.7-3.2x
+# the kernel's. Decode: the kernel reads less at 128 heads (0.43 vs 0.53 ms on v5p), XLA at 16
+# (0.30 vs 0.39 ms). Experts: the grouped matmul reads 2.2-4.6x XLA ragged_dot's bytes at its
+# tiles, and larger tiles hit v5p's 16 MiB scoped VMEM before they catch up.
+DECODE_KERNEL_MIN_HEADS = 64
+
+
+def tpu_fallback(field: str, cfg: ModelConfig) -> str | None:
+    """Why "auto" takes XLA over the TPU kernel for `field`, or None."""
+    if field == "moe_impl":
+        return ("the TPU grouped matmul reads 2.2-4.6x XLA ragged_dot's bytes "
+                "(benchmarks.tpu_kernels)")
+    dims = (cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim)
+    if field == "attention_impl" and any(d % 64 for d in dims):
+        return (f"head dims {'/'.join(map(str, dims))} are not whole 64-wide tiles: "
+                "compiled, not estimated faster")
+    if field == "decode_impl" and cfg.n_heads < DECODE_KERNEL_MIN_HEADS:
+        return (f"n_heads={cfg.n_heads} < {DECODE_KERNEL_MIN_HEADS}: XLA's decode reads less "
+                "there (benchmarks.tpu_kernels)")
+    return None
+
+
 def _pick(field: str, requested: str, chip: str, reason: str | None, notes: list[str],
-          padded: str | None = None) -> str:
-    """requested "auto": Pallas on GPU where supported without padding; an explicit "pallas"
-    must be supported (padding allowed), and so must a kernel named outright ("pallas_gpu" /
-    "pallas_tpu", as a resolved config has), on its own chip."""
+          padded: str | None = None, on_tpu: str | None = None) -> str:
+    """requested "auto": Pallas on GPU where supported without padding, on TPU where supported
+    unless `on_tpu` says why not; an explicit "pallas" must be supported (padding allowed), and
+    so must a kernel named outright ("pallas_gpu" / "pallas_tpu", as a resolved config has), on
+    its own chip."""
     if requested in kernels.PALLAS_IMPLEMENTATIONS:
         if requested != kernels.PALLAS and kernels.chip_of(requested) != chip:
             reason = f"it is the {kernels.chip_of(requested)} kernel"
@@ -105,8 +133,9 @@ def _pick(field: str, requested: str, chip: str, reason: str | None, notes: list
         return "pallas"
     if requested != "auto":
         return requested
-    if chip != "gpu":
-        # The TPU kernels are tested interpreted and compiled, not yet measured on a TPU.
+    if chip == "tpu":
+        padded = on_tpu
+    elif chip != "gpu":
         return "xla"
     if reason or padded:
         notes.append(f"{field} auto -> xla: {reason or padded}")
@@ -120,10 +149,12 @@ def resolve(cfg: ModelConfig, backend: str) -> Implementations:
     chip = _chip(backend)
     notes: list[str] = []
     attention = _pick("attention_impl", cfg.attention_impl, chip,
-                      attention_unsupported(cfg, chip), notes, attention_padding(cfg))
-    decode = _pick("decode_impl", cfg.decode_impl, chip, decode_unsupported(cfg, chip), notes)
+                      attention_unsupported(cfg, chip), notes, attention_padding(cfg),
+                      tpu_fallback("attention_impl", cfg))
+    decode = _pick("decode_impl", cfg.decode_impl, chip, decode_unsupported(cfg, chip), notes,
+                   on_tpu=tpu_fallback("decode_impl", cfg))
     moe = _pick("moe_impl", cfg.moe_impl, chip, moe_unsupported(cfg, chip), notes,
-                moe_padding(cfg))
+                moe_padding(cfg), tpu_fallback("moe_impl", cfg))
     return Implementations(attention, decode, moe, tuple(notes))
 
 
@@ -142,6 +173,15 @@ def resolved(cfg: ModelConfig, backend: str) -> ModelConfig:
 
 
 UNRESOLVED = ("auto", kernels.PALLAS)  # requests that name no implementation until resolved
+
+
+FIELDS = ("attention_impl", "decode_impl", "moe_impl")
+
+
+def is_resolved(cfg: ModelConfig) -> bool:
+    """Whether every implementation field of `cfg` names what runs (no "auto", no bare
+    "pallas")."""
+    return all(getattr(cfg, field) not in UNRESOLVED for field in FIELDS)
 
 
 def chosen(cfg: ModelConfig, field: str) -> str:

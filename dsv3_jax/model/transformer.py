@@ -60,7 +60,7 @@ class Block(nn.Module):
     def __call__(self, h_btd, kv_cache_blc, starts_b, positions_bt, segment_ids_bt, valid_bt):
         c = self.cfg
         cache = None if kv_cache_blc is None else (kv_cache_blc, starts_b)
-        attn_btd, new_kv_blc = MLA(c, self.decode, name="attn")(
+        attn_btd, new_kv_blc = MLA(c, self.decode, self.parallel, name="attn")(
             RMSNorm(c.norm_eps, name="attn_norm")(h_btd), positions_bt, segment_ids_bt, cache)
         attn_btd = checkpoint_name(attn_btd, "attention_out")
         h_btd = h_btd + attn_btd

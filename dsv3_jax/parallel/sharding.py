@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import flax.linen as nn
 import jax
 import numpy as np
 import optax
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from dsv3_jax.config import ModelConfig
@@ -29,8 +30,12 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
     "batch": BATCH_AXES,
     "experts": "expert",
     "moe_layers": "pipeline",  # the MoE stack is what the pipeline splits into stages
-    "fsdp": "data",  # weights' "embed" axis maps here when parameters are fully sharded
+    "fsdp": "data",  # a weight's FSDP_AXES name maps here when parameters are fully sharded
 }
+# Fully sharded parameters split each weight's first of these over `data`: the model width, or
+# for the MLA up-projections that have none (wq_b [q_lora, heads, head_dim], wkv_b [kv_lora,
+# ...]: 12.6 GB of fp32 per device for deepseek_v3_671b, replicated otherwise) the latent rank.
+FSDP_AXES = ("embed", "q_lora", "kv_lora")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +55,7 @@ class Parallel:
 
     def spec(self, *logical: str | None) -> PartitionSpec:
         """The PartitionSpec of logical axes here: `RULES`, with "batch" over `batch_axes` and
-        the weights' "embed" over `data` when parameters are fully sharded (fsdp)."""
+        a weight's first FSDP_AXES name over `data` when parameters are fully sharded (fsdp)."""
         return spec(logical, self.fsdp, batch_axes=self.batch_axes)
 
     @property
@@ -93,7 +98,29 @@ def make_mesh(pipeline: int = 1, data: int = -1, expert: int = 1,
     devices = list(devices if devices is not None else jax.devices())
     shape = resolve_mesh_shape(pipeline, data, expert, len(devices))
     auto = (jax.sharding.AxisType.Auto,) * 3
-    return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+    slices = len({getattr(d, "slice_index", 0) for d in devices})
+    if slices > 1:
+        return Mesh(_multi_slice_grid(shape, devices, slices), MESH_AXES, axis_types=auto)
+    try:
+        return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+    except NotImplementedError:
+        # A mesh axis that is no product of whole torus axes (expert=64 on a 16x16 v6e slice):
+        # split a physical axis between two mesh axes, as mesh_utils allows when asked.
+        grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+        return Mesh(grid, MESH_AXES, axis_types=auto)
+
+
+def _multi_slice_grid(shape: tuple[int, int, int], devices, slices: int):
+    """Devices of several TPU slices (joined by the data-center network, DCN) laid out so that
+    only `data` crosses slices: each slice holds whole expert groups and pipeline stages, and
+    only the data-parallel gradient reduction goes over DCN."""
+    pipeline, data, expert = shape
+    if data % slices:
+        raise ValueError(f"mesh data={data} must be a multiple of the {slices} slices (only the "
+                         f"data axis spans slices), e.g. --config.mesh.data={slices}")
+    return mesh_utils.create_hybrid_device_mesh(
+        (pipeline, data // slices, expert), (1, slices, 1), devices,
+        allow_split_physical_axes=True)
 
 
 def check_fits(model: ModelConfig, mesh_shape: dict[str, int], batch_size: int,
@@ -115,13 +142,37 @@ def check_fits(model: ModelConfig, mesh_shape: dict[str, int], batch_size: int,
             f"devices; e.g. batch_size={rows * microbatches * max(1, per_step // rows)}")
 
 
+def per_row_shard(fn: Callable, parallel: Parallel, *arrays: jax.Array | None):
+    """fn(*arrays) run on each device's rows (a `shard_map` over the batch axes, every array
+    split on its leading batch axis, None passed through): a Pallas kernel is a custom call that
+    XLA cannot partition ("Mosaic kernels cannot be automatically partitioned"), so on a mesh
+    it runs per shard. fn must act on rows independently and return one batch-leading array."""
+    present = [i for i, a in enumerate(arrays) if a is not None]
+
+    def local(*shards):
+        full = list(arrays)
+        for i, shard in zip(present, shards, strict=True):
+            full[i] = shard
+        return fn(*full)
+
+    def rows(a):
+        return parallel.spec("batch", *([None] * (a.ndim - 1)))
+
+    given = [arrays[i] for i in present]
+    out = jax.eval_shape(fn, *arrays)
+    return jax.shard_map(local, mesh=parallel.mesh, in_specs=tuple(rows(a) for a in given),
+                         out_specs=rows(out), check_vma=False)(*given)
+
+
 def spec(logical: Sequence[str | None], fsdp: bool = False,
          batch_axes: tuple[str, ...] = BATCH_AXES) -> PartitionSpec:
-    """The PartitionSpec of a tuple of logical names; a mesh axis may appear only once."""
+    """The PartitionSpec of a tuple of logical names; a mesh axis may appear only once. With
+    fsdp a weight's first `FSDP_AXES` name goes over `data`."""
     mesh_axes, used = [], set()
+    sharded = next((n for n in logical if n in FSDP_AXES), None) if fsdp else None
     for name in logical:
         target = RULES.get(name) if name is not None else None
-        if name == "embed" and fsdp:
+        if name is not None and name == sharded:
             target = RULES["fsdp"]
         if name == "batch":
             target = batch_axes

@@ -37,14 +37,17 @@ class NonFiniteError(RuntimeError):
     """Raised when too many consecutive steps had a non-finite loss or gradient."""
 
 
-def parallel_layout(mesh: MeshSpec) -> sharding.Parallel | None:
-    """The mesh of this run over the real devices, or None on a single device."""
-    if mesh.devices == 1:
+def parallel_layout(mesh: MeshSpec, devices=None) -> sharding.Parallel | None:
+    """The mesh of this run over `devices` (default: the real devices, and None on a single
+    device; given devices, compile-only ones for a TPU target, always a layout, so every array
+    is placed on them)."""
+    if devices is None and mesh.devices == 1:
         return None
     pipe = mesh.pipeline
     return sharding.Parallel(
-        sharding.make_mesh(*mesh.shape), fsdp=mesh.fsdp, capacity_factor=mesh.capacity_factor,
-        pipeline=pipe, batch_axes=sharding.MESH_AXES if pipe else sharding.BATCH_AXES)
+        sharding.make_mesh(*mesh.shape, devices=devices), fsdp=mesh.fsdp,
+        capacity_factor=mesh.capacity_factor, pipeline=pipe,
+        batch_axes=sharding.MESH_AXES if pipe else sharding.BATCH_AXES)
 
 
 def pipeline_note(parallel) -> str:

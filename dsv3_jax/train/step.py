@@ -57,12 +57,14 @@ class Trainer:
     """Jitted init / train / eval steps; with a `parallel` layout every array is placed by the
     sharding rules (parameters, ZeRO-1 optimizer state, batch over data x expert).
 
-    The implementations are chosen once, here, for the default backend: `implementations` says
-    what runs (its `describe()` is the start-up line) and `model` is the config resolved to it,
-    which every step traces."""
+    The implementations are chosen once, here, for `backend` (the default backend unless
+    named: `launch.compile` builds a TPU trainer on a CPU host): `implementations` says what runs
+    (its `describe()` is the start-up line) and `model` is the config resolved to it, which
+    every step traces."""
 
-    def __init__(self, model: ModelConfig, hyper: Hyper, parallel: Parallel | None = None):
-        backend = jax.default_backend()
+    def __init__(self, model: ModelConfig, hyper: Hyper, parallel: Parallel | None = None,
+                 backend: str | None = None):
+        backend = backend or jax.default_backend()
         self.implementations = implementations.resolve(model, backend)
         self.model = implementations.resolved(model, backend)
         self.hyper, self.parallel = hyper, parallel
