@@ -51,6 +51,7 @@ from dsv3_jax.train.loop import parallel_layout
 from dsv3_jax.train.run_spec import RunSpec
 from dsv3_jax.train.step import Trainer
 from launch import cli, plan
+from pallas_kernels import tpu_compile
 
 GB = 1e9
 Target = tpu_targets.Target | gpu_targets.Target
@@ -83,6 +84,7 @@ class Report:
     programs: tuple[Program, ...]
     estimate: float  # bytes per device: launch.plan's total, or weights + cache for serving
     estimate_label: str
+    plan: plan.Plan | None = None  # the train step's plan (None for serving)
 
     @property
     def peak(self) -> int:
@@ -113,13 +115,12 @@ def compile_program(name: str, jitted, args, mesh) -> Program:
             return out_of_memory(name, str(e), time.perf_counter() - began)
     seconds = time.perf_counter() - began
     memory = compiled.memory_analysis()
-    cost = compiled.cost_analysis() or {}
-    cost = cost[0] if isinstance(cost, list) else cost
+    flops, bytes_accessed = tpu_compile.cost_of(compiled)
     return Program(
         name=name, arguments=memory.argument_size_in_bytes,
         outputs=memory.output_size_in_bytes - memory.alias_size_in_bytes,
         temporaries=memory.temp_size_in_bytes, code=memory.generated_code_size_in_bytes,
-        flops=float(cost.get("flops", 0.0)), bytes_accessed=float(cost.get("bytes accessed", 0.0)),
+        flops=flops, bytes_accessed=bytes_accessed,
         collectives=collectives.of_hlo(compiled.as_text()), seconds=seconds)
 
 
@@ -147,7 +148,7 @@ def train_report(cfg: config_dict.ConfigDict, target: Target) -> Report:
              for k, s in trainer.batch_sharding.items()}
     program = compile_program("train step", trainer.train_step,
                               (trainer.abstract_state(), batch), parallel.mesh)
-    return Report(target, spec, (program,), estimate.total, "launch.plan's estimate")
+    return Report(target, spec, (program,), estimate.total, "launch.plan's estimate", estimate)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,14 +199,14 @@ def decode_report(cfg: config_dict.ConfigDict, target: Target,
                      donate_argnums=2)
     programs = (compile_program("prefill", prefill, (variables, tokens, lengths, cache), mesh),
                 compile_program("decode step", decode, (variables, step_tokens, cache), mesh))
-    weights = sum(math.prod(s.shard_shape(a.shape)) * a.dtype.itemsize
-                  for a, s in zip(jax.tree.leaves(variables),
-                                  jax.tree.leaves(jax.tree.map(lambda a: a.sharding, variables)),
-                                  strict=True))
-    kv = sum(math.prod(a.sharding.shard_shape(a.shape)) * a.dtype.itemsize
-             for a in jax.tree.leaves(cache))
-    return Report(target, spec, programs, weights + kv,
+    return Report(target, spec, programs, device_bytes(variables) + device_bytes(cache),
                   f"weights ({model.dtype}) + latent cache")
+
+
+def device_bytes(tree) -> int:
+    """Bytes one device holds of a tree of sharded ShapeDtypeStructs."""
+    return sum(math.prod(a.sharding.shard_shape(a.shape)) * a.dtype.itemsize
+               for a in jax.tree.leaves(tree))
 
 
 def serving_variables(model, mesh, fsdp: bool):
@@ -312,8 +313,7 @@ def main() -> None:
             jax.config.update("jax_platforms", "cpu")
         try:
             target = make_target(topology.value, num_slices.value)
-            run_spec(config.value, target)  # every config error before libtpu starts
-            target.devices  # noqa: B018  (a topology libtpu refuses, before compiling)
+            # Config, mesh and serving errors are raised by the reports before they compile.
             report = (decode_report(config.value, target, Serving(batch.value, prompt_len.value,
                                                                   max_len.value))
                       if decode.value else train_report(config.value, target))
@@ -323,12 +323,11 @@ def main() -> None:
         print(format_report(report))
         if report.fits:
             return
-        if not decode.value:
+        if report.plan is not None:
             options = plan.alternatives(config.value, target.device_count, target.hbm_bytes / GB,
                                         target.backend)
             print("launch.plan's single flag changes (analytic; compile the one you pick):")
-            print(plan.format_alternatives(plan.make_plan(
-                config.value, target.device_count, target.hbm_bytes / GB, target.backend), options))
+            print(plan.format_alternatives(report.plan, options))
         sys.exit(1)
 
     cli.run(run, config)

@@ -148,6 +148,14 @@ def chip_of(topology: str) -> Chip:
                 vmem_bytes=info.vmem_capacity_bytes)
 
 
+def cost_of(compiled) -> tuple[float, float]:
+    """(flops, bytes accessed) of a compiled program from XLA's cost analysis."""
+    cost = compiled.cost_analysis() or {}
+    if isinstance(cost, list):  # older JAX: one dict per program
+        cost = cost[0] if cost else {}
+    return float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
+
+
 def compile_for(fn: Callable, arg_specs: Sequence[jax.ShapeDtypeStruct], topology: str, *,
                 name: str = "", model_flops: float = 0.0) -> KernelReport:
     """jit(fn) compiled for one chip of `topology` (libtpu's name, e.g. "v5p:1x1x1", "v6e:1x1").
@@ -162,15 +170,12 @@ def compile_for(fn: Callable, arg_specs: Sequence[jax.ShapeDtypeStruct], topolog
         start = time.perf_counter()
         compiled = jax.jit(fn).lower(*args).compile()
         seconds = time.perf_counter() - start
-    cost = compiled.cost_analysis() or {}
-    if isinstance(cost, list):  # older JAX: one dict per program
-        cost = cost[0] if cost else {}
+    flops, bytes_accessed = cost_of(compiled)
     memory = compiled.memory_analysis()
     calls = mosaic_calls(compiled.as_text())
     return KernelReport(name=name, topology=topology, vmem_bytes=tuple(v for _, v in calls),
                         kernel_ops=tuple(op for op, _ in calls),
-                        flops=float(cost.get("flops", 0.0)),
-                        bytes_accessed=float(cost.get("bytes accessed", 0.0)),
+                        flops=flops, bytes_accessed=bytes_accessed,
                         temp_bytes=int(memory.temp_size_in_bytes) if memory else 0,
                         compile_s=seconds, vmem_capacity=vmem_capacity(topology),
                         model_flops=model_flops)

@@ -56,7 +56,7 @@ class Target:
 
     @property
     def devices(self) -> list:
-        return _devices(self.topology, self.num_slices)
+        return tpu_compile.target_devices(self.topology, self.num_slices)
 
     @property
     def device_count(self) -> int:
@@ -117,6 +117,3 @@ def cloud_shape(generation: str, chips: int) -> tuple[int, ...]:
         shape[shape.index(min(shape))] *= 2
     return tuple(sorted(shape))
 
-
-def _devices(topology: str, num_slices: int) -> list:
-    return tpu_compile.target_devices(topology, num_slices)
