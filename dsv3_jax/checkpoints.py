@@ -1,10 +1,11 @@
 """Finding and reading a saved run: one step directory from a workdir, its `checkpoints`
 directory or the step itself; its meta (model config, run config, tokenizer); the model config
 and tokenizer it records; and its params and router bias. Training (`init_from`), conversion
-and generation all resolve checkpoints here.
+and generation all resolve checkpoints here, and find a checkpoint's tokenizer here
+(`tokenizer_file`; a checkpoint may keep its own copy, `own_tokenizer` and `copy_tokenizer`).
 
   workdir/checkpoints/<step>/{state, data, meta}    as the trainer writes them
-  <dir>/{state, meta}                              as launch.convert hf-to-orbax writes them
+  <dir>/{state, meta, tokenizer*.json}             as launch.convert hf-to-orbax writes them
 
 Imports `dsv3_jax.config` and `dsv3_jax.tokenizer` only (orbax when variables are loaded).
 """
@@ -13,12 +14,15 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from typing import Any
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.tokenizer import ByteTokenizer, HFTokenizer
 
 STATE, META = "state", "meta"
+# A Hugging Face tokenizer's files: tokenizer.json, then what transformers also reads beside it.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 def step_dir(path: str) -> str:
@@ -50,6 +54,9 @@ def step_meta(step: str) -> dict[str, Any]:
 
 def model_config(meta: dict, meta_dir: str) -> ModelConfig:
     """The ModelConfig a meta records."""
+    if "model" not in meta:
+        raise ValueError(f"the meta in {meta_dir} has no 'model' entry: the model config is "
+                         "unknown")
     try:
         return ModelConfig(**meta["model"])
     except TypeError as e:
@@ -94,15 +101,47 @@ def recorded_tokenizer(spec: dict | None, meta_dir: str):
         return None
     if spec.get("kind") == "bytes":
         return ByteTokenizer()
-    if spec.get("kind") == "hf":
-        recorded = spec["path"]
-        for candidate in (recorded, os.path.join(meta_dir, os.path.basename(recorded)),
-                          os.path.join(os.path.dirname(meta_dir), "tokenizer.json")):
-            if os.path.isfile(candidate):
-                return HFTokenizer(candidate)
-        raise ValueError(f"the checkpoint's tokenizer {recorded!r} is not there any more; pass "
-                         "the tokenizer.json path explicitly")
-    raise ValueError(f"unknown tokenizer record {spec!r}; expected kind 'bytes' or 'hf'")
+    return HFTokenizer(tokenizer_file(spec, meta_dir))
+
+
+def tokenizer_file(spec: dict | None, meta_dir: str) -> str | None:
+    """Where the Hugging Face tokenizer.json a checkpoint's meta records (`spec`, read from
+    `meta_dir`) is now: its recorded path, else a copy beside the meta, else the checkpoint's own
+    copy beside its items (`own_tokenizer`), which a moved checkpoint still finds. None when the
+    meta records no such file (no tokenizer, or the byte-level one)."""
+    if spec is None or spec.get("kind") == "bytes":
+        return None
+    if spec.get("kind") != "hf":
+        raise ValueError(f"unknown tokenizer record {spec!r}; expected kind 'bytes' or 'hf'")
+    recorded = spec["path"]
+    own = os.path.join(os.path.dirname(meta_dir), TOKENIZER_FILES[0])
+    for candidate in (recorded, os.path.join(meta_dir, os.path.basename(recorded)), own):
+        if os.path.isfile(candidate):
+            return candidate
+    raise ValueError(f"the checkpoint's tokenizer {recorded!r} is not there any more, nor a copy "
+                     f"beside the checkpoint ({own!r}); pass one explicitly "
+                     "(--tokenizer=PATH/tokenizer.json; launch.convert also takes "
+                     "--tokenizer=none)")
+
+
+def own_tokenizer(step: str) -> dict:
+    """The meta's tokenizer record of a checkpoint that keeps its own copy of a Hugging Face
+    tokenizer beside its items (as launch.convert hf-to-orbax writes it; see copy_tokenizer)."""
+    return {"kind": "hf", "path": os.path.join(step, TOKENIZER_FILES[0])}
+
+
+def copy_tokenizer(tokenizer_json: str, directory: str) -> list[str]:
+    """Copy a Hugging Face tokenizer into `directory`: `tokenizer_json` (when it is a file) as
+    tokenizer.json, and the other TOKENIZER_FILES found beside it. Returns the names copied."""
+    copied = []
+    sources = [(tokenizer_json, TOKENIZER_FILES[0])] + [
+        (os.path.join(os.path.dirname(tokenizer_json), name), name)
+        for name in TOKENIZER_FILES[1:]]
+    for src, name in sources:
+        if os.path.isfile(src):
+            shutil.copyfile(src, os.path.join(directory, name))
+            copied.append(name)
+    return copied
 
 
 def load_variables(path: str, abstract_variables: Any) -> tuple[Any, dict]:

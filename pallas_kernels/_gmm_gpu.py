@@ -207,16 +207,25 @@ def _silu_mul(gate, up):
     return gate * jax.nn.sigmoid(gate) * up
 
 
+class _OpForm(NamedTuple):
+    """What one `gmm` op multiplies: its operands, products and accumulators."""
+
+    n_a: int        # lhs operands
+    n_b: int        # rhs operands
+    pairs: tuple    # products (lhs, rhs, accumulator), by index
+    n_acc: int      # accumulators
+    epilogue: Any   # accumulators -> outputs (None: swiglu's, applied per column chunk)
+
+
 _OPS = {
-    # op: (number of lhs, number of rhs, pairs (lhs, rhs, acc), number of accs, epilogue)
-    "mm": (1, 1, ((0, 0, 0),), 1, lambda accs: accs),
-    "swiglu": (1, 2, ((0, 0, 0), (0, 1, 1)), 2, None),  # epilogue applied per column chunk
-    "mm2": (2, 2, ((0, 0, 0), (1, 1, 0)), 1, lambda accs: accs),
+    "mm": _OpForm(1, 1, ((0, 0, 0),), 1, lambda accs: accs),
+    "swiglu": _OpForm(1, 2, ((0, 0, 0), (0, 1, 1)), 2, None),
+    "mm2": _OpForm(2, 2, ((0, 0, 0), (1, 1, 0)), 1, lambda accs: accs),
 }
 
 
 def gmm_smem_bytes(op: str, cfg: GmmConfig, dtype, out_dtypes: Sequence) -> int:
-    n_a, n_b, _, _, _ = _OPS[op]
+    n_a, n_b = _OPS[op].n_a, _OPS[op].n_b
     isz = jnp.dtype(dtype).itemsize
     stage = (n_a * cfg.cta_m * cfg.tile_k + n_b * cfg.tile_k * cfg.cta_n) * isz
     swizzled = sum(2 * cfg.epi_slots * cfg.tile_m * cfg.epi_tile_n * jnp.dtype(d).itemsize
@@ -265,24 +274,8 @@ class _GmmStatic:
     transforms: tuple   # of both operands' SMEM tiles (one swizzle, from the K step)
 
     @property
-    def n_a(self) -> int:
-        return _OPS[self.op][0]
-
-    @property
-    def n_b(self) -> int:
-        return _OPS[self.op][1]
-
-    @property
-    def pairs(self) -> tuple:
-        return _OPS[self.op][2]
-
-    @property
-    def n_acc(self) -> int:
-        return _OPS[self.op][3]
-
-    @property
-    def epilogue(self):
-        return _OPS[self.op][4]
+    def form(self) -> _OpForm:
+        return _OPS[self.op]
 
 
 class _GmmRefs(NamedTuple):
@@ -318,7 +311,7 @@ def gmm(lhs: Sequence[jax.Array], rhs: Sequence[jax.Array], group_sizes: jax.Arr
     lhs: `n_a` arrays [M, K]; rhs: `n_b` arrays [G, K, N] (rhs_layout "kn") or [G, N, K] ("nk");
     group_sizes [G] int32 with sum <= M. Any M, K, N (partial tiles are zero-filled/clipped).
     """
-    n_a, n_b, _, _, _ = _OPS[op]
+    n_a, n_b = _OPS[op].n_a, _OPS[op].n_b
     assert len(lhs) == n_a and len(rhs) == n_b, (op, len(lhs), len(rhs))
     M0, N0 = lhs[0].shape[0], rhs[0].shape[2] if rhs_layout == "kn" else rhs[0].shape[1]
     # Whole 8 x 64 tiles in GMEM (a no-op for the model's shapes); padded rows are past the
@@ -360,13 +353,13 @@ def _gmm_pipeline(st: _GmmStatic, body, context, start, gb, ni):
                                  transforms=st.transforms, delay_release=cfg.delay_release)
     return plgpu.emit_pipeline_warp_specialized(
         body, grid=(st.k_iters,), memory_registers=MEMORY_REGS,
-        in_specs=[a_spec] * st.n_a + [b_spec] * st.n_b,
+        in_specs=[a_spec] * st.form.n_a + [b_spec] * st.form.n_b,
         wg_axis="wg", num_compute_wgs=COMPUTE_WGS, max_concurrent_steps=cfg.max_concurrent_steps,
         compute_context=context)
 
 
 def _gmm_kernel(st: _GmmStatic, meta_gmem, *refs):
-    n_a, n_b = st.n_a, st.n_b
+    n_a, n_b = st.form.n_a, st.form.n_b
     a_gmems, b_gmems, o_gmems = refs[:n_a], refs[n_a:n_a + n_b], refs[n_a + n_b:]
     tm, epi = st.cfg.tile_m, st.cfg.epi_tile_n
     wg = lax.axis_index("wg")
@@ -413,7 +406,7 @@ def _gmm_tile(st: _GmmStatic, refs: _GmmRefs, wg, wg_rows, wg_cols, index):
 
     def compute_context(eval_pipeline):
         @functools.partial(pl.run_scoped,
-                           accs=[plgpu.ACC((cfg.tile_m, cfg.tile_n), jnp.float32)] * st.n_acc)
+                           accs=[plgpu.ACC((cfg.tile_m, cfg.tile_n), jnp.float32)] * st.form.n_acc)
         def _acc_scope(accs):
             eval_pipeline(tuple(accs))
             _gmm_epilogue(st, refs, wg, tile, [acc[...] for acc in accs])
@@ -427,9 +420,9 @@ def _gmm_tile(st: _GmmStatic, refs: _GmmRefs, wg, wg_rows, wg_cols, index):
 def _gmm_mma(st: _GmmStatic, wg_rows, wg_cols, _, *refs):
     """One K step: this warpgroup's accumulators += its lhs rows @ its rhs columns."""
     *smems, accs = refs
-    for ai, bi, ci in st.pairs:
+    for ai, bi, ci in st.form.pairs:
         a_ref = smems[ai].at[wg_rows]
-        b_smem = smems[st.n_a + bi]
+        b_smem = smems[st.form.n_a + bi]
         b_ref = b_smem.at[:, wg_cols] if st.rhs_layout == "kn" else b_smem.at[wg_cols].T
         plgpu.wgmma(accs[ci], a_ref, b_ref)
     plgpu.wgmma_wait(st.cfg.delay_release)
@@ -464,7 +457,7 @@ def _out_values(st: _GmmStatic, vals, c0, width):
     if st.op == "swiglu":
         gate, up = vals[0][:, cols], vals[1][:, cols]
         return [_silu_mul(gate, up), gate, up]
-    return [v[:, cols] for v in st.epilogue(vals)]
+    return [v[:, cols] for v in st.form.epilogue(vals)]
 
 
 def _store_whole_rows(st: _GmmStatic, refs: _GmmRefs, wg, out_values, start, row_base,

@@ -172,6 +172,55 @@ def _query_steps(st: _Static, q0, kv_lo):
     return n_steps, n_full
 
 
+def _query_kernel(compute, memory, st: _Static, refs, smem):
+    """A forward or dq CTA: its compute warpgroups run compute(st, refs, smem, cta), its memory
+    warpgroup memory(st, refs, smem, cta)."""
+    cta = _query_cta(st, refs.kvlo)
+
+    @pl.when(cta.wg < COMPUTE_WGS)
+    def _compute():
+        compute(st, refs, smem, cta)
+
+    @pl.when(cta.wg == COMPUTE_WGS)
+    def _memory():
+        memory(st, refs, smem, cta)
+
+
+def _mask_keys(st: _Static, smem, s, q0, kv_lo, i, slot, seg_q):
+    """Scores s [bq, bkv] of the query rows from q0 against key block kv_lo + i (ring slot
+    `slot`), with the keys a row may not see (later ones, other documents) at -inf."""
+    seg_k = (plgpu.load(smem.segk_smem.at[slot], layout=COLS)
+             if st.has_segments else None)
+    vis = _visible((st.bq, st.bkv), q0, (kv_lo + i) * st.bkv, rows_are_queries=True,
+                   seg_rows=seg_q, seg_cols=seg_k)
+    return jnp.where(vis, s, -jnp.inf)
+
+
+def _key_ring(stages: int, bkv: int, Hn, Hr, Hv, dtype, has_segments: bool) -> dict:
+    """SMEM ring of the key blocks a forward or dq memory warpgroup streams: k_nope, k_rope, v
+    and the key segment ids (None: not allocated)."""
+    return dict(
+        kn_smem=plgpu.SMEM((stages, bkv, Hn), dtype, transforms=TRANSFORMS),
+        kr_smem=plgpu.SMEM((stages, bkv, Hr), dtype, transforms=TRANSFORMS),
+        v_smem=plgpu.SMEM((stages, bkv, Hv), dtype, transforms=TRANSFORMS),
+        segk_smem=plgpu.SMEM((stages, bkv), jnp.int32) if has_segments else None,
+    )
+
+
+def _copy_key_block(st: _Static, refs, smem, cta: _QueryCta, i, slot, *, bars, with_v: bool):
+    """TMA copies of key block kv_lo + i into ring slot `slot`, on barrier bars[slot]: k_nope,
+    k_rope, v (with_v) and the key segment ids."""
+    b, h = cta.b, cta.h
+    kv = pl.ds((cta.kv_lo + i) * st.bkv, st.bkv)
+    bar = bars.at[slot]
+    plgpu.copy_gmem_to_smem(refs.kn.at[b, kv, h], smem.kn_smem.at[slot], bar)
+    plgpu.copy_gmem_to_smem(refs.kr.at[b, kv], smem.kr_smem.at[slot], bar)
+    if with_v:
+        plgpu.copy_gmem_to_smem(refs.v.at[b, kv, h], smem.v_smem.at[slot], bar)
+    if st.has_segments:
+        plgpu.copy_gmem_to_smem(refs.seg.at[b, kv], smem.segk_smem.at[slot], bar)
+
+
 def _schedule_barrier(sched):
     """The forward's ping-pong: each compute warpgroup arrives and waits for the other."""
     plgpu.barrier_arrive(sched)
@@ -204,7 +253,7 @@ def _forward_call(q_nope, q_rope, k_nope, k_rope, v, seg_bt, kv_lo_bc, *, scale:
     st = _static(q_nope, q_rope, v, config.block_q, config.block_kv, config.max_concurrent_steps,
                  scale=scale, has_segments=has_segments, interpret=interpret)
     call = warp_specialized_kernel(
-        functools.partial(_forward_kernel, st), _ForwardRefs,
+        functools.partial(_query_kernel, _forward_compute, _forward_memory, st), _ForwardRefs,
         _forward_scratch(st.Hn, st.Hr, st.Hv, st.dtype, config, has_segments),
         out_type=(jax.ShapeDtypeStruct((B, T, N, st.Hv), st.dtype),
                   jax.ShapeDtypeStruct((B, N, T), jnp.float32)),
@@ -224,10 +273,7 @@ def _forward_scratch(Hn, Hr, Hv, dtype, config: Config, has_segments: bool) -> d
                  else plgpu.SMEM((wgs, bq, Hv), dtype, transforms=TRANSFORMS)),
         segq_smem2=plgpu.SMEM((wgs, bq), jnp.int32) if has_segments else None,
         lse_smem2=plgpu.SMEM((wgs, bq), jnp.float32),
-        kn_smem=plgpu.SMEM((stages, bkv, Hn), dtype, transforms=TRANSFORMS),
-        kr_smem=plgpu.SMEM((stages, bkv, Hr), dtype, transforms=TRANSFORMS),
-        v_smem=plgpu.SMEM((stages, bkv, Hv), dtype, transforms=TRANSFORMS),
-        segk_smem=plgpu.SMEM((stages, bkv), jnp.int32) if has_segments else None,
+        **_key_ring(stages, bkv, Hn, Hr, Hv, dtype, has_segments),
     )
     return smem | dict(
         q_bars=tma_barrier(smem["qn_smem2"], smem["qr_smem2"], smem["segq_smem2"],
@@ -241,22 +287,10 @@ def _forward_scratch(Hn, Hr, Hv, dtype, config: Config, has_segments: bool) -> d
     )
 
 
-def _forward_kernel(st: _Static, refs: _ForwardRefs, smem):
-    cta = _query_cta(st, refs.kvlo)
-    schedule_barrier = functools.partial(_schedule_barrier, smem.sched)
-
-    @pl.when(cta.wg < COMPUTE_WGS)
-    def _compute():
-        _forward_compute(st, refs, smem, cta, schedule_barrier)
-
-    @pl.when(cta.wg == COMPUTE_WGS)
-    def _memory():
-        _forward_memory(st, refs, smem, cta)
-
-
-def _forward_compute(st: _Static, refs: _ForwardRefs, smem, cta: _QueryCta, schedule_barrier):
+def _forward_compute(st: _Static, refs: _ForwardRefs, smem, cta: _QueryCta):
     """Compute warpgroup cta.wg: o and lse2 of its bq query rows, ping-ponging with the other
     (one runs its softmax while the other's wgmmas run)."""
+    schedule_barrier = functools.partial(_schedule_barrier, smem.sched)
     plgpu.set_max_registers(COMPUTE_REGS, action="increase")
     b, h, wg = cta.b, cta.h, cta.wg
     q0 = cta.q0 + wg * st.bq
@@ -293,11 +327,7 @@ def _forward_kv_step(st: _Static, smem, qn_smem, qr_smem, q0, kv_lo, seg_q, n_st
             (st.bq, st.bkv), interpret=st.interpret, between=schedule_barrier)
     s = s * st.c
     if masked:
-        seg_k = (plgpu.load(smem.segk_smem.at[slot], layout=COLS)
-                 if st.has_segments else None)
-        vis = _visible((st.bq, st.bkv), q0, (kv_lo + i) * st.bkv, rows_are_queries=True,
-                       seg_rows=seg_q, seg_cols=seg_k)
-        s = jnp.where(vis, s, -jnp.inf)
+        s = _mask_keys(st, smem, s, q0, kv_lo, i, slot, seg_q)
     plgpu.barrier_arrive(smem.k_free.at[slot])
     acc, l, m_new, p16 = _forward_softmax(st, s, acc, m, l)
     plgpu.barrier_arrive(smem.sched)  # softmax done
@@ -359,14 +389,8 @@ def _forward_memory(st: _Static, refs: _ForwardRefs, smem, cta: _QueryCta):
     their own, so the QK^T wgmma need not wait for v)."""
     plgpu.set_max_registers(MEMORY_REGS, action="decrease")
     b, h = cta.b, cta.h
-
-    def load_k(i, slot):
-        kv = pl.ds((cta.kv_lo + i) * st.bkv, st.bkv)
-        bar = smem.k_bars.at[slot]
-        plgpu.copy_gmem_to_smem(refs.kn.at[b, kv, h], smem.kn_smem.at[slot], bar)
-        plgpu.copy_gmem_to_smem(refs.kr.at[b, kv], smem.kr_smem.at[slot], bar)
-        if st.has_segments:
-            plgpu.copy_gmem_to_smem(refs.seg.at[b, kv], smem.segk_smem.at[slot], bar)
+    load_k = functools.partial(_copy_key_block, st, refs, smem, cta, bars=smem.k_bars,
+                               with_v=False)
 
     def load_v(i, slot):
         kv = pl.ds((cta.kv_lo + i) * st.bkv, st.bkv)
@@ -405,7 +429,7 @@ def _backward_dq_call(q_nope, q_rope, k_nope, k_rope, v, do, lse2, delta, seg_bt
                  config.bwd_concurrent_steps, scale=scale, has_segments=has_segments,
                  interpret=interpret)
     call = warp_specialized_kernel(
-        functools.partial(_dq_kernel, st), _DqRefs,
+        functools.partial(_query_kernel, _dq_compute, _dq_memory, st), _DqRefs,
         _dq_scratch(st.Hn, st.Hr, st.Hv, st.dtype, config, has_segments),
         out_type=(jax.ShapeDtypeStruct((B, T, N, st.Hn), st.dtype),
                   jax.ShapeDtypeStruct((B, T, N, st.Hr), st.dtype)),
@@ -425,10 +449,7 @@ def _dq_scratch(Hn, Hr, Hv, dtype, config: Config, has_segments: bool) -> dict:
         lse_smem2=plgpu.SMEM((wgs, bq), jnp.float32),
         delta_smem2=plgpu.SMEM((wgs, bq), jnp.float32),
         segq_smem2=plgpu.SMEM((wgs, bq), jnp.int32) if has_segments else None,
-        kn_smem=plgpu.SMEM((stages, bkv, Hn), dtype, transforms=TRANSFORMS),
-        kr_smem=plgpu.SMEM((stages, bkv, Hr), dtype, transforms=TRANSFORMS),
-        v_smem=plgpu.SMEM((stages, bkv, Hv), dtype, transforms=TRANSFORMS),
-        segk_smem=plgpu.SMEM((stages, bkv), jnp.int32) if has_segments else None,
+        **_key_ring(stages, bkv, Hn, Hr, Hv, dtype, has_segments),
     )
     q_tiles = ("qn_smem2", "qr_smem2", "do_smem2", "lse_smem2", "delta_smem2", "segq_smem2")
     return smem | dict(
@@ -437,18 +458,6 @@ def _dq_scratch(Hn, Hr, Hv, dtype, config: Config, has_segments: bool) -> dict:
                             num_barriers=stages),
         kv_free=plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
     )
-
-
-def _dq_kernel(st: _Static, refs: _DqRefs, smem):
-    cta = _query_cta(st, refs.kvlo)
-
-    @pl.when(cta.wg < COMPUTE_WGS)
-    def _compute():
-        _dq_compute(st, refs, smem, cta)
-
-    @pl.when(cta.wg == COMPUTE_WGS)
-    def _memory():
-        _dq_memory(st, refs, smem, cta)
 
 
 def _dq_compute(st: _Static, refs: _DqRefs, smem, cta: _QueryCta):
@@ -500,11 +509,7 @@ def _dq_kv_step(st: _Static, smem, qn_smem, qr_smem, do_smem, q0, kv_lo, lse, de
         interpret=st.interpret)
     s = s * st.c
     if masked:
-        seg_k = (plgpu.load(smem.segk_smem.at[slot], layout=COLS)
-                 if st.has_segments else None)
-        vis = _visible((st.bq, st.bkv), q0, (kv_lo + i) * st.bkv, rows_are_queries=True,
-                       seg_rows=seg_q, seg_cols=seg_k)
-        s = jnp.where(vis, s, -jnp.inf)
+        s = _mask_keys(st, smem, s, q0, kv_lo, i, slot, seg_q)
     p = jnp.exp2(s - _bcast_rows(lse, s.shape))
     ds = (p * (dp - _bcast_rows(delta, dp.shape))).astype(st.dtype)
     dqn, dqr = mma_multi([([(ds, kn_smem)], dqn), ([(ds, kr_smem)], dqr)],
@@ -523,17 +528,8 @@ def _dq_drain_step(st: _Static, smem, i, _):
 def _dq_memory(st: _Static, refs: _DqRefs, smem, cta: _QueryCta):
     """Memory warpgroup: key blocks (k_nope, k_rope, v, key segment ids)."""
     plgpu.set_max_registers(MEMORY_REGS, action="decrease")
-    b, h = cta.b, cta.h
-
-    def load(i, slot):
-        kv = pl.ds((cta.kv_lo + i) * st.bkv, st.bkv)
-        bar = smem.kv_bars.at[slot]
-        plgpu.copy_gmem_to_smem(refs.kn.at[b, kv, h], smem.kn_smem.at[slot], bar)
-        plgpu.copy_gmem_to_smem(refs.kr.at[b, kv], smem.kr_smem.at[slot], bar)
-        plgpu.copy_gmem_to_smem(refs.v.at[b, kv, h], smem.v_smem.at[slot], bar)
-        if st.has_segments:
-            plgpu.copy_gmem_to_smem(refs.seg.at[b, kv], smem.segk_smem.at[slot], bar)
-
+    load = functools.partial(_copy_key_block, st, refs, smem, cta, bars=smem.kv_bars,
+                             with_v=True)
     stream(cta.n_cta, st.stages, (load, smem.kv_free))
 
 

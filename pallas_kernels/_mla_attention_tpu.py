@@ -16,6 +16,9 @@ forward and backward of the same backend.
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -142,268 +145,340 @@ def _bhtd(x):
     return jnp.swapaxes(x, 1, 2)  # [B, T, N, H] <-> [B, N, T, H]
 
 
+class _Dims(NamedTuple):
+    """The sizes of one attention call (legend above) that its kernels are built from."""
+
+    B: int
+    T: int
+    N: int
+    Hn: int
+    Hr: int
+    Hv: int
+    nq: int           # query blocks
+    nkv: int          # key blocks
+    dtype: jnp.dtype  # of q, k, v and do: the matmul operands
+    isz: int          # bytes of one element of dtype
+
+
+def _dims(q_nope, q_rope, v, config: Config) -> _Dims:
+    B, T, N, Hn = q_nope.shape
+    dtype = q_nope.dtype
+    return _Dims(B, T, N, Hn, q_rope.shape[-1], v.shape[-1], T // config.block_q,
+                 T // config.block_kv, dtype, jnp.dtype(dtype).itemsize)
+
+
+# ----------------------------------------------------------------------------------------------
+# Which blocks each grid step visits
+# ----------------------------------------------------------------------------------------------
+def _kv_lo(bounds, B: int, nq: int, config: Config, has_segments: bool):
+    """[B, nq] int32: the first key block each query block visits (the first key of its
+    documents; 0 without segments)."""
+    if has_segments:
+        return (bounds[0].reshape(B, nq, config.block_q).min(-1) // config.block_kv
+                ).astype(jnp.int32)
+    return jnp.zeros((B, nq), jnp.int32)
+
+
+def _q_hi(bounds, B: int, nq: int, nkv: int, config: Config, has_segments: bool):
+    """[B, nkv] int32: the last query block each key block is seen by (the last query of its
+    documents; the last block without segments)."""
+    if has_segments:
+        return (bounds[1].reshape(B, nkv, config.block_kv).max(-1) // config.block_q
+                ).astype(jnp.int32)
+    return jnp.full((B, nkv), nq - 1, jnp.int32)
+
+
+def _kv_hi(i, config: Config):
+    """The last key block query block i visits (the one holding its diagonal)."""
+    return ((i + 1) * config.block_q - 1) // config.block_kv
+
+
+def _q_lo(j, config: Config):
+    """The first query block that sees key block j (the one holding its diagonal)."""
+    return (j * config.block_kv) // config.block_q
+
+
+class _IndexMaps(NamedTuple):
+    """Index maps of one kernel's grid for the head-major query-side (`q`) and key-side (`kv`)
+    operands [B, N, T, width], the shared rope key [B, S, Hr] and the segment-id tiles. A block
+    outside the visited band maps to the nearest visited one, so it is not fetched again."""
+
+    q: Callable
+    kv: Callable
+    k_rope: Callable
+    seg_q: Callable
+    seg_k: Callable
+
+
+def _query_major(config: Config) -> _IndexMaps:
+    """Grid (B, N, query block i, key block j) with prefetched lo[B, nq] = `_kv_lo` (forward,
+    dq): query block i visits key blocks lo[b, i] .. _kv_hi(i)."""
+    def kv_block(b, i, j, lo_ref):
+        return jnp.clip(j, lo_ref[b, i], _kv_hi(i, config))
+
+    return _IndexMaps(q=lambda b, h, i, j, lo: (b, h, i, 0),
+                      kv=lambda b, h, i, j, lo: (b, h, kv_block(b, i, j, lo), 0),
+                      k_rope=lambda b, h, i, j, lo: (b, kv_block(b, i, j, lo), 0),
+                      seg_q=lambda b, h, i, j, lo: (b, i, 0),
+                      seg_k=lambda b, h, i, j, lo: (b, 0, kv_block(b, i, j, lo)))
+
+
+def _key_major(config: Config) -> _IndexMaps:
+    """Grid (B, N, key block j, query block i) with prefetched hi[B, nkv] = `_q_hi` (dk/dv): key
+    block j is seen by query blocks _q_lo(j) .. hi[b, j]."""
+    def q_block(b, j, i, hi_ref):
+        return jnp.clip(i, _q_lo(j, config), hi_ref[b, j])
+
+    return _IndexMaps(q=lambda b, h, j, i, hi: (b, h, q_block(b, j, i, hi), 0),
+                      kv=lambda b, h, j, i, hi: (b, h, j, 0),
+                      k_rope=lambda b, h, j, i, hi: (b, j, 0),
+                      seg_q=lambda b, h, j, i, hi: (b, q_block(b, j, i, hi), 0),
+                      seg_k=lambda b, h, j, i, hi: (b, 0, j))
+
+
+def _in_specs(maps: _IndexMaps, config: Config, Hn: int, Hr: int, Hv: int, *,
+              backward: bool) -> list[pl.BlockSpec]:
+    """BlockSpecs of q_nope, q_rope, k_nope, k_rope, v, (backward: do, lse, delta,) seg_q,
+    seg_k: the operands every kernel reads, in the order the kernels take them."""
+    bq, bkv = config.block_q, config.block_kv
+    specs = [pl.BlockSpec((None, None, bq, Hn), maps.q),
+             pl.BlockSpec((None, None, bq, Hr), maps.q),
+             pl.BlockSpec((None, None, bkv, Hn), maps.kv),
+             pl.BlockSpec((None, bkv, Hr), maps.k_rope),
+             pl.BlockSpec((None, None, bkv, Hv), maps.kv)]
+    if backward:
+        specs += [pl.BlockSpec((None, None, bq, Hv), maps.q),
+                  pl.BlockSpec((None, None, bq, LANES), maps.q),
+                  pl.BlockSpec((None, None, bq, LANES), maps.q)]
+    return [*specs, pl.BlockSpec((None, bq, LANES), maps.seg_q),
+            pl.BlockSpec((None, SUBLANES, bkv), maps.seg_k)]
+
+
+def _pallas_call(kernel, *, grid, in_specs, out_specs, scratch_shapes, out_shape,
+                 cost_estimate, interpret: bool):
+    """One of the three kernels: a 4-axis grid whose innermost axis accumulates in the VMEM
+    `scratch_shapes`, and one scalar-prefetched table of the blocks it visits."""
+    return pl.pallas_call(
+        kernel,
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=1, grid=grid, in_specs=in_specs, out_specs=out_specs,
+            scratch_shapes=scratch_shapes),
+        out_shape=out_shape,
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
+        cost_estimate=cost_estimate,
+        interpret=pltpu.InterpretParams() if interpret else False,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward
+# ----------------------------------------------------------------------------------------------
 def forward(q_nope, q_rope, k_nope, k_rope, v, seg_bt, bounds, *, scale: float, config: Config,
             has_segments: bool, interpret: bool):
     """o[B, T, N, Hv] and lse[B, N, T] (fp32, natural log)."""
-    B, T, N, Hn = q_nope.shape
-    Hr, Hv = q_rope.shape[-1], v.shape[-1]
-    bq, bkv = config.block_q, config.block_kv
-    nq, nkv = T // bq, T // bkv
-    dtype = q_nope.dtype
-    isz = jnp.dtype(dtype).itemsize
-    if has_segments:
-        kv_lo = (bounds[0].reshape(B, nq, bq).min(-1) // bkv).astype(jnp.int32)
-    else:
-        kv_lo = jnp.zeros((B, nq), jnp.int32)
-
-    def kv_hi(i):  # last key block the query block i needs
-        return ((i + 1) * bq - 1) // bkv
-
-    def kv_block(b, i, j, lo_ref):
-        return jnp.clip(j, lo_ref[b, i], kv_hi(i))
-
-    def kernel(lo_ref, qn_ref, qr_ref, kn_ref, kr_ref, v_ref, segq_ref, segk_ref, o_ref, lse_ref,
-               m_sc, l_sc, acc_sc):
-        b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
-
-        @pl.when(j == 0)
-        def _init():
-            m_sc[...] = jnp.full(m_sc.shape, -jnp.inf, jnp.float32)
-            l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
-            acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
-
-        @pl.when((j >= lo_ref[b, i]) & (j <= kv_hi(i)))
-        def _step():
-            s = _scores(qn_ref[...], qr_ref[...], kn_ref[...], kr_ref[...], scale)
-            vis = _visible(i * bq, j * bkv, bq, bkv, segq_ref if has_segments else None, segk_ref)
-            s = jnp.where(vis, s, -jnp.inf)
-            m_prev = m_sc[:, :1]
-            m_new = jnp.maximum(m_prev, s.max(axis=1, keepdims=True))  # [bq, 1]
-            m_ref = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # rows with nothing visible yet
-            alpha = jnp.exp(m_prev - m_ref)
-            p = jnp.exp(s - m_ref)
-            l_sc[...] = jnp.broadcast_to(alpha * l_sc[:, :1] + p.sum(axis=1, keepdims=True),
-                                         l_sc.shape)
-            m_sc[...] = jnp.broadcast_to(m_new, m_sc.shape)
-            acc_sc[...] = alpha * acc_sc[...] + jnp.dot(p.astype(v_ref.dtype), v_ref[...],
-                                                        preferred_element_type=jnp.float32)
-
-        @pl.when(j == nkv - 1)
-        def _finish():
-            l = l_sc[:, :1]
-            o_ref[...] = (acc_sc[...] / l).astype(o_ref.dtype)
-            lse_ref[...] = m_sc[...] + jnp.log(l_sc[...])
-
+    B, T, N, Hn, Hr, Hv, nq, nkv, dtype, isz = _dims(q_nope, q_rope, v, config)
+    bq = config.block_q
+    kv_lo = _kv_lo(bounds, B, nq, config, has_segments)
     segq, segk = _seg_operands(seg_bt)
-    q_map = lambda b, h, i, j, lo: (b, h, i, 0)  # noqa: E731
-    kv_map = lambda b, h, i, j, lo: (b, h, kv_block(b, i, j, lo), 0)  # noqa: E731
-    call = pl.pallas_call(
-        kernel,
-        grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=1,
-            grid=(B, N, nq, nkv),
-            in_specs=[
-                pl.BlockSpec((None, None, bq, Hn), q_map),
-                pl.BlockSpec((None, None, bq, Hr), q_map),
-                pl.BlockSpec((None, None, bkv, Hn), kv_map),
-                pl.BlockSpec((None, bkv, Hr), lambda b, h, i, j, lo: (b, kv_block(b, i, j, lo),
-                                                                     0)),
-                pl.BlockSpec((None, None, bkv, Hv), kv_map),
-                pl.BlockSpec((None, bq, LANES), lambda b, h, i, j, lo: (b, i, 0)),
-                pl.BlockSpec((None, SUBLANES, bkv),
-                             lambda b, h, i, j, lo: (b, 0, kv_block(b, i, j, lo))),
-            ],
-            out_specs=[
-                pl.BlockSpec((None, None, bq, Hv), q_map),
-                pl.BlockSpec((None, None, bq, LANES), q_map),
-            ],
-            scratch_shapes=[pltpu.VMEM((bq, LANES), jnp.float32),
-                            pltpu.VMEM((bq, LANES), jnp.float32),
-                            pltpu.VMEM((bq, Hv), jnp.float32)],
-        ),
+    maps = _query_major(config)
+    call = _pallas_call(
+        functools.partial(_forward_kernel, scale=scale, config=config, nkv=nkv,
+                          has_segments=has_segments),
+        grid=(B, N, nq, nkv),
+        in_specs=_in_specs(maps, config, Hn, Hr, Hv, backward=False),
+        out_specs=[pl.BlockSpec((None, None, bq, Hv), maps.q),
+                   pl.BlockSpec((None, None, bq, LANES), maps.q)],
+        scratch_shapes=[pltpu.VMEM((bq, LANES), jnp.float32),
+                        pltpu.VMEM((bq, LANES), jnp.float32),
+                        pltpu.VMEM((bq, Hv), jnp.float32)],
         out_shape=[jax.ShapeDtypeStruct((B, N, T, Hv), dtype),
                    jax.ShapeDtypeStruct((B, N, T, LANES), jnp.float32)],
-        compiler_params=pltpu.CompilerParams(
-            dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
         cost_estimate=_cost(q_nope, config, matmul_widths=(Hn + Hr, Hv),
                             q_row_bytes=_row_bytes(isz, Hn, Hr, seg=LANES),
                             kv_row_bytes=_row_bytes(isz, Hn, Hr, Hv, seg=SUBLANES),
                             streamed_side="kv", out_row_bytes=_row_bytes(isz, Hv, stats=1)),
-        interpret=pltpu.InterpretParams() if interpret else False,
-    )
+        interpret=interpret)
     o_bnth, lse_bntl = call(kv_lo, _bhtd(q_nope), _bhtd(q_rope), _bhtd(k_nope), k_rope, _bhtd(v),
                             segq, segk)
     return _bhtd(o_bnth), lse_bntl[..., 0]
 
 
+def _forward_kernel(lo_ref, qn_ref, qr_ref, kn_ref, kr_ref, v_ref, segq_ref, segk_ref, o_ref,
+                    lse_ref, m_sc, l_sc, acc_sc, *, scale: float, config: Config, nkv: int,
+                    has_segments: bool):
+    """Query block i of head (b, h), key block j: online softmax into m, l and acc."""
+    bq, bkv = config.block_q, config.block_kv
+    b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
+
+    @pl.when(j == 0)
+    def _init():
+        m_sc[...] = jnp.full(m_sc.shape, -jnp.inf, jnp.float32)
+        l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
+        acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
+
+    @pl.when((j >= lo_ref[b, i]) & (j <= _kv_hi(i, config)))
+    def _step():
+        s = _scores(qn_ref[...], qr_ref[...], kn_ref[...], kr_ref[...], scale)
+        vis = _visible(i * bq, j * bkv, bq, bkv, segq_ref if has_segments else None, segk_ref)
+        s = jnp.where(vis, s, -jnp.inf)
+        m_prev = m_sc[:, :1]
+        m_new = jnp.maximum(m_prev, s.max(axis=1, keepdims=True))  # [bq, 1]
+        m_ref = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # rows with nothing visible yet
+        alpha = jnp.exp(m_prev - m_ref)
+        p = jnp.exp(s - m_ref)
+        l_sc[...] = jnp.broadcast_to(alpha * l_sc[:, :1] + p.sum(axis=1, keepdims=True),
+                                     l_sc.shape)
+        m_sc[...] = jnp.broadcast_to(m_new, m_sc.shape)
+        acc_sc[...] = alpha * acc_sc[...] + jnp.dot(p.astype(v_ref.dtype), v_ref[...],
+                                                    preferred_element_type=jnp.float32)
+
+    @pl.when(j == nkv - 1)
+    def _finish():
+        l = l_sc[:, :1]
+        o_ref[...] = (acc_sc[...] / l).astype(o_ref.dtype)
+        lse_ref[...] = m_sc[...] + jnp.log(l_sc[...])
+
+
+# ----------------------------------------------------------------------------------------------
+# Backward
+# ----------------------------------------------------------------------------------------------
 def backward(q_nope, q_rope, k_nope, k_rope, v, do, lse, delta, seg_bt, bounds, *, scale: float,
              config: Config, has_segments: bool, interpret: bool):
     """(dq_nope, dq_rope, dk_nope, dk_rope[B, S, Hr] summed over heads, dv)."""
-    B, T, N, Hn = q_nope.shape
-    Hr, Hv = q_rope.shape[-1], v.shape[-1]
-    bq, bkv = config.block_q, config.block_kv
-    nq, nkv = T // bq, T // bkv
-    dtype = q_nope.dtype
-    isz = jnp.dtype(dtype).itemsize
-    if has_segments:
-        kv_lo = (bounds[0].reshape(B, nq, bq).min(-1) // bkv).astype(jnp.int32)
-        q_hi = (bounds[1].reshape(B, nkv, bkv).max(-1) // bq).astype(jnp.int32)  # last q block
-    else:
-        kv_lo = jnp.zeros((B, nq), jnp.int32)
-        q_hi = jnp.full((B, nkv), nq - 1, jnp.int32)
+    B, T = seg_bt.shape
+    nq, nkv = T // config.block_q, T // config.block_kv
+    kv_lo = _kv_lo(bounds, B, nq, config, has_segments)
+    q_hi = _q_hi(bounds, B, nq, nkv, config, has_segments)
     segq, segk = _seg_operands(seg_bt)
     qn, qr, kn, vv, dob = map(_bhtd, (q_nope, q_rope, k_nope, v, do))
     lse_l, delta_l = _lanes(lse, LANES), _lanes(delta, LANES)  # [B, N, T, 128]
-    params = pltpu.CompilerParams(
-        dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"))
-    interpret_params = pltpu.InterpretParams() if interpret else False
-
-    def grads_of_block(qn_ref, qr_ref, kn_ref, kr_ref, v_ref, do_ref, lse_ref, delta_ref,
-                       segq_ref, segk_ref, q0, k0):
-        """p, ds [bq, bkv] for one (query block, key block) pair."""
-        s = _scores(qn_ref[...], qr_ref[...], kn_ref[...], kr_ref[...], scale)
-        vis = _visible(q0, k0, bq, bkv, segq_ref if has_segments else None, segk_ref)
-        p = jnp.where(vis, jnp.exp(s - lse_ref[:, :1]), 0.0)
-        dp = _dot(do_ref[...], v_ref[...], _TRANS_B)
-        ds = p * (dp - delta_ref[:, :1])
-        return p, ds
-
-    # dq: grid (B, N, query block, key block), key blocks innermost.
-    def kv_hi(i):
-        return ((i + 1) * bq - 1) // bkv
-
-    def kv_block(b, i, j, lo_ref):
-        return jnp.clip(j, lo_ref[b, i], kv_hi(i))
-
-    def dq_kernel(lo_ref, qn_ref, qr_ref, kn_ref, kr_ref, v_ref, do_ref, lse_ref, delta_ref,
-                  segq_ref, segk_ref, dqn_ref, dqr_ref, dqn_sc, dqr_sc):
-        b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
-
-        @pl.when(j == 0)
-        def _init():
-            dqn_sc[...] = jnp.zeros(dqn_sc.shape, jnp.float32)
-            dqr_sc[...] = jnp.zeros(dqr_sc.shape, jnp.float32)
-
-        @pl.when((j >= lo_ref[b, i]) & (j <= kv_hi(i)))
-        def _step():
-            _, ds = grads_of_block(qn_ref, qr_ref, kn_ref, kr_ref, v_ref, do_ref, lse_ref,
-                                   delta_ref, segq_ref, segk_ref, i * bq, j * bkv)
-            ds = ds.astype(dtype)
-            dqn_sc[...] += jnp.dot(ds, kn_ref[...], preferred_element_type=jnp.float32)
-            dqr_sc[...] += jnp.dot(ds, kr_ref[...], preferred_element_type=jnp.float32)
-
-        @pl.when(j == nkv - 1)
-        def _finish():
-            dqn_ref[...] = (dqn_sc[...] * scale).astype(dqn_ref.dtype)
-            dqr_ref[...] = (dqr_sc[...] * scale).astype(dqr_ref.dtype)
-
-    q_map = lambda b, h, i, j, lo: (b, h, i, 0)  # noqa: E731
-    kv_map = lambda b, h, i, j, lo: (b, h, kv_block(b, i, j, lo), 0)  # noqa: E731
-    dqn, dqr = pl.pallas_call(
-        dq_kernel,
-        grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=1,
-            grid=(B, N, nq, nkv),
-            in_specs=[
-                pl.BlockSpec((None, None, bq, Hn), q_map),
-                pl.BlockSpec((None, None, bq, Hr), q_map),
-                pl.BlockSpec((None, None, bkv, Hn), kv_map),
-                pl.BlockSpec((None, bkv, Hr), lambda b, h, i, j, lo: (b, kv_block(b, i, j, lo),
-                                                                     0)),
-                pl.BlockSpec((None, None, bkv, Hv), kv_map),
-                pl.BlockSpec((None, None, bq, Hv), q_map),
-                pl.BlockSpec((None, None, bq, LANES), q_map),
-                pl.BlockSpec((None, None, bq, LANES), q_map),
-                pl.BlockSpec((None, bq, LANES), lambda b, h, i, j, lo: (b, i, 0)),
-                pl.BlockSpec((None, SUBLANES, bkv),
-                             lambda b, h, i, j, lo: (b, 0, kv_block(b, i, j, lo))),
-            ],
-            out_specs=[pl.BlockSpec((None, None, bq, Hn), q_map),
-                       pl.BlockSpec((None, None, bq, Hr), q_map)],
-            scratch_shapes=[pltpu.VMEM((bq, Hn), jnp.float32), pltpu.VMEM((bq, Hr), jnp.float32)],
-        ),
-        out_shape=[jax.ShapeDtypeStruct((B, N, T, Hn), dtype),
-                   jax.ShapeDtypeStruct((B, N, T, Hr), dtype)],
-        compiler_params=params,
-        cost_estimate=_cost(q_nope, config, matmul_widths=(Hn + Hr, Hv, Hn + Hr),
-                            q_row_bytes=_row_bytes(isz, Hn, Hr, Hv, stats=2, seg=LANES),
-                            kv_row_bytes=_row_bytes(isz, Hn, Hr, Hv, seg=SUBLANES),
-                            streamed_side="kv", out_row_bytes=_row_bytes(isz, Hn, Hr)),
-        interpret=interpret_params,
-    )(kv_lo, qn, qr, kn, k_rope, vv, dob, lse_l, delta_l, segq, segk)
-
+    kw = dict(scale=scale, config=config, has_segments=has_segments, interpret=interpret)
+    dqn, dqr = _dq_call(q_nope, q_rope, v, **kw)(kv_lo, qn, qr, kn, k_rope, vv, dob, lse_l,
+                                                  delta_l, segq, segk)
     if interpret:
         # Run the interpreted dq and dk/dv kernels one after the other (they are independent, and
         # concurrently interpreted kernels can deadlock); make dk/dv's operands depend on dq.
         _, (qn, qr, kn, vv, dob) = lax.optimization_barrier(((dqn, dqr), (qn, qr, kn, vv, dob)))
+    dkn, dvv, dkr_heads = _dkv_call(q_nope, q_rope, v, **kw)(q_hi, qn, qr, kn, k_rope, vv, dob,
+                                                             lse_l, delta_l, segq, segk)
+    dk_rope = dkr_heads.sum(axis=1).astype(k_rope.dtype)
+    return _bhtd(dqn), _bhtd(dqr), _bhtd(dkn), dk_rope, _bhtd(dvv)
 
-    # dk, dv: grid (B, N, key block, query block), query blocks innermost.
-    def q_lo(j):  # first query block that sees key block j
-        return (j * bkv) // bq
 
-    def q_block(b, j, i, hi_ref):
-        return jnp.clip(i, q_lo(j), hi_ref[b, j])
+def _dq_call(q_nope, q_rope, v, *, scale: float, config: Config, has_segments: bool,
+             interpret: bool):
+    """The dq kernel: grid (B, N, query block, key block), key blocks innermost."""
+    B, T, N, Hn, Hr, Hv, nq, nkv, dtype, isz = _dims(q_nope, q_rope, v, config)
+    bq = config.block_q
+    maps = _query_major(config)
+    return _pallas_call(
+        functools.partial(_dq_kernel, scale=scale, config=config, nkv=nkv,
+                          has_segments=has_segments),
+        grid=(B, N, nq, nkv),
+        in_specs=_in_specs(maps, config, Hn, Hr, Hv, backward=True),
+        out_specs=[pl.BlockSpec((None, None, bq, Hn), maps.q),
+                   pl.BlockSpec((None, None, bq, Hr), maps.q)],
+        scratch_shapes=[pltpu.VMEM((bq, Hn), jnp.float32), pltpu.VMEM((bq, Hr), jnp.float32)],
+        out_shape=[jax.ShapeDtypeStruct((B, N, T, Hn), dtype),
+                   jax.ShapeDtypeStruct((B, N, T, Hr), dtype)],
+        cost_estimate=_cost(q_nope, config, matmul_widths=(Hn + Hr, Hv, Hn + Hr),
+                            q_row_bytes=_row_bytes(isz, Hn, Hr, Hv, stats=2, seg=LANES),
+                            kv_row_bytes=_row_bytes(isz, Hn, Hr, Hv, seg=SUBLANES),
+                            streamed_side="kv", out_row_bytes=_row_bytes(isz, Hn, Hr)),
+        interpret=interpret)
 
-    def dkv_kernel(hi_ref, qn_ref, qr_ref, kn_ref, kr_ref, v_ref, do_ref, lse_ref, delta_ref,
-                   segq_ref, segk_ref, dkn_ref, dv_ref, dkr_ref, dkn_sc, dv_sc, dkr_sc):
-        b, j, i = pl.program_id(0), pl.program_id(2), pl.program_id(3)
 
-        @pl.when(i == 0)
-        def _init():
-            dkn_sc[...] = jnp.zeros(dkn_sc.shape, jnp.float32)
-            dv_sc[...] = jnp.zeros(dv_sc.shape, jnp.float32)
-            dkr_sc[...] = jnp.zeros(dkr_sc.shape, jnp.float32)
-
-        @pl.when((i >= q_lo(j)) & (i <= hi_ref[b, j]))
-        def _step():
-            p, ds = grads_of_block(qn_ref, qr_ref, kn_ref, kr_ref, v_ref, do_ref, lse_ref,
-                                   delta_ref, segq_ref, segk_ref, i * bq, j * bkv)
-            ds = ds.astype(dtype)
-            dv_sc[...] += _dot(p.astype(dtype), do_ref[...], _TRANS_A)
-            dkn_sc[...] += _dot(ds, qn_ref[...], _TRANS_A)
-            dkr_sc[...] += _dot(ds, qr_ref[...], _TRANS_A)
-
-        @pl.when(i == nq - 1)
-        def _finish():
-            dkn_ref[...] = (dkn_sc[...] * scale).astype(dkn_ref.dtype)
-            dv_ref[...] = dv_sc[...].astype(dv_ref.dtype)
-            dkr_ref[...] = dkr_sc[...] * scale
-
-    kq_map = lambda b, h, j, i, hi: (b, h, q_block(b, j, i, hi), 0)  # noqa: E731
-    kk_map = lambda b, h, j, i, hi: (b, h, j, 0)  # noqa: E731
-    dkn, dvv, dkr_heads = pl.pallas_call(
-        dkv_kernel,
-        grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=1,
-            grid=(B, N, nkv, nq),
-            in_specs=[
-                pl.BlockSpec((None, None, bq, Hn), kq_map),
-                pl.BlockSpec((None, None, bq, Hr), kq_map),
-                pl.BlockSpec((None, None, bkv, Hn), kk_map),
-                pl.BlockSpec((None, bkv, Hr), lambda b, h, j, i, hi: (b, j, 0)),
-                pl.BlockSpec((None, None, bkv, Hv), kk_map),
-                pl.BlockSpec((None, None, bq, Hv), kq_map),
-                pl.BlockSpec((None, None, bq, LANES), kq_map),
-                pl.BlockSpec((None, None, bq, LANES), kq_map),
-                pl.BlockSpec((None, bq, LANES),
-                             lambda b, h, j, i, hi: (b, q_block(b, j, i, hi), 0)),
-                pl.BlockSpec((None, SUBLANES, bkv), lambda b, h, j, i, hi: (b, 0, j)),
-            ],
-            out_specs=[pl.BlockSpec((None, None, bkv, Hn), kk_map),
-                       pl.BlockSpec((None, None, bkv, Hv), kk_map),
-                       pl.BlockSpec((None, None, bkv, Hr), kk_map)],
-            scratch_shapes=[pltpu.VMEM((bkv, Hn), jnp.float32), pltpu.VMEM((bkv, Hv), jnp.float32),
-                            pltpu.VMEM((bkv, Hr), jnp.float32)],
-        ),
+def _dkv_call(q_nope, q_rope, v, *, scale: float, config: Config, has_segments: bool,
+              interpret: bool):
+    """The dk/dv kernel: grid (B, N, key block, query block), query blocks innermost; dk_rope
+    per head in fp32."""
+    B, T, N, Hn, Hr, Hv, nq, nkv, dtype, isz = _dims(q_nope, q_rope, v, config)
+    bkv = config.block_kv
+    maps = _key_major(config)
+    return _pallas_call(
+        functools.partial(_dkv_kernel, scale=scale, config=config, nq=nq,
+                          has_segments=has_segments),
+        grid=(B, N, nkv, nq),
+        in_specs=_in_specs(maps, config, Hn, Hr, Hv, backward=True),
+        out_specs=[pl.BlockSpec((None, None, bkv, Hn), maps.kv),
+                   pl.BlockSpec((None, None, bkv, Hv), maps.kv),
+                   pl.BlockSpec((None, None, bkv, Hr), maps.kv)],
+        scratch_shapes=[pltpu.VMEM((bkv, Hn), jnp.float32), pltpu.VMEM((bkv, Hv), jnp.float32),
+                        pltpu.VMEM((bkv, Hr), jnp.float32)],
         out_shape=[jax.ShapeDtypeStruct((B, N, T, Hn), dtype),
                    jax.ShapeDtypeStruct((B, N, T, Hv), dtype),
                    jax.ShapeDtypeStruct((B, N, T, Hr), jnp.float32)],
-        compiler_params=params,
         cost_estimate=_cost(q_nope, config, matmul_widths=(Hn + Hr, Hv, Hv, Hn + Hr),
                             q_row_bytes=_row_bytes(isz, Hn, Hr, Hv, stats=2, seg=LANES),
                             kv_row_bytes=_row_bytes(isz, Hn, Hr, Hv, seg=SUBLANES),
                             streamed_side="q", out_row_bytes=_row_bytes(isz, Hn, Hv) + 4 * Hr),
-        interpret=interpret_params,
-    )(q_hi, qn, qr, kn, k_rope, vv, dob, lse_l, delta_l, segq, segk)
-    dk_rope = dkr_heads.sum(axis=1).astype(k_rope.dtype)
-    return _bhtd(dqn), _bhtd(dqr), _bhtd(dkn), dk_rope, _bhtd(dvv)
+        interpret=interpret)
+
+
+def _block_grads(qn_ref, qr_ref, kn_ref, kr_ref, v_ref, do_ref, lse_ref, delta_ref, segq_ref,
+                 segk_ref, q0, k0, *, scale: float, config: Config, has_segments: bool):
+    """p, ds [bq, bkv] for one (query block, key block) pair."""
+    s = _scores(qn_ref[...], qr_ref[...], kn_ref[...], kr_ref[...], scale)
+    vis = _visible(q0, k0, config.block_q, config.block_kv,
+                   segq_ref if has_segments else None, segk_ref)
+    p = jnp.where(vis, jnp.exp(s - lse_ref[:, :1]), 0.0)
+    dp = _dot(do_ref[...], v_ref[...], _TRANS_B)
+    ds = p * (dp - delta_ref[:, :1])
+    return p, ds
+
+
+def _dq_kernel(lo_ref, qn_ref, qr_ref, kn_ref, kr_ref, v_ref, do_ref, lse_ref, delta_ref,
+               segq_ref, segk_ref, dqn_ref, dqr_ref, dqn_sc, dqr_sc, *, scale: float,
+               config: Config, nkv: int, has_segments: bool):
+    """Query block i of head (b, h), key block j: dq += dS k."""
+    b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
+
+    @pl.when(j == 0)
+    def _init():
+        dqn_sc[...] = jnp.zeros(dqn_sc.shape, jnp.float32)
+        dqr_sc[...] = jnp.zeros(dqr_sc.shape, jnp.float32)
+
+    @pl.when((j >= lo_ref[b, i]) & (j <= _kv_hi(i, config)))
+    def _step():
+        _, ds = _block_grads(qn_ref, qr_ref, kn_ref, kr_ref, v_ref, do_ref, lse_ref, delta_ref,
+                             segq_ref, segk_ref, i * config.block_q, j * config.block_kv,
+                             scale=scale, config=config, has_segments=has_segments)
+        ds = ds.astype(qn_ref.dtype)
+        dqn_sc[...] += jnp.dot(ds, kn_ref[...], preferred_element_type=jnp.float32)
+        dqr_sc[...] += jnp.dot(ds, kr_ref[...], preferred_element_type=jnp.float32)
+
+    @pl.when(j == nkv - 1)
+    def _finish():
+        dqn_ref[...] = (dqn_sc[...] * scale).astype(dqn_ref.dtype)
+        dqr_ref[...] = (dqr_sc[...] * scale).astype(dqr_ref.dtype)
+
+
+def _dkv_kernel(hi_ref, qn_ref, qr_ref, kn_ref, kr_ref, v_ref, do_ref, lse_ref, delta_ref,
+                segq_ref, segk_ref, dkn_ref, dv_ref, dkr_ref, dkn_sc, dv_sc, dkr_sc, *,
+                scale: float, config: Config, nq: int, has_segments: bool):
+    """Key block j of head (b, h), query block i: dv += P^T do, dk += dS^T q."""
+    b, j, i = pl.program_id(0), pl.program_id(2), pl.program_id(3)
+    dtype = qn_ref.dtype
+
+    @pl.when(i == 0)
+    def _init():
+        dkn_sc[...] = jnp.zeros(dkn_sc.shape, jnp.float32)
+        dv_sc[...] = jnp.zeros(dv_sc.shape, jnp.float32)
+        dkr_sc[...] = jnp.zeros(dkr_sc.shape, jnp.float32)
+
+    @pl.when((i >= _q_lo(j, config)) & (i <= hi_ref[b, j]))
+    def _step():
+        p, ds = _block_grads(qn_ref, qr_ref, kn_ref, kr_ref, v_ref, do_ref, lse_ref, delta_ref,
+                             segq_ref, segk_ref, i * config.block_q, j * config.block_kv,
+                             scale=scale, config=config, has_segments=has_segments)
+        ds = ds.astype(dtype)
+        dv_sc[...] += _dot(p.astype(dtype), do_ref[...], _TRANS_A)
+        dkn_sc[...] += _dot(ds, qn_ref[...], _TRANS_A)
+        dkr_sc[...] += _dot(ds, qr_ref[...], _TRANS_A)
+
+    @pl.when(i == nq - 1)
+    def _finish():
+        dkn_ref[...] = (dkn_sc[...] * scale).astype(dkn_ref.dtype)
+        dv_ref[...] = dv_sc[...].astype(dv_ref.dtype)
+        dkr_ref[...] = dkr_sc[...] * scale

@@ -68,7 +68,6 @@ DEFAULT_SHARD_BYTES = 5 * 10**9  # Hugging Face's "5GB"
 # tensorstore holds a commit's chunks several times over (decoded, encoded, in the OCDBT data
 # file buffer: about 4-5x measured), so orbax commits are smaller than safetensors shards.
 DEFAULT_COMMIT_BYTES = 2**30
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 
@@ -230,12 +229,7 @@ def orbax_to_hf(checkpoint: str, out: str, dtype: str = "bf16",
     out_dtype = _dtype_name(dtype)
     step_dir = checkpoints.step_dir(checkpoint)
     meta = checkpoints.step_meta(step_dir)
-    if "model" not in meta:
-        raise ValueError(f"{step_dir}/meta has no 'model' entry: the model config is unknown")
-    try:
-        cfg = ModelConfig(**meta["model"])
-    except TypeError as e:
-        raise ValueError(f"{step_dir}/meta 'model' is not a ModelConfig: {e}") from e
+    cfg = checkpoints.model_config(meta, os.path.join(step_dir, checkpoints.META))
     reader = OrbaxReader(step_dir)
     leaves = leaf_shapes(cfg)
     for path, leaf in leaves.items():
@@ -270,7 +264,7 @@ def orbax_to_hf(checkpoint: str, out: str, dtype: str = "bf16",
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(hf_config, f, indent=2)
         if tok is not None:
-            _copy_tokenizer(tok, tmp)
+            _export_tokenizer(tok, tmp)
     return os.path.abspath(out)
 
 
@@ -283,23 +277,21 @@ class _Tokenizer:
 
 def _tokenizer_source(meta_tok: dict | None, override: str | None,
                       step_dir: str) -> _Tokenizer | None:
-    """The tokenizer.json to export (checked now, before anything is written)."""
+    """The tokenizer.json to export (checked now, before anything is written): `override` (a
+    tokenizer.json or its directory; 'none': none), else the checkpoint's own, found as
+    generation finds it (checkpoints.tokenizer_file; none for the byte-level one, which has no
+    Hugging Face files)."""
     if override == "none":
         return None
     if override:
-        path = override
-    elif not meta_tok or meta_tok.get("kind") != "hf":
-        return None  # no tokenizer, or the byte-level one, which has no Hugging Face files
+        path = os.path.join(override, "tokenizer.json") if os.path.isdir(override) else override
+        if not os.path.isfile(path):
+            raise ValueError(f"--tokenizer={override!r}: {path!r} does not exist; pass a "
+                             "tokenizer.json (or its directory) or --tokenizer=none")
     else:
-        path = meta_tok["path"]
-        inside = os.path.join(step_dir, "tokenizer.json")  # hf_to_orbax's copy
-        if not os.path.isfile(path) and os.path.isfile(inside):
-            path = inside  # the checkpoint was moved after the import
-    if os.path.isdir(path):
-        path = os.path.join(path, "tokenizer.json")
-    if not os.path.isfile(path):
-        raise ValueError(f"the run's tokenizer {path!r} does not exist; pass --tokenizer=PATH "
-                         "(a tokenizer.json) or --tokenizer=none")
+        path = checkpoints.tokenizer_file(meta_tok, os.path.join(step_dir, checkpoints.META))
+        if path is None:
+            return None
     from dsv3_jax.tokenizer import HFTokenizer
 
     t = HFTokenizer(path)
@@ -323,26 +315,22 @@ def _hf_config_json(cfg: ModelConfig, meta: dict, tok: _Tokenizer | None,
     return hf
 
 
-def _copy_tokenizer(tok: _Tokenizer, directory: str) -> None:
-    src = os.path.dirname(tok.path)
-    shutil.copyfile(tok.path, os.path.join(directory, "tokenizer.json"))
-    copied = False
-    for name in TOKENIZER_FILES[1:]:
-        if os.path.isfile(os.path.join(src, name)):
-            shutil.copyfile(os.path.join(src, name), os.path.join(directory, name))
-            copied = True
-    if not copied:  # a bare tokenizer.json: say how transformers should load it
-        import tokenizers
+def _export_tokenizer(tok: _Tokenizer, directory: str) -> None:
+    """The tokenizer's files into an export (checkpoints.copy_tokenizer); beside a bare
+    tokenizer.json, a tokenizer_config.json saying how transformers should load it."""
+    if checkpoints.copy_tokenizer(tok.path, directory) != [checkpoints.TOKENIZER_FILES[0]]:
+        return
+    import tokenizers
 
-        vocab = tokenizers.Tokenizer.from_file(tok.path).get_vocab(with_added_tokens=True)
-        names = {i: n for n, i in vocab.items()}
-        config = {"tokenizer_class": "PreTrainedTokenizerFast"}
-        if tok.bos_id is not None:
-            config["bos_token"] = names[tok.bos_id]
-        if tok.eos_id is not None:
-            config["eos_token"] = names[tok.eos_id]
-        with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
-            json.dump(config, f, indent=2)
+    vocab = tokenizers.Tokenizer.from_file(tok.path).get_vocab(with_added_tokens=True)
+    names = {i: n for n, i in vocab.items()}
+    config = {"tokenizer_class": "PreTrainedTokenizerFast"}
+    if tok.bos_id is not None:
+        config["bos_token"] = names[tok.bos_id]
+    if tok.eos_id is not None:
+        config["eos_token"] = names[tok.eos_id]
+    with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+        json.dump(config, f, indent=2)
 
 
 def _stream_orbax(reader: OrbaxReader, cfg: ModelConfig,
@@ -409,6 +397,40 @@ def hf_to_orbax(hf_dir: str, out: str, dtype: str = "fp32",
     quant = hf_config.get("quantization_config") or {}
     block = tuple(quant.get("weight_block_size") or (128, 128))
     entries = hf_entries(hf_dir)
+    cfg, fresh_mtp, mtp_source = _mtp_to_import(cfg, entries, hf_dir, mtp, seed)
+    specs = tensor_map(cfg)
+    stored_specs = [s for s in specs if not (fresh_mtp and s.name.startswith(
+        _mtp_prefixes(cfg)))]
+    leaves = leaf_shapes(cfg)
+    sources = _match_sources(cfg, stored_specs, leaves, entries, block)
+    layout = _orbax_layout(specs, leaves, out_dtype)
+    tokenizer_json = os.path.join(hf_dir, checkpoints.TOKENIZER_FILES[0])
+    final = os.path.abspath(out)
+    meta = {"model": dataclasses.asdict(cfg),
+            "tokenizer": (checkpoints.own_tokenizer(final) if os.path.isfile(tokenizer_json)
+                          else None),
+            "hf_config": hf_config,
+            "source": {"kind": "hf", "path": hf_dir, "dtype": np.dtype(out_dtype).name,
+                       "mtp": mtp_source}}
+
+    with _staging(out) as tmp:
+        writer = OrbaxWriter(tmp, layout, max_shard_bytes)
+        _write_released(writer, sources, leaves, block, progress)
+        if fresh_mtp:
+            for path, value in fresh_mtp_leaves(cfg, seed, max_shard_bytes):
+                for index in np.ndindex(*value.shape[:layout[path][2]]):
+                    writer.write(path, index, value[index])
+        # beside the items, where checkpoints.tokenizer_file finds it
+        checkpoints.copy_tokenizer(tokenizer_json, tmp)
+        writer.finish(meta)
+    return final
+
+
+def _mtp_to_import(cfg: ModelConfig, entries: dict[str, TensorEntry], hf_dir: str, mtp: str,
+                   seed: int) -> tuple[ModelConfig, bool, str]:
+    """(the config to import, whether its MTP modules are initialized afresh, the meta's record
+    of where MTP came from). A directory without the MTP tensors its config asks for imports
+    with MTP depth 0 (mtp='none') or fresh MTP modules (mtp='init'), said in one line."""
     mtp_absent = cfg.mtp_depth > 0 and not any(
         n.startswith(_mtp_prefixes(cfg)) for n in entries)
     fresh_mtp = mtp_absent and mtp == "init"
@@ -423,56 +445,47 @@ def hf_to_orbax(hf_dir: str, out: str, dtype: str = "fp32",
                 f"{done}")
         if not fresh_mtp:
             cfg = cfg.replace(mtp_depth=0)
-    specs = tensor_map(cfg)
-    stored_specs = [s for s in specs if not (fresh_mtp and s.name.startswith(
-        _mtp_prefixes(cfg)))]
-    leaves = leaf_shapes(cfg)
-    sources = _match_sources(cfg, stored_specs, leaves, entries, block)
-    owners = {(s.spec.path, s.spec.index): s for s in sources if not s.spec.shared}
+    mtp_source = ("absent: depth 0" if mtp_absent and not fresh_mtp else
+                  f"absent: initialized with seed {seed}" if fresh_mtp else
+                  "imported" if cfg.mtp_depth else "none")
+    return cfg, fresh_mtp, mtp_source
+
+
+def _orbax_layout(specs: list[TensorSpec], leaves: dict[Path, jax.ShapeDtypeStruct],
+                  out_dtype: np.dtype) -> dict[Path, tuple]:
+    """{path: (shape, stored dtype, stacked dims)} of every leaf the released tensors fill (the
+    router bias float32)."""
     layout = {}
     for spec in specs:
         if not spec.shared:
             leaf = leaves[spec.path]
             layout[spec.path] = (tuple(leaf.shape),
                                  np.float32 if _is_bias(spec) else out_dtype, len(spec.index))
-    tokenizer = [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(hf_dir, n))]
-    final = os.path.abspath(out)
-    mtp_source = ("absent: depth 0" if mtp_absent and not fresh_mtp else
-                  f"absent: initialized with seed {seed}" if fresh_mtp else
-                  "imported" if cfg.mtp_depth else "none")
-    meta = {"model": dataclasses.asdict(cfg),
-            "tokenizer": ({"kind": "hf", "path": os.path.join(final, "tokenizer.json")}
-                          if "tokenizer.json" in tokenizer else None),
-            "hf_config": hf_config,
-            "source": {"kind": "hf", "path": hf_dir, "dtype": np.dtype(out_dtype).name,
-                       "mtp": mtp_source}}
+    return layout
 
-    with _staging(out) as tmp:
-        writer = OrbaxWriter(tmp, layout, max_shard_bytes)
-        with _progress(len(sources), "HF -> orbax", progress) as bar:
-            for src in sorted(sources, key=lambda s: (s.entry.file, s.entry.start)):
-                tensor = load_released(src.entry, src.scale, block)
-                spec = src.spec
-                if spec.shared:
-                    owner = owners[(spec.path, spec.index)]
-                    if not np.array_equal(tensor, load_released(owner.entry, owner.scale, block)):
-                        raise ValueError(
-                            f"tensor {spec.name} differs from {owner.spec.name}; this model "
-                            "shares the embedding and output head between the main model and "
-                            "MTP (paper 2.2), so they must be equal")
-                else:
-                    shape = _slice_shape(leaves[spec.path], spec)
-                    writer.write(spec.path, spec.index, spec.from_torch_layout(tensor, shape))
-                del tensor
-                bar.update()
-        if fresh_mtp:
-            for path, value in fresh_mtp_leaves(cfg, seed, max_shard_bytes):
-                for index in np.ndindex(*value.shape[:layout[path][2]]):
-                    writer.write(path, index, value[index])
-        for name in tokenizer:  # beside the items, where launch.generate also looks
-            shutil.copyfile(os.path.join(hf_dir, name), os.path.join(tmp, name))
-        writer.finish(meta)
-    return final
+
+def _write_released(writer: OrbaxWriter, sources: list[_Source],
+                    leaves: dict[Path, jax.ShapeDtypeStruct], block: tuple[int, int],
+                    progress: bool) -> None:
+    """Every released tensor into its slice of our leaves, in file order; a tensor the model
+    shares (the MTP modules' embedding and head) is checked equal to its owner instead."""
+    owners = {(s.spec.path, s.spec.index): s for s in sources if not s.spec.shared}
+    with _progress(len(sources), "HF -> orbax", progress) as bar:
+        for src in sorted(sources, key=lambda s: (s.entry.file, s.entry.start)):
+            tensor = load_released(src.entry, src.scale, block)
+            spec = src.spec
+            if spec.shared:
+                owner = owners[(spec.path, spec.index)]
+                if not np.array_equal(tensor, load_released(owner.entry, owner.scale, block)):
+                    raise ValueError(
+                        f"tensor {spec.name} differs from {owner.spec.name}; this model "
+                        "shares the embedding and output head between the main model and "
+                        "MTP (paper 2.2), so they must be equal")
+            else:
+                shape = _slice_shape(leaves[spec.path], spec)
+                writer.write(spec.path, spec.index, spec.from_torch_layout(tensor, shape))
+            del tensor
+            bar.update()
 
 
 def _notice(message: str) -> None:

@@ -28,6 +28,7 @@ device (pipeline x data x expert) rather than placed on the first and last stage
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import jax
@@ -111,44 +112,19 @@ def run(layer_fn: Callable, weights, h_btd, aux: dict, spec: PipelineSpec):
     P, M = spec.stages, spec.microbatches
     V = spec.virtual_stages // P
     L = jax.tree.leaves(weights)[0].shape[0]
-    sizes = chunk_sizes(L, P * V)
-    Lc = max(sizes)
-    starts = np.cumsum((0, *sizes[:-1]))
-    # Slot (p, v, j) runs layer starts[c] + j of chunk c = v*P + p, if j < sizes[c]; padded
-    # slots repeat the chunk's last layer and are masked off.
-    slot_layer = np.array([[[starts[v * P + p] + min(j, sizes[v * P + p] - 1) for j in range(Lc)]
-                            for v in range(V)] for p in range(P)])
-    slot_valid = np.array([[[j < sizes[v * P + p] for j in range(Lc)] for v in range(V)]
-                           for p in range(P)])
-    uneven = not slot_valid.all()
-    if uneven:
-        stage_w = jax.tree.map(lambda w: w[slot_layer], weights)
-    else:  # [L, ...] -> [P, V, Lc, ...] without a gather
-        stage_w = jax.tree.map(
-            lambda w: w.reshape(V, P, Lc, *w.shape[1:]).swapaxes(0, 1), weights)
-    valid_pvl = jnp.asarray(slot_valid)
+    slots = _Slots.of(L, P, V)
+    stage_w = _stage_weights(weights, slots, P, V)
+    valid_pvl = jnp.asarray(slots.valid)
     x_mbtd = split_rows(h_btd, M)
     aux_m = {k: split_rows(a, M) for k, a in aux.items()}
     b, T, D = x_mbtd.shape[1:]
-
-    def stage_fn(w_v, valid_v, v, h, aux_b):
-        w = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, v, 0, keepdims=False), w_v)
-        valid = jax.lax.dynamic_index_in_dim(valid_v, v, 0, keepdims=False)
-
-        def body(carry, xs):
-            layer_w, ok = xs
-            new, stats = layer_fn(layer_w, carry, aux_b)
-            if not uneven:
-                return new, stats
-            return jnp.where(ok, new, carry), jax.tree.map(lambda a: jnp.where(ok, a, 0), stats)
-
-        return jax.lax.scan(body, h, (w, valid))
-
+    stage_fn = _stage_fn(layer_fn, slots.uneven)
     run_stages = jax.vmap(stage_fn, spmd_axis_name="pipeline")
     stats_shape = jax.eval_shape(
         lambda: stage_fn(jax.tree.map(lambda a: a[0], stage_w), valid_pvl[0], 0, x_mbtd[0],
                          {k: a[0] for k, a in aux_m.items()})[1])
     stages = jnp.arange(P)
+    Lc = slots.Lc
 
     def iteration(carry, t):
         state, circ, out, stats = carry
@@ -177,12 +153,69 @@ def run(layer_fn: Callable, weights, h_btd, aux: dict, spec: PipelineSpec):
             jnp.zeros_like(x_mbtd), zeros_stats)
     n_iter = M * V + P - 1
     (_, _, out, stats), _ = jax.lax.scan(iteration, init, jnp.arange(n_iter))
+    return merge_rows(out), jax.tree.map(functools.partial(_layer_order, slots, P, V, M), stats)
 
-    # Slot (v, p, j) of the stats -> layer order, real slots only.
-    slot_of_layer = np.array([(c * Lc + j) for c in range(P * V) for j in range(sizes[c])])
 
-    def layer_order(s):  # [V, P, Lc, M, b, ...] -> [L, B, ...]
-        s = s.reshape(V * P * Lc, M, *s.shape[4:])
-        return jax.vmap(merge_rows)(s if not uneven else s[slot_of_layer])
+@dataclasses.dataclass(frozen=True)
+class _Slots:
+    """Where each layer runs: slot (p, v, j) of stage p, repeat v runs layer layer[p, v, j] of
+    chunk c = v*P + p when valid[p, v, j] (j < sizes[c]); padded slots repeat the chunk's last
+    layer and are masked off."""
 
-    return merge_rows(out), jax.tree.map(layer_order, stats)
+    sizes: tuple[int, ...]     # layers of each chunk (`chunk_sizes`)
+    layer: np.ndarray          # [P, V, Lc] int
+    valid: np.ndarray          # [P, V, Lc] bool
+    slot_of_layer: np.ndarray  # [L] int: the slot c*Lc + j of each layer, in layer order
+
+    @classmethod
+    def of(cls, L: int, P: int, V: int) -> _Slots:
+        sizes = chunk_sizes(L, P * V)
+        Lc = max(sizes)
+        starts = np.cumsum((0, *sizes[:-1]))
+        layer = np.array([[[starts[v * P + p] + min(j, sizes[v * P + p] - 1) for j in range(Lc)]
+                           for v in range(V)] for p in range(P)])
+        valid = np.array([[[j < sizes[v * P + p] for j in range(Lc)] for v in range(V)]
+                          for p in range(P)])
+        slot_of_layer = np.array([(c * Lc + j) for c in range(P * V) for j in range(sizes[c])])
+        return cls(sizes, layer, valid, slot_of_layer)
+
+    @property
+    def Lc(self) -> int:
+        return max(self.sizes)
+
+    @property
+    def uneven(self) -> bool:
+        return not self.valid.all()
+
+
+def _stage_weights(weights, slots: _Slots, P: int, V: int):
+    """[L, ...] leaves -> [P, V, Lc, ...]: the layers of each stage's slots."""
+    if slots.uneven:
+        return jax.tree.map(lambda w: w[slots.layer], weights)
+    # even chunks: a reshape, without a gather
+    return jax.tree.map(lambda w: w.reshape(V, P, slots.Lc, *w.shape[1:]).swapaxes(0, 1), weights)
+
+
+def _stage_fn(layer_fn: Callable, uneven: bool) -> Callable:
+    """stage_fn(w_v [V, Lc, ...], valid_v [V, Lc], v, h [b,T,D], aux_b) -> (h, stats [Lc, ...]):
+    one stage's Lc slots of repeat v on one microbatch (padded slots pass h through, stats 0)."""
+    def stage_fn(w_v, valid_v, v, h, aux_b):
+        w = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, v, 0, keepdims=False), w_v)
+        valid = jax.lax.dynamic_index_in_dim(valid_v, v, 0, keepdims=False)
+
+        def body(carry, xs):
+            layer_w, ok = xs
+            new, stats = layer_fn(layer_w, carry, aux_b)
+            if not uneven:
+                return new, stats
+            return jnp.where(ok, new, carry), jax.tree.map(lambda a: jnp.where(ok, a, 0), stats)
+
+        return jax.lax.scan(body, h, (w, valid))
+
+    return stage_fn
+
+
+def _layer_order(slots: _Slots, P: int, V: int, M: int, s):
+    """Stats of the slots [V, P, Lc, M, b, ...] -> [L, B, ...] in layer order, real slots only."""
+    s = s.reshape(V * P * slots.Lc, M, *s.shape[4:])
+    return jax.vmap(merge_rows)(s if not slots.uneven else s[slots.slot_of_layer])
