@@ -15,7 +15,7 @@ from dsv3_jax.config import ModelConfig
 from dsv3_jax.model.attention import MLA
 from dsv3_jax.model.layers import MLP, RMSNorm, einsum_f32, normal, weight
 from dsv3_jax.model.moe import ROUTER_BIAS, ROUTER_STATS, MoE
-from dsv3_jax.parallel import pipeline, sharding
+from dsv3_jax.parallel import pipeline
 from dsv3_jax.parallel.sharding import Parallel
 from pallas_kernels.residuals import KERNEL_RESIDUALS
 
@@ -38,31 +38,6 @@ REMAT_POLICIES = {
 # and again under remat; the gradients are the same values (a cast's gradient is the cast back).
 MATMUL_WEIGHTS = frozenset({"wq", "wq_a", "wq_b", "wkv_a", "wkv_b", "wo", "w_gate", "w_up",
                             "w_down", "eh_proj"})
-
-
-EMBED_AXES = ("vocab", "embed")  # logical axes of the embedding table [V, D]
-HEAD_AXES = ("embed", "vocab")  # and of the output head [D, V]
-
-
-def embed_tokens(embed_vd: jax.Array, tokens_bt: jax.Array,
-                 parallel: Parallel | None) -> jax.Array:
-    """The embedding rows of `tokens_bt`, [B, T, D] in the table's dtype, with rows over the
-    batch axes. On a mesh each device looks up its own rows in the table gathered from its
-    storage shards, so the gradient (a scatter-add into a whole [V, D] fp32 table per device) is
-    reduce-scattered into the table's shards instead of all-reduced whole."""
-    if parallel is None or not sharding.rows_divide(parallel, tokens_bt.shape[0]):
-        return jnp.take(embed_vd, tokens_bt, axis=0)
-    stored = sharding.stored_spec(parallel, EMBED_AXES, embed_vd.shape)
-    rows = parallel.spec("batch", None)
-
-    def local(table_shard, tokens):
-        return jnp.take(sharding.gather_weight(table_shard, stored), tokens, axis=0)
-
-    # check_vma=False: the transpose sums the cotangents over the axes the table is replicated
-    # on, as for the head in dsv3_jax.train.objective.
-    return jax.shard_map(local, mesh=parallel.mesh, in_specs=(stored, rows),
-                         out_specs=parallel.spec("batch", None, None),
-                         check_vma=False)(embed_vd, tokens_bt)
 
 
 def cast_matmul_weights(cfg: ModelConfig, params):
@@ -166,10 +141,10 @@ class Transformer(nn.Module):
                  starts_b=None):
         c = self.cfg
         dt = jnp.dtype(c.dtype)
-        embed_vd = weight(self, "embed", (c.vocab_size, c.dim), EMBED_AXES, normal(c))
+        embed_vd = weight(self, "embed", (c.vocab_size, c.dim), ("vocab", "embed"), normal(c))
         # The head is used by `head_logits`; declared here so `init` creates it.
-        weight(self, "head", (c.dim, c.vocab_size), HEAD_AXES, normal(c))
-        emb_btd = embed_tokens(embed_vd, tokens_bt, self.parallel).astype(dt)
+        weight(self, "head", (c.dim, c.vocab_size), ("embed", "vocab"), normal(c))
+        emb_btd = jnp.take(embed_vd, tokens_bt, axis=0).astype(dt)
 
         h_btd, new_cache = emb_btd, {}
         for name, length, moe in (("dense_layers", c.n_dense_layers, False),
@@ -183,7 +158,6 @@ class Transformer(nn.Module):
             stack = block_stack(c, length, moe, self.decode, name, self.parallel)
             h_btd, new_cache[name] = stack(
                 h_btd, kv_cache, starts_b, positions_bt, segment_ids_bt, valid_bt)
-            h_btd = sharding.constrain_rows(self.parallel, h_btd)
         h_final_btd = RMSNorm(c.norm_eps, name="final_norm")(h_btd)
 
         mtp_hidden = []

@@ -164,38 +164,6 @@ def per_row_shard(fn: Callable, parallel: Parallel, *arrays: jax.Array | None):
                          out_specs=rows(out), check_vma=False)(*given)
 
 
-def stored_spec(parallel: Parallel, logical: Sequence[str | None],
-                shape: tuple[int, ...]) -> PartitionSpec:
-    """The spec a weight of `shape` and logical axes is stored with (`variable_shardings`)."""
-    return _drop_indivisible(spec(logical, parallel.fsdp), shape, parallel.mesh)
-
-
-def gather_weight(shard: jax.Array, stored: PartitionSpec) -> jax.Array:
-    """Inside a `shard_map` whose in_spec for a weight is `stored`: the whole weight from this
-    device's shard (all-gathered over each sharded dimension). Its transpose reduce-scatters
-    the gradient, each device keeping its own shard; a replicated in_spec would instead make
-    every device hold the whole fp32 gradient twice and all-reduce it (1.3 GB per copy for
-    moonlight's head or embedding under fsdp)."""
-    for dim, axes in enumerate(stored):
-        if axes is not None:
-            shard = jax.lax.all_gather(shard, axes, axis=dim, tiled=True)
-    return shard
-
-
-def rows_divide(parallel: Parallel, n_rows: int) -> bool:
-    """Whether `n_rows` split evenly over the batch axes (what a per-row `shard_map` needs)."""
-    return n_rows % math.prod(parallel.mesh.shape[a] for a in parallel.batch_axes) == 0
-
-
-def constrain_rows(parallel: Parallel | None, x: jax.Array) -> jax.Array:
-    """`x` [rows, ...] pinned to rows over the batch axes, the rest replicated: the layout of
-    every activation between blocks (XLA may otherwise pick another around a gathered weight)."""
-    if parallel is None or not rows_divide(parallel, x.shape[0]):
-        return x
-    rows = parallel.spec("batch", *([None] * (x.ndim - 1)))
-    return jax.lax.with_sharding_constraint(x, NamedSharding(parallel.mesh, rows))
-
-
 def spec(logical: Sequence[str | None], fsdp: bool = False,
          batch_axes: tuple[str, ...] = BATCH_AXES) -> PartitionSpec:
     """The PartitionSpec of a tuple of logical names; a mesh axis may appear only once. With

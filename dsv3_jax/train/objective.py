@@ -15,8 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.model.transformer import HEAD_AXES, head_logits
-from dsv3_jax.parallel import sharding
+from dsv3_jax.model.transformer import head_logits
 
 
 def targets_and_masks(tokens_bs, segment_ids_bs, depth: int):
@@ -47,22 +46,20 @@ def cross_entropy_sum(params, h_btd, targets_bt, mask_bt, chunk: int = LOSS_CHUN
     times the head, both ways), so the backward pass only scales them: the head's GEMMs run 3
     times instead of 4 (forward, recompute, two gradients), and no [B, T, V] value is kept.
     With a mesh it runs per device over the batch shards (`parallel.batch_axes`), so the head's
-    weight gradient is summed over devices once per call, not once per chunk: reduce-scattered
-    into the head's own shards where it is stored sharded (fsdp), all-reduced where replicated.
+    weight gradient is summed over devices once per call, not once per chunk.
     """
     ce = functools.partial(_fused_ce_sum, chunk=chunk)
     if parallel is None:
         return ce(params["head"], h_btd, targets_bt, mask_bt)
-    rows = parallel.spec("batch")
-    stored = sharding.stored_spec(parallel, HEAD_AXES, params["head"].shape)
+    rows, replicated = parallel.spec("batch"), parallel.spec()
 
     def local(w_dv, h_, t_, m_):
-        return ce(sharding.gather_weight(w_dv, stored), h_, t_, m_)[None]
+        return ce(w_dv, h_, t_, m_)[None]
 
-    # check_vma=False: the transpose sums the head's per-device cotangents over the mesh axes
-    # its storage does not split (once, here), as in dsv3_jax.parallel.expert_parallel.
+    # check_vma=False: the transpose sums the replicated head's per-device cotangents over the
+    # batch axes (once, here), as in dsv3_jax.parallel.expert_parallel.
     per_device = jax.shard_map(local, mesh=parallel.mesh,
-                               in_specs=(stored, rows, rows, rows), out_specs=rows,
+                               in_specs=(replicated, rows, rows, rows), out_specs=rows,
                                check_vma=False)(
         params["head"], h_btd, targets_bt, mask_bt)
     return jnp.sum(per_device)
