@@ -104,6 +104,8 @@ def run_spec(cfg: config_dict.ConfigDict, target: Target) -> RunSpec:
 def compile_program(name: str, jitted, args, mesh) -> Program:
     """Lower and compile `jitted` for `args` (ShapeDtypeStructs with shardings on `mesh`)."""
     began = time.perf_counter()
+    print(f"{name}: lowering and compiling for {mesh.devices.size} devices (minutes for the "
+          "largest models)...", file=sys.stderr, flush=True)
     # The Mosaic TPU kernels read the chip version while tracing: from the abstract mesh here.
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
         lowered = jitted.lower(*args)

@@ -21,6 +21,7 @@ import math
 import re
 
 import jax
+from jax._src import xla_bridge  # the mock topology flag is not on jax.config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,13 +66,20 @@ def target(name: str) -> Target:
 @functools.cache
 def _devices(shape: tuple[int, int, int]) -> list:
     wanted = "x".join(map(str, shape))
-    current = jax.config.jax_mock_gpu_topology
+    current = xla_bridge.MOCK_GPU_TOPOLOGY.value
     if current != wanted:
-        if jax._src.xla_bridge.backends_are_initialized():
+        if xla_bridge.backends_are_initialized():
             raise ValueError(f"a mock GPU topology ({wanted}) must be set before JAX starts its "
                              "GPU backend: run it in a fresh process")
         jax.config.update("jax_mock_gpu_topology", wanted)
-    devices = jax.devices()
+    try:
+        devices = jax.devices()
+    except RuntimeError as e:
+        if "mock_gpu_topology" not in str(e):
+            raise
+        raise ValueError(f"--topology=gpu:{wanted}: XLA mocks hosts with as many GPUs as this "
+                         f"host has ({e}); a host with one GPU can mock gpu:Hx1 (H hosts of one "
+                         "GPU), a host with 8 GPUs gpu:Hx8") from None
     if devices[0].platform != "gpu":
         raise ValueError(f"--topology=gpu:{wanted} needs a GPU host (JAX found "
                          f"{devices[0].platform}): JAX 0.11.2 compiles for GPUs only from one")
