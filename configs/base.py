@@ -67,6 +67,32 @@ def get_config() -> config_dict.ConfigDict:
     c.mesh.pipeline_microbatches = 4  # microbatches in flight through the stages
     c.mesh.pipeline_repeats = 2  # circular: times each microbatch goes round the stages
 
+    # Reinforcement learning (python -m launch.grpo; dsv3_jax/rl). There batch_size is the
+    # sequences of one rollout batch (batch_size / group_size prompts) and seq_len the prompt
+    # and response tokens of one sequence.
+    c.grpo = config_dict.ConfigDict()
+    c.grpo.group_size = 8  # G samples per prompt (>= 2)
+    c.grpo.max_new_tokens = 64
+    c.grpo.temperature = 1.0  # > 0
+    c.grpo.top_p = 1.0
+    c.grpo.updates_per_batch = 1  # inner updates per rollout batch (0: rollouts only)
+    c.grpo.epsilon = 0.2  # clip range below 1
+    c.grpo.epsilon_high = 0.2  # clip range above 1 (DAPO's clip-higher: 0.28)
+    c.grpo.beta = 0.04  # k3 KL weight to the frozen reference (the run's starting weights)
+    c.grpo.scale_by_std = True  # False: advantages not divided by the group's std (Dr. GRPO)
+    c.grpo.aggregation = "token"  # token | sequence (dsv3_jax/rl/loss.py)
+    # ((built-in name or module:function, weight), ...); built-ins: exact_match, format,
+    # length_penalty (dsv3_jax/rl/rewards.py).
+    c.grpo.rewards = (("exact_match", 1.0),)
+    c.grpo.prompts = "add"  # a built-in task (add) or a .jsonl / .parquet file of records
+    c.grpo.prompt_field = "prompt"
+    c.grpo.template = "plain"  # plain | r1_zero | a format string over the record's fields
+    c.grpo.update_router_bias = False  # True: the balance rule runs on the rollouts' loads
+    c.grpo.mtp_weight = 0.0  # > 0: add the MTP loss on the rollout sequences
+    # True: the old log-probs come from a training forward pass before the updates (one extra
+    # forward) instead of the sampler's record.
+    c.grpo.recompute_old_logprobs = False
+
     c.checkpoint_every = 200
     c.keep_checkpoints = 3
     c.eval_every = 200

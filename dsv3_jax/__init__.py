@@ -11,6 +11,7 @@ The public API. Its names load on first use (PEP 562), so importing one subpacka
   dsv3_jax.train        data, objective, optimizer, step, loop, checkpointer  (model)
   dsv3_jax.convert      the released layout, safetensors, orbax files          (model)
   dsv3_jax.infer        generation                                              (model)
+  dsv3_jax.rl           GRPO: loss, rewards, prompts, rollouts, its run   (train, infer)
 """
 
 import glob

@@ -1,6 +1,9 @@
-"""Plot a run: loss curves and the expert-load heatmap, as PNG files in the workdir.
+"""Plot a run: loss curves and the expert-load heatmap of a training run, or the rewards,
+KL, clipping, entropy, lengths and throughput of a GRPO run (launch.grpo), as PNG files in the
+workdir.
 
   python -m launch.plot --workdir=runs/tiny
+  python -m launch.plot --workdir=runs/grpo_tiny
 """
 
 import json
@@ -29,7 +32,7 @@ def read_metrics(workdir: str) -> tuple[list[dict], list[dict]]:
                 raise ValueError(f"{path}:{line_no} is not valid JSON") from None
             if "eval_loss" in record:
                 evals[record["step"]] = record
-            elif "loss" in record:
+            elif "loss" in record or "reward_mean" in record:
                 train[record["step"]] = record
     return [train[s] for s in sorted(train)], [evals[s] for s in sorted(evals)]
 
@@ -45,6 +48,8 @@ def plot(workdir: str, out: str | None = None) -> list[str]:
     train, evals = read_metrics(workdir)
     if not train:
         raise ValueError(f"{workdir!r} has no logged training steps yet")
+    if "reward_mean" in train[0]:
+        return [plot_grpo(train, os.path.join(out, "grpo.png"))]
     steps = [r["step"] for r in train]
     written = []
 
@@ -77,6 +82,50 @@ def plot(workdir: str, out: str | None = None) -> list[str]:
     fig.savefig(written[-1], dpi=120)
     plt.close(fig)
     return written
+
+
+# (panel title, [(metric, label)], y label) of the GRPO figure; metrics a run lacks are skipped.
+GRPO_PANELS = (
+    ("reward", [("reward_mean", "mean (band: std)"), ("accuracy", "task accuracy")], "reward"),
+    ("KL to the reference (k3)", [("kl", "kl")], "nats/token"),
+    ("clipped tokens", [("clip_fraction", "fraction")], "fraction"),
+    ("policy entropy", [("entropy", "entropy")], "nats/token"),
+    ("response length", [("response_length", "mean")], "tokens"),
+    ("rollout throughput", [("rollout_tokens_per_sec", "tokens/s")], "tokens/s"),
+    ("time per step", [("rollout_time", "rollout"), ("update_time", "update")], "s"),
+)
+
+
+def plot_grpo(records: list[dict], path: str) -> str:
+    """One figure of a GRPO run's per-step metrics (GRPO_PANELS, and each reward function)."""
+    import matplotlib.pyplot as plt
+
+    steps = np.array([r["step"] for r in records])
+    per_reward = sorted({k for r in records for k in r if k.startswith("reward/")})
+    panels = list(GRPO_PANELS)
+    if len(per_reward) > 1:
+        panels.insert(1, ("reward per function", [(k, k[7:]) for k in per_reward], "reward"))
+    fig, axes = plt.subplots(2, -(-len(panels) // 2), figsize=(4 * -(-len(panels) // 2), 6.5))
+    for ax, (title, series, ylabel) in zip(axes.flat, panels, strict=False):
+        for key, label in series:
+            if key in records[0]:
+                ax.plot(steps, [r.get(key, np.nan) for r in records], label=label)
+        if title == "reward":
+            mean = np.array([r["reward_mean"] for r in records])
+            std = np.array([r["reward_std"] for r in records])
+            ax.fill_between(steps, mean - std, mean + std, alpha=0.2)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        if len(series) > 1:
+            ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def main(argv):

@@ -15,6 +15,7 @@ ALLOWED = {
     "train": {"config", "tokenizer", "checkpoints", "parallel", "model"},
     "convert": {"config", "tokenizer", "checkpoints", "model"},
     "infer": {"config", "tokenizer", "checkpoints", "model"},
+    "rl": {"config", "tokenizer", "checkpoints", "parallel", "model", "train", "infer"},
 }
 
 

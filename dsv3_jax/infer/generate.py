@@ -88,12 +88,18 @@ class GenerationStats:
 @dataclasses.dataclass
 class Generation:
     """tokens: the new tokens of each prompt (EOS excluded); finish_reasons: "eos" or "length"
-    per prompt; texts: the decoded new tokens when a tokenizer was given."""
+    per prompt; texts: the decoded new tokens when a tokenizer was given; logprobs: below."""
 
     tokens: list[list[int]]
     finish_reasons: list[str]
     texts: list[str] | None
     stats: GenerationStats
+    # Per prompt, log p(token) of each new token under the policy that chose it (natural log):
+    # log softmax(logits / temperature), before the top-p cut (the greedy policy's logits at
+    # temperature 1), with the EOS that stopped a sequence included: len(tokens[i]) + 1 entries
+    # when finish_reasons[i] is "eos". A training forward pass over prompt + tokens gives the
+    # same values (tests/test_grpo_sampling.py).
+    logprobs: list[list[float]] = dataclasses.field(default_factory=list)
 
 
 def generate(config: ModelConfig, variables: api.Variables,
@@ -128,87 +134,119 @@ def generate(config: ModelConfig, variables: api.Variables,
     _check_settings(config, max_new_tokens, temperature, top_p, speculative, variables)
     prompt_ids = _encode_prompts(config, prompts, tokenizer)
     lengths = [len(p) for p in prompt_ids]
-    B, longest = len(prompt_ids), max(lengths)
-    L = _cache_rows(config, longest, max_new_tokens, cache_len, lengths)
-    P = min(-(-longest // PREFILL_BUCKET) * PREFILL_BUCKET, L)
-    tokens_bp = np.zeros((B, P), np.int32)
-    for b, ids in enumerate(prompt_ids):
-        tokens_bp[b, :len(ids)] = ids
-
+    L = _cache_rows(config, max(lengths), max_new_tokens, cache_len, lengths)
     # The implementations chosen once for the default backend; the programs trace this config.
     programs = _programs(implementations.resolved(config, jax.default_backend()),
                          speculative == "mtp")
-    caches = {"main": api.init_cache(config, B, L)}
-    if speculative == "mtp":
-        caches["mtp"] = api.init_mtp_cache(config, B, L)
-    settings = {
+    start_args = _start_args(config, variables, prompt_ids, L, speculative == "mtp", {
         "greedy": jnp.bool_(temperature == 0),
         "eos": jnp.int32(-1 if eos_id is None else eos_id),
         "max_new": jnp.int32(max_new_tokens),
         "temperature": jnp.float32(max(temperature, 1e-6)),
         "top_p": jnp.float32(top_p),
         "key": jax.random.key(seed),
-    }
-    start_args = (variables, jnp.asarray(tokens_bp), jnp.asarray(lengths, jnp.int32), caches,
-                  settings)
+    })
     compiled_before = len(_COMPILED)
     t0 = time.perf_counter()
     start = _compiled(programs.start, start_args)
     caches_shape, state_shape, _ = jax.eval_shape(programs.start, *start_args)
     step = _compiled(programs.step, (variables, caches_shape, state_shape))
     compile_s = time.perf_counter() - t0
-    compiles = len(_COMPILED) - compiled_before
 
-    out: list[list[int]] = [[] for _ in range(B)]
-    reasons: list[str | None] = [None] * B
-    drafted = accepted = steps = 0
+    run = _Collected(len(prompt_ids), max_new_tokens, eos_id, on_tokens)
+    prefill_s, decode_s = _decode_loop(start, step, start_args, run, bool(speculative))
+    stats = GenerationStats(
+        prompt_tokens=sum(lengths), new_tokens=sum(len(o) for o in run.tokens),
+        prefill_s=prefill_s, decode_s=decode_s, compile_s=compile_s,
+        compiles=len(_COMPILED) - compiled_before, steps=run.steps, drafted=run.drafted,
+        accepted=run.accepted)
+    texts = [tokenizer.decode(o) for o in run.tokens] if tokenizer is not None else None
+    return Generation(run.tokens, run.reasons, texts, stats, run.logprobs)
+
+
+class _Collected:
+    """The host side of the loop: each sequence's new tokens and their log-probabilities as the
+    device emits them, stopped at EOS or max_new_tokens; the step and draft counts."""
+
+    def __init__(self, B: int, max_new_tokens: int, eos_id: int | None,
+                 on_tokens: TokenCallback | None):
+        self.max_new_tokens, self.eos_id, self.on_tokens = max_new_tokens, eos_id, on_tokens
+        self.tokens: list[list[int]] = [[] for _ in range(B)]
+        self.logprobs: list[list[float]] = [[] for _ in range(B)]
+        self.reasons: list[str | None] = [None] * B
+        self.steps = self.drafted = self.accepted = 0
+        self.calls = 0
+
+    def all_stopped(self) -> bool:
+        return all(r is not None for r in self.reasons)
+
+    def add(self, outputs, count_drafts: bool) -> None:
+        """One program's outputs (emitted [B, K], logprobs [B, K], counts [B], done [B])."""
+        emitted_bk, logprobs_bk, counts_b, _ = outputs
+        if self.calls:
+            self.steps += 1
+        self.calls += 1
+        if count_drafts:
+            running_b = counts_b > 0
+            self.drafted += int(running_b.sum())
+            self.accepted += int((counts_b[running_b] - 1).sum())
+        for b, reason in enumerate(self.reasons):
+            if reason is not None:
+                continue
+            new = []
+            for tok, logp in zip(emitted_bk[b, :counts_b[b]].tolist(),
+                                 logprobs_bk[b, :counts_b[b]].tolist(), strict=True):
+                self.logprobs[b].append(logp)  # the stopping EOS's too
+                if tok == self.eos_id:
+                    self.reasons[b] = "eos"
+                    break
+                new.append(tok)
+                if len(self.tokens[b]) + len(new) == self.max_new_tokens:
+                    self.reasons[b] = "length"
+                    break
+            self.tokens[b].extend(new)
+            if self.on_tokens is not None and (new or self.reasons[b] is not None):
+                self.on_tokens(b, new, self.reasons[b])
+
+
+def _start_args(config, variables, prompt_ids, L: int, speculative: bool, settings):
+    """(variables, tokens [B, P], lengths [B], empty caches, settings): the prompts right-padded
+    to a multiple of PREFILL_BUCKET (at most L)."""
+    lengths = [len(p) for p in prompt_ids]
+    B, P = len(prompt_ids), min(-(-max(lengths) // PREFILL_BUCKET) * PREFILL_BUCKET, L)
+    tokens_bp = np.zeros((B, P), np.int32)
+    for b, ids in enumerate(prompt_ids):
+        tokens_bp[b, :len(ids)] = ids
+    caches = {"main": api.init_cache(config, B, L)}
+    if speculative:
+        caches["mtp"] = api.init_mtp_cache(config, B, L)
+    return (variables, jnp.asarray(tokens_bp), jnp.asarray(lengths, jnp.int32), caches,
+            settings)
+
+
+def _decode_loop(start, step, start_args, run: _Collected, speculative: bool):
+    """Run the prefill and then decode steps until every sequence stopped; (prefill_s,
+    decode_s)."""
+    variables = start_args[0]
     t0 = time.perf_counter()
     caches, state, pending = start(*start_args)
     prefill_s = None
-    for i in range(max_new_tokens):
+    for i in range(run.max_new_tokens):
         # Queue the next step before reading this one's tokens, so the device does not wait
         # for the host (the last one queued may go unused).
         nxt = None
-        if i < max_new_tokens - 1:
+        if i < run.max_new_tokens - 1:
             caches, state, nxt = step(variables, caches, state)
-        emitted_bk, counts_b, _ = jax.device_get(pending)
+        run.add(jax.device_get(pending), count_drafts=speculative and prefill_s is not None)
         if prefill_s is None:
             prefill_s = time.perf_counter() - t0
-        else:
-            steps += 1
-            if speculative:
-                running_b = counts_b > 0
-                drafted += int(running_b.sum())
-                accepted += int((counts_b[running_b] - 1).sum())
-        for b in range(B):
-            if reasons[b] is not None:
-                continue
-            new = []
-            for tok in emitted_bk[b, :counts_b[b]].tolist():
-                if tok == eos_id:
-                    reasons[b] = "eos"
-                    break
-                new.append(tok)
-                if len(out[b]) + len(new) == max_new_tokens:
-                    reasons[b] = "length"
-                    break
-            out[b].extend(new)
-            if on_tokens is not None and (new or reasons[b] is not None):
-                on_tokens(b, new, reasons[b])
-        if all(r is not None for r in reasons) or nxt is None:
+        if run.all_stopped() or nxt is None:
             break
         pending = nxt
-    decode_s = time.perf_counter() - t0 - prefill_s
     # Every step adds at least one token to each running sequence, so max_new_tokens rounds
     # stop them all.
-    assert all(r is not None for r in reasons), reasons
-
-    stats = GenerationStats(
-        prompt_tokens=sum(lengths), new_tokens=sum(len(o) for o in out), prefill_s=prefill_s,
-        decode_s=decode_s, compile_s=compile_s, compiles=compiles, steps=steps,
-        drafted=drafted, accepted=accepted)
-    texts = [tokenizer.decode(o) for o in out] if tokenizer is not None else None
-    return Generation(out, reasons, texts, stats)
+    assert run.all_stopped(), run.reasons
+    return prefill_s, time.perf_counter() - t0 - prefill_s
 
 
 class TextStream:
@@ -309,33 +347,51 @@ def sample_logits(logits_bv: jax.Array, key: jax.Array, temperature: jax.Array,
     return jax.random.categorical(key, logits_bv, axis=-1).astype(jnp.int32)
 
 
+def token_logprobs(logits_bv: jax.Array, tokens_b: jax.Array, temperature: jax.Array
+                   ) -> jax.Array:
+    """log softmax(logits / temperature)[token] per row, fp32 [B]: the log-probability a
+    sampling policy at `temperature` gives the chosen token (before any top-p cut)."""
+    logp_bv = jax.nn.log_softmax(logits_bv.astype(jnp.float32) / temperature, axis=-1)
+    return jnp.take_along_axis(logp_bv, tokens_b[:, None], axis=-1)[:, 0]
+
+
 @dataclasses.dataclass(frozen=True)
 class _Programs:
     # (variables, tokens_bp, lengths_b, caches, settings) -> (caches, state, outputs)
     start: Callable
-    # (variables, caches, state) -> (caches, state, outputs); outputs are
-    # (emitted [B, K], counts [B]: how many of the K are new, done [B])
+    # (variables, caches, state) -> (caches, state, outputs); outputs are (emitted [B, K],
+    # their log-probabilities [B, K], counts [B]: how many of the K are new, done [B])
     step: Callable
 
 
 @functools.lru_cache(maxsize=16)
 def _programs(config: ModelConfig, speculative: bool) -> _Programs:
-    def choose(logits_bv, state):
-        """Greedy or sampled, chosen at run time: one program serves both."""
-        def sample():
-            key = jax.random.fold_in(state["key"], state["step"])
-            return sample_logits(logits_bv, key, state["temperature"], state["top_p"])
+    step = _speculative_step(config) if speculative else _plain_step(config)
+    return _Programs(start=jax.jit(_start(config, speculative), donate_argnums=3),
+                     step=jax.jit(step, donate_argnums=1))
 
-        return jax.lax.cond(state["greedy"],
-                            lambda: jnp.argmax(logits_bv, axis=-1).astype(jnp.int32), sample)
 
+def _choose(logits_bv: jax.Array, state: dict) -> tuple[jax.Array, jax.Array]:
+    """(token [B], its log-probability [B]): greedy or sampled, chosen at run time, so one
+    program serves both. The greedy policy's log-probabilities are at temperature 1."""
+    def sample():
+        key = jax.random.fold_in(state["key"], state["step"])
+        return sample_logits(logits_bv, key, state["temperature"], state["top_p"])
+
+    token_b = jax.lax.cond(state["greedy"],
+                           lambda: jnp.argmax(logits_bv, axis=-1).astype(jnp.int32), sample)
+    temperature = jnp.where(state["greedy"], jnp.float32(1), state["temperature"])
+    return token_b, token_logprobs(logits_bv, token_b, temperature)
+
+
+def _start(config: ModelConfig, speculative: bool) -> Callable:
     def start(variables, tokens_bp, lengths_b, caches, settings):
         B, P = tokens_bp.shape
         rows_b = jnp.arange(B)
         state = {**settings, "step": jnp.int32(0)}
         logits_bpv, cache, h_bpd = api.prefill(config, variables, tokens_bp, lengths_b,
                                                caches["main"], return_hidden=True)
-        first_b = choose(logits_bpv[rows_b, lengths_b - 1], state)
+        first_b, logp_b = _choose(logits_bpv[rows_b, lengths_b - 1], state)
         ones_b = jnp.ones((B,), jnp.int32)
         done_b = (first_b == state["eos"]) | (ones_b >= state["max_new"])
         state = {**state, "last": first_b, "done": done_b, "generated": ones_b,
@@ -352,13 +408,17 @@ def _programs(config: ModelConfig, speculative: bool) -> _Programs:
             state["draft"] = jnp.argmax(mtp_logits_bpv[rows_b, lengths_b - 1],
                                         axis=-1).astype(jnp.int32)
             new_caches["mtp"] = mtp_cache.replace(lengths=lengths_b)
-        return new_caches, state, (first_b[:, None], ones_b, done_b)
+        return new_caches, state, (first_b[:, None], logp_b[:, None], ones_b, done_b)
 
+    return start
+
+
+def _plain_step(config: ModelConfig) -> Callable:
     def plain_step(variables, caches, state):
         done_b = state["done"]
         logits_b1v, cache = api.decode(config, variables, state["last"][:, None],
                                        caches["main"])
-        token_b = choose(logits_b1v[:, 0], state)
+        token_b, logp_b = _choose(logits_b1v[:, 0], state)
         counts_b = (~done_b).astype(jnp.int32)
         generated_b = state["generated"] + counts_b
         # A stopped sequence keeps decoding (its tokens are dropped): at most max_new_tokens - 1
@@ -366,8 +426,12 @@ def _programs(config: ModelConfig, speculative: bool) -> _Programs:
         done_b = done_b | (token_b == state["eos"]) | (generated_b >= state["max_new"])
         state = {**state, "last": token_b, "done": done_b, "generated": generated_b,
                  "step": state["step"] + 1}
-        return {"main": cache}, state, (token_b[:, None], counts_b, done_b)
+        return {"main": cache}, state, (token_b[:, None], logp_b[:, None], counts_b, done_b)
 
+    return plain_step
+
+
+def _speculative_step(config: ModelConfig) -> Callable:
     def speculative_step(variables, caches, state):
         done_b = state["done"]
         n_b = caches["main"].lengths  # tokens in the cache; state["last"] is token n
@@ -377,6 +441,8 @@ def _programs(config: ModelConfig, speculative: bool) -> _Programs:
         logits_b2v, cache, h_b2d = api.decode(config, variables, tokens_b2, caches["main"],
                                               return_hidden=True)
         argmax_b2 = jnp.argmax(logits_b2v, axis=-1).astype(jnp.int32)
+        logp_b2 = jax.vmap(token_logprobs, in_axes=(1, 1, None), out_axes=1)(
+            logits_b2v, argmax_b2, jnp.float32(1))
         accept_b = argmax_b2[:, 0] == state["draft"]
         # MTP positions n, n+1 read (h_n, t_{n+1}) and (h_{n+1}, t_{n+2}); the second is only
         # meaningful when the draft was accepted, and is rolled back otherwise.
@@ -399,11 +465,9 @@ def _programs(config: ModelConfig, speculative: bool) -> _Programs:
         state = {**state, "last": jnp.where(accept_b, argmax_b2[:, 1], argmax_b2[:, 0]),
                  "draft": draft_b, "done": new_done_b, "generated": generated_b,
                  "step": state["step"] + 1}
-        return caches, state, (argmax_b2, counts_b, new_done_b)
+        return caches, state, (argmax_b2, logp_b2, counts_b, new_done_b)
 
-    step = speculative_step if speculative else plain_step
-    return _Programs(start=jax.jit(start, donate_argnums=3),
-                     step=jax.jit(step, donate_argnums=1))
+    return speculative_step
 
 
 _COMPILED: dict = {}

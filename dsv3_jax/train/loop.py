@@ -141,7 +141,7 @@ def _train(spec: RunSpec, workdir: str, data: TokenData, progress: bool) -> dict
 
     per_process = hyper.batch_size // processes
     train_iter = iter(data.dataset("train", per_process, run.seed, process, processes))
-    start, state = _starting_state(trainer, checkpoints, train_iter, run)
+    start, state = starting_state(trainer, checkpoints, train_iter, run)
     say_start_up(trainer, hyper.seq_len, parallel, start, run.steps)
     writer = MetricsWriter.continuing(workdir, start)
     preemption = Preemption(processes)
@@ -205,7 +205,7 @@ def _train(spec: RunSpec, workdir: str, data: TokenData, progress: bool) -> dict
     return last
 
 
-def _starting_state(trainer: Trainer, checkpoints: Checkpointer, train_iter, run):
+def starting_state(trainer: Trainer, checkpoints: Checkpointer, train_iter, run):
     """(start step, state): the latest good checkpoint (and the data iterator's position), else
     a fresh state (from run.init_from's weights when given); refuses a silent restart of a run
     whose every checkpoint was unusable."""
