@@ -20,6 +20,9 @@ ATTENTION_IMPLS = ("auto", *kernels.MLA_ATTENTION)
 DECODE_IMPLS = ("auto", *kernels.MLA_DECODE)
 MOE_IMPLS = ("auto", *kernels.ROUTED_EXPERTS)
 DTYPES = ("float32", "bfloat16")
+# "blockwise": DeepSeek-V3's FP8 recipe (dsv3_jax/model/fp8.py) on the attention projections and
+# the dense, shared and routed experts' GEMMs.
+FP8_MODES = ("none", "blockwise")
 # config.json fields that decide which tensors a checkpoint holds and their shapes. transformers
 # would take DeepSeek-V3 671B's values for a missing one, which fit no other model's files, so
 # `from_hf` refuses a config without them; every other field takes transformers' default.
@@ -34,8 +37,8 @@ class ModelConfig:
     """DeepSeek-V3 architecture plus the implementation choices of this stack.
 
     Architecture fields keep the official names (HF names in comments). Implementation fields
-    (`dtype`, `remat`, `attention_impl`, `decode_impl`, `moe_impl`) change how, not what, the
-    model computes.
+    (`dtype`, `remat`, `attention_impl`, `decode_impl`, `moe_impl`, `fp8`) change how, not what,
+    the model computes (`fp8` within E4M3's rounding).
     """
 
     vocab_size: int = 129280  # vocab_size
@@ -78,6 +81,8 @@ class ModelConfig:
     attention_impl: str = "auto"
     decode_impl: str = "auto"
     moe_impl: str = "auto"
+    # "none" | "blockwise": E4M3 GEMMs with 1x128 activation tiles and 128x128 weight blocks.
+    fp8: str = "none"
 
     def __post_init__(self):
         validate(self)
@@ -343,6 +348,7 @@ def validate(cfg: ModelConfig) -> None:
     need(cfg.decode_impl in DECODE_IMPLS,
          f"decode_impl={cfg.decode_impl!r} is not one of {DECODE_IMPLS}")
     need(cfg.moe_impl in MOE_IMPLS, f"moe_impl={cfg.moe_impl!r} is not one of {MOE_IMPLS}")
+    need(cfg.fp8 in FP8_MODES, f"fp8={cfg.fp8!r} is not one of {FP8_MODES}")
 
 
 # Presets ---------------------------------------------------------------------------------------

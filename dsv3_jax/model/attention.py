@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.model import implementations
-from dsv3_jax.model.layers import RMSNorm, apply_rope, normal, rope_angles, weight
+from dsv3_jax.model.layers import RMSNorm, apply_rope, normal, projection, rope_angles, weight
 from dsv3_jax.parallel import sharding
 from dsv3_jax.parallel.sharding import Parallel
 from pallas_kernels import mla_attention, mla_decode
@@ -50,19 +50,19 @@ class MLA(nn.Module):
 
     def queries(self, x_btd, cos, sin):
         """q_nope [B,T,N,Hn], rotated q_rope [B,T,N,Hr]."""
-        c, dt = self.cfg, x_btd.dtype
+        c = self.cfg
         if c.q_lora_rank:
-            cq_btq = jnp.einsum("BTD,DQ->BTQ", x_btd, self.wq_a.astype(dt))
-            q_btnh = jnp.einsum("BTQ,QNH->BTNH", self.q_norm(cq_btq), self.wq_b.astype(dt))
+            cq_btq = projection("BTD,DQ->BTQ", x_btd, self.wq_a, c.fp8)
+            q_btnh = projection("BTQ,QNH->BTNH", self.q_norm(cq_btq), self.wq_b, c.fp8)
         else:
-            q_btnh = jnp.einsum("BTD,DNH->BTNH", x_btd, self.wq.astype(dt))
+            q_btnh = projection("BTD,DNH->BTNH", x_btd, self.wq, c.fp8)
         q_nope, q_rope = jnp.split(q_btnh, [c.qk_nope_head_dim], axis=-1)
         return q_nope, apply_rope(q_rope, cos[:, :, None], sin[:, :, None])
 
     def latents(self, x_btd, cos, sin):
         """[B, T, R+Hr]: RMSNorm(c_kv) and the rotated shared rope key (what the cache holds)."""
         R = self.cfg.kv_lora_rank
-        kv_btc = jnp.einsum("BTD,DC->BTC", x_btd, self.wkv_a.astype(x_btd.dtype))
+        kv_btc = projection("BTD,DC->BTC", x_btd, self.wkv_a, self.cfg.fp8)
         c_kv_btr = self.kv_norm(kv_btc[..., :R])
         k_rope_bth = apply_rope(kv_btc[..., R:], cos, sin)
         return jnp.concatenate([c_kv_btr, k_rope_bth], axis=-1)
@@ -75,7 +75,7 @@ class MLA(nn.Module):
         form over the new tokens only (prefill of an empty cache); with `decode` it is the absorbed
         form over cache rows < starts[b] + T.
         """
-        c, dt = self.cfg, x_btd.dtype
+        c = self.cfg
         cos, sin = rope_angles(c, positions_bt)
         q_nope, q_rope = self.queries(x_btd, cos, sin)
         latent_btc = self.latents(x_btd, cos, sin)
@@ -93,14 +93,14 @@ class MLA(nn.Module):
             o_btnh = self.absorbed(q_nope, q_rope, new_cache, starts_b + x_btd.shape[1])
         else:
             o_btnh = self.expanded(q_nope, q_rope, latent_btc, segment_ids_bt)
-        out_btd = jnp.einsum("BTNH,NHD->BTD", o_btnh, self.wo.astype(dt))
+        out_btd = projection("BTNH,NHD->BTD", o_btnh, self.wo, c.fp8)
         return out_btd, new_cache
 
     def expanded(self, q_nope, q_rope, latent_btc, segment_ids_bt):
         """Training/prefill form: per-head keys and values from the latent."""
-        c, dt = self.cfg, q_nope.dtype
+        c = self.cfg
         R = c.kv_lora_rank
-        kv_btnh = jnp.einsum("BTR,RNH->BTNH", latent_btc[..., :R], self.wkv_b.astype(dt))
+        kv_btnh = projection("BTR,RNH->BTNH", latent_btc[..., :R], self.wkv_b, c.fp8)
         k_nope, v = jnp.split(kv_btnh, [c.qk_nope_head_dim], axis=-1)
         impl = implementations.chosen(c, "attention_impl")
 

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from dsv3_jax.config import ModelConfig
+from dsv3_jax.model import fp8 as fp8_lib
 from dsv3_jax.model import implementations
 from dsv3_jax.model.layers import MLP, normal, weight
 from dsv3_jax.parallel import expert_parallel
@@ -84,7 +85,9 @@ class MoE(nn.Module):
                    w_down.astype(dt))
         impl = implementations.chosen(c, "moe_impl")
         with jax.named_scope("routed_experts"):
-            if self.parallel is None:
+            if c.fp8 != "none":
+                routed_td = self.routed_fp8(impl, *experts)
+            elif self.parallel is None:
                 routed_td = expert_dispatch.routed_experts(*experts, implementation=impl)
             else:
                 routed_td = expert_parallel.routed_experts(
@@ -94,6 +97,24 @@ class MoE(nn.Module):
             with jax.named_scope("shared_experts"):
                 out_btd += MLP(c, c.n_shared_experts * F, name="shared")(x_btd)
         return out_btd
+
+    def routed_fp8(self, impl: str, x_td, expert_idx_tk, weights_tk, w_gate, w_up, w_down):
+        """The routed experts with FP8 grouped GEMMs (fp8_lib.experts_swiglu) between the same
+        permute and combine as `impl`'s ("dense", the reference, sorts as "xla" does); with
+        "pallas_gpu" the GEMMs run on the FP8 kernel, otherwise emulated."""
+        if self.parallel is not None:
+            raise ValueError(
+                "model.fp8='blockwise' runs the routed experts on one device only: "
+                "dsv3_jax.parallel.expert_parallel has no FP8 path yet; use model.fp8='none' "
+                "on a mesh")
+        rows = "xla" if impl == "dense" else impl
+        x_sorted_md, group_sizes_e, order_m = expert_dispatch.permute(
+            x_td, expert_idx_tk, w_gate.shape[0], implementation=rows)
+        gemms = "pallas_gpu" if impl == "pallas_gpu" else "xla"
+        y_sorted_md = fp8_lib.experts_swiglu(x_sorted_md, group_sizes_e, w_gate, w_up, w_down,
+                                             implementation=gemms)
+        return expert_dispatch.unpermute_combine(y_sorted_md, order_m, weights_tk, x_td.dtype,
+                                                 implementation=rows)
 
     def record_stats(self, scores_bte, expert_idx_btk, valid_bt):
         E = scores_bte.shape[-1]
