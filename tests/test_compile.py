@@ -39,7 +39,8 @@ def kinds(program) -> dict[str, int]:
 ], ids=["data2xexpert2", "pipeline2xdata2"])
 def test_tiny_train_step_compiles_for_v5p(layout):
     target = tpu_targets.target("v5p:2x2x1")
-    report = aot.train_report(tiny(**layout), target)
+    check_plan = "mesh__pipeline" not in layout  # the second compile once, not per layout
+    report = aot.train_report(tiny(**layout), target, check_plan=check_plan)
     (step,) = report.programs
     assert not step.refusal and report.fits
     assert step.arguments > 0 and step.temporaries > 0 and step.code > 0
@@ -56,6 +57,29 @@ def test_tiny_train_step_compiles_for_v5p(layout):
         assert found.get("collective-permute", 0) > 0, found
     text = aot.format_report(report)
     assert "launch.plan's estimate" in text and "fits" in text
+    if check_plan:  # compiled once more on a chip of the plan's bytes: one verdict printed
+        checked = report.plan_check
+        assert checked is not None and (checked.refusal or checked.total > 0)
+        verdict = "is too small" if checked.refusal else "suffices"
+        assert f"launch.plan's estimate {verdict}" in text
+
+
+def test_a_chip_too_small_for_the_step_is_refused_with_xlas_figure():
+    """The HBM cap the plan check uses: on a 'chip' of 1 MiB XLA:TPU refuses the step and says
+    what it needs, and the refusal is reported as such, not raised."""
+    target = tpu_targets.target("v5p:2x2x1")
+    cfg = tiny(mesh__data=4, mesh__expert=1)
+    spec = aot.run_spec(cfg, target)
+    trainer = aot.Trainer(spec.model, spec.hyper, aot.parallel_layout(spec.mesh, target.devices),
+                          backend="tpu")
+    rows = (spec.hyper.batch_size, spec.hyper.seq_len + 1)
+    batch = {k: aot.jax.ShapeDtypeStruct(rows, aot.jnp.int32, sharding=s)
+             for k, s in trainer.batch_sharding.items()}
+    program = aot.compile_program("train step", trainer.train_step,
+                                  (trainer.abstract_state(), batch),
+                                  trainer.parallel.mesh, hbm_cap=2**20)
+    assert "exceeds available HBM" in program.refusal, program.refusal
+    assert program.temporaries > 2**20  # XLA's stated requirement, parsed
 
 
 def test_tiny_decode_compiles_for_v5p():
