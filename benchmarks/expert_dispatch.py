@@ -479,7 +479,7 @@ def table(results: dict, layers: dict, checks: dict, device: str) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None):
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--budget-s", type=float, default=220.0, help="wall-clock budget")
     p.add_argument("--sweep", action="store_true", help="also sweep tilings (DSV3 shapes)")
@@ -500,6 +500,11 @@ def main(argv=None):
                    help="time ours and tokamax this many times in turn; report the median")
     p.add_argument("--skip-checks", action="store_true")
     p.add_argument("--dry-run", action="store_true", help="tiny shapes, interpreted on CPU")
+    return p
+
+
+def main(argv=None):
+    p = _parser()
     args = p.parse_args(argv)
     global INTERPRET, DSV3_SHAPES, DSV3_LAYER
     if args.dry_run:

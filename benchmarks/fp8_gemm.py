@@ -71,6 +71,42 @@ def rel_err(a, b) -> float:
     return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
 
 
+def xla_fp8_rows(qa, sa, qb_gnk, sb, flops: float, timing: dict,
+                 interpret: bool) -> dict[str, float | str]:
+    """XLA's own FP8 paths on the same operands: a dense FP8 dot_general (one weight, the same
+    FLOPs) and jax.nn.scaled_matmul with the recipe's scales, where this JAX has it."""
+    row: dict[str, float | str] = {}
+    N = qb_gnk.shape[1]
+    qx_dense, qw_dense = qa, qb_gnk[0]  # [M, K], [N, K]: one weight, the same FLOPs dense
+    scale_a, scale_b = jnp.float32(1.3), jnp.float32(0.7)
+
+    @jax.jit
+    def xla_fp8(a, b):
+        y = jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())),
+                                preferred_element_type=jnp.float32)
+        return (y * (scale_a * scale_b)).astype(jnp.bfloat16)
+
+    try:
+        row["fp8 xla dot"] = flops / median_time(xla_fp8, qx_dense, qw_dense, **timing)
+    except Exception as e:
+        row["fp8 xla dot"] = f"n/a ({type(e).__name__})"
+
+    scaled_matmul = getattr(jax.nn, "scaled_matmul", None)
+    if scaled_matmul is not None and not interpret:
+        try:
+            a3, b3 = qx_dense[None], qb_gnk[:1]  # [1, M, K], [1, N, K]
+            # The recipe's scales: 1x128 for the rows, group 0's 128x128 blocks per column.
+            sa3 = sa[None]
+            sb3 = jnp.repeat(sb[0].T, 128, axis=0)[:N][None]
+            fn = jax.jit(lambda a, b, s, t: scaled_matmul(a, b, s, t,
+                                                          preferred_element_type=jnp.bfloat16))
+            row["scaled_matmul"] = flops / median_time(fn, a3, b3, sa3, sb3, **timing)
+        except Exception as e:
+            row["scaled_matmul"] = f"n/a ({type(e).__name__})"
+
+    return row
+
+
 def bench_shape(shape, args, interpret: bool) -> dict[str, float | str]:
     G, M, K, N = shape
     k1, k2 = jax.random.split(jax.random.key(0))
@@ -104,32 +140,7 @@ def bench_shape(shape, args, interpret: bool) -> dict[str, float | str]:
     timing = dict(warmup=1 if interpret else 2, iters=1 if interpret else args.iters)
     row["fp8 pallas"] = flops / median_time(ours, qa, sa_cm, qb_gnk, sb, gs, **timing)
 
-    qx_dense, qw_dense = qa, qb_gnk[0]  # [M, K], [N, K]: one weight, the same FLOPs dense
-    scale_a, scale_b = jnp.float32(1.3), jnp.float32(0.7)
-
-    @jax.jit
-    def xla_fp8(a, b):
-        y = jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())),
-                                preferred_element_type=jnp.float32)
-        return (y * (scale_a * scale_b)).astype(jnp.bfloat16)
-
-    try:
-        row["fp8 xla dot"] = flops / median_time(xla_fp8, qx_dense, qw_dense, **timing)
-    except Exception as e:
-        row["fp8 xla dot"] = f"n/a ({type(e).__name__})"
-
-    scaled_matmul = getattr(jax.nn, "scaled_matmul", None)
-    if scaled_matmul is not None and not interpret:
-        try:
-            a3, b3 = qx_dense[None], qb_gnk[:1]  # [1, M, K], [1, N, K]
-            # The recipe's scales: 1x128 for the rows, group 0's 128x128 blocks per column.
-            sa3 = sa[None]
-            sb3 = jnp.repeat(sb[0].T, 128, axis=0)[:N][None]
-            fn = jax.jit(lambda a, b, s, t: scaled_matmul(a, b, s, t,
-                                                          preferred_element_type=jnp.bfloat16))
-            row["scaled_matmul"] = flops / median_time(fn, a3, b3, sa3, sb3, **timing)
-        except Exception as e:
-            row["scaled_matmul"] = f"n/a ({type(e).__name__})"
+    row.update(xla_fp8_rows(qa, sa, qb_gnk, sb, flops, timing, interpret))
 
     bf16 = jax.jit(functools.partial(gm.grouped_matmul, implementation="pallas",
                                      interpret=interpret))
