@@ -284,10 +284,11 @@ def format_report(report: Report) -> str:
         lines.append(f"launch.plan's estimate is too small: on a chip of only "
                      f"{report.estimate / GB:.2f} GB XLA:TPU refuses the step ({c.refusal})")
     elif c is not None:
-        lines.append(f"launch.plan's estimate suffices: on a chip of only "
-                     f"{report.estimate / GB:.2f} GB XLA:TPU lays the step out in "
-                     f"{c.total / GB:.2f} GB (compiled in {c.seconds:.0f} s); the "
-                     f"{report.peak / GB:.2f} GB above is what it takes when the chip has room")
+        lines.append(f"launch.plan's estimate suffices: XLA:TPU compiles the step for a chip "
+                     f"of only {report.estimate / GB:.2f} GB (in {c.seconds:.0f} s); the "
+                     f"{report.peak / GB:.2f} GB above is its memory analysis on the whole "
+                     "chip, where its scheduler spends spare HBM, and counts more than XLA holds "
+                     "against the chip's size")
     share = report.peak / t.hbm_bytes
     lines.append(f"fits: {share:.0%} of {t.hbm_bytes / GB:.1f} GB HBM" if report.fits else
                  f"does NOT fit: {report.peak / GB:.1f} GB is {share:.0%} of "
