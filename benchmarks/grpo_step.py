@@ -9,7 +9,10 @@ Random weights and synthetic prompts (random bytes) with no EOS in reach, so eve
 to max_new_tokens: the rollout is the worst case for its length. The update MFU counts the
 trained tokens' FLOPs (dsv3_jax/model/flops.py, 6 x active parameters + attention, over whole
 sequences, prompt and response) of the `updates` inner updates; the reference model's forward
-pass (beta > 0) is timed with the update but not counted as useful FLOPs.
+pass (beta > 0) is timed with the update but not counted as useful FLOPs. update_s excludes
+compilation. ratio_max_deviation is the first update's largest |exp(train logp - sampler
+logp) - 1| over the response tokens: in bf16 it says whether grpo.recompute_old_logprobs is
+needed (README, GRPO).
 """
 
 from __future__ import annotations
@@ -53,24 +56,29 @@ def main(argv):
     cfg.microbatches = _MICROBATCHES.value
     cfg.grpo.group_size, cfg.grpo.max_new_tokens = _GROUP.value, _MAX_NEW.value
     cfg.grpo.updates_per_batch, cfg.grpo.beta = _UPDATES.value, _BETA.value
+    cfg.grpo.recompute_old_logprobs = False  # the sampler's record: ratio_max_deviation below
     spec = RunSpec.from_config(cfg, devices=1, backend=jax.default_backend())
     grpo = GRPOSpec.from_config(cfg, spec.model)
     trainer = Trainer(spec.model, spec.hyper)
     updater = rl_step.Updater(trainer, grpo)
     state = trainer.init_state(jax.random.key(0))
-    reference = jax.tree.map(lambda x: x.copy(), state.params) if grpo.beta else None
+    reference = trainer.init_variables(jax.random.key(0)) if grpo.beta else None
     tokenizer = NoEosTokenizer()
     rng = np.random.default_rng(0)
     records = [{"prompt": "".join(chr(c) for c in rng.integers(97, 123, _PROMPT_LEN.value - 1)),
                 "answer": "0"} for _ in range(_PROMPTS.value)]
 
-    times = []
+    times, deviations = [], []
     for i in range(_STEPS.value + 1):  # the first compiles
         t0 = time.perf_counter()
         batch = rl_step.rollout(trainer, state, grpo, tokenizer, records, seed=i)
         state, update = grpo_loop.rl_update(updater, state, batch, reference)
         times.append((batch.seconds, update.seconds, time.perf_counter() - t0,
                       batch.new_tokens))
+        # The first inner update's largest |exp(train logp - sampler logp) - 1| over the
+        # response tokens (recompute_old_logprobs is off here): how far the sampler (absorbed
+        # attention on the latent cache) and the training forward (expanded form) disagree.
+        deviations.append(float(update.metrics["ratio_max_deviation"]))
     rollout_s, update_s, step_s, new_tokens = np.mean(np.array(times[1:]), axis=0).tolist()
 
     prompt_ids = [[tokenizer.bos_id, *tokenizer.encode(r["prompt"])] for r in records
@@ -93,6 +101,8 @@ def main(argv):
         "update_tokens_per_sec": update_tps,
         "update_mfu": (update_tps * flops.train_flops_per_token(spec.model, cfg.seq_len) / peak
                        if peak else None),
+        "model_dtype": spec.model.dtype, "ratio_max_deviation": deviations[0],
+        "ratio_max_deviation_all_steps": max(deviations),
         "rollout_share": rollout_s / step_s, "step_s": step_s, "rollout_s": rollout_s,
         "update_s": update_s,
     }

@@ -2,8 +2,10 @@
 rewards, prompt datasets (.jsonl, .parquet), templates, the resumable prompt stream, and bad
 settings refused before anything is compiled (also from the command line)."""
 
+import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -18,9 +20,10 @@ from dsv3_jax.train.run_spec import model_config
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def spec_of(**grpo):
+def spec_of(init_from="", tokenizer="bytes", **grpo):
     cfg = base.get_config()
     cfg.batch_size = 16
+    cfg.init_from, cfg.data.tokenizer = init_from, tokenizer
     for k, v in grpo.items():
         cfg.grpo[k] = v
     return GRPOSpec.from_config(cfg, model_config(cfg))
@@ -59,7 +62,8 @@ def test_rewards_resolve_built_ins_and_module_paths_with_weights():
 
 @pytest.mark.parametrize("field, value, message", [
     ("group_size", 1, r"grpo.group_size=1 must be an integer >= 2"),
-    ("epsilon", 0.0, r"grpo.epsilon=0.0 must be > 0"),
+    ("epsilon", 0.0, r"grpo.epsilon=0.0 must lie in \(0, 1\)"),
+    ("epsilon", 1.0, r"grpo.epsilon=1.0 must lie in \(0, 1\)"),
     ("epsilon_high", -0.1, r"grpo.epsilon_high=-0.1 must be > 0"),
     ("beta", -1.0, r"grpo.beta=-1.0 must be >= 0"),
     ("temperature", 0.0, r"grpo.temperature=0.0 must be > 0"),
@@ -162,3 +166,75 @@ def test_launch_plot_draws_a_grpo_run(tmp_path):
     written = plot.plot(str(tmp_path))
     assert [os.path.basename(p) for p in written] == ["grpo.png"]
     assert os.path.getsize(written[0]) > 10_000
+
+
+def write_tokenizer(path, text):
+    import tokenizers
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    tok = tokenizers.Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel()
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"])
+    tok.train_from_iterator([text * 50], trainer)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path))
+    return str(path)
+
+
+def test_a_tokenizer_other_than_the_checkpoints_is_refused(tmp_path):
+    """init_from's meta (here a trainer workdir's config.json) records its tokenizer; GRPO
+    with another one would feed the model ids it never saw."""
+    cfg = base.get_config()
+    run = tmp_path / "sft"
+    run.mkdir()
+    hf = write_tokenizer(tmp_path / "a" / "tokenizer.json", "1+2=3 4+4=8 ")
+    copy = tmp_path / "copy" / "tokenizer.json"
+    copy.parent.mkdir()
+    shutil.copy(hf, copy)
+    other = write_tokenizer(tmp_path / "b" / "tokenizer.json", "def f(x): return x ")
+
+    def record(tokenizer):
+        with open(run / "config.json", "w") as f:
+            json.dump({"model": dataclasses.asdict(model_config(cfg)), "tokenizer": tokenizer},
+                      f)
+
+    record({"kind": "bytes"})
+    assert spec_of(init_from=str(run)).group_size == 8
+    with pytest.raises(ValueError, match=r"data.tokenizer=.*b/tokenizer.json' is not the "
+                       r"tokenizer init_from=.* was trained with \('bytes'"):
+        spec_of(init_from=str(run), tokenizer=other)
+    record({"kind": "hf", "path": hf})
+    with pytest.raises(ValueError, match=r"data.tokenizer='bytes' is not the tokenizer .*"
+                       r"--config.data.tokenizer=.*a/tokenizer.json"):
+        spec_of(init_from=str(run))
+    with pytest.raises(ValueError, match=r"is not the tokenizer"):
+        spec_of(init_from=str(run), tokenizer=other)
+    assert spec_of(init_from=str(run), tokenizer=str(copy)).group_size == 8  # same contents
+    record(None)  # trained on token ids: nothing to compare
+    assert spec_of(init_from=str(run), tokenizer=other).group_size == 8
+
+
+def test_a_failing_reward_is_reported_with_the_configured_prompt_field():
+    def broken(record, completion):
+        raise KeyError("answer")
+
+    reports = []
+    scored = rewards.score([rewards.Reward("broken", broken, 1.0)], [{"question": "2+2?"}],
+                           ["4"], report=reports.append, prompt_field="question")
+    assert scored.failures == 1 and len(reports) == 1
+    assert "on question '2+2?', completion '4'" in reports[0], reports[0]
+
+
+def test_the_readme_r1_zero_example_fits_its_seq_len(tmp_path):
+    """README's second GRPO command: configs/grpo_tiny.py with R1-Zero's template (~400 byte
+    tokens) needs its seq_len=512 override; at grpo_tiny's own seq_len=16 it is refused."""
+    path = tmp_path / "prompts.jsonl"
+    path.write_text(json.dumps({"prompt": "What is 12 + 30?", "answer": "42"}) + "\n")
+    cfg = grpo_tiny.get_config()
+    cfg.grpo.prompts, cfg.grpo.template = str(path), "r1_zero"
+    with pytest.raises(ValueError, match=r"record 0 takes 4\d\d tokens with the template; "
+                       r"seq_len - grpo.max_new_tokens leaves 12"):
+        GRPOSpec.from_config(cfg, model_config(cfg))
+    cfg.seq_len, cfg.batch_size, cfg.grpo.max_new_tokens = 512, 32, 64
+    assert GRPOSpec.from_config(cfg, model_config(cfg)).prompts_per_batch == 4

@@ -91,6 +91,12 @@ def test_loss_and_gradient_equal_the_reference(case, aggregation):
     np.testing.assert_allclose(float(stats["kl"]), np.mean(kl), rtol=1e-5)
     np.testing.assert_allclose(float(stats["clip_fraction"]), np.mean(clipped), rtol=1e-6)
     assert 0 < np.mean(clipped) < 0.5  # the case really exercises both branches
+    # ... at both edges: clipped above 1 + eps_high (A > 0) and below 1 - eps (A < 0).
+    ratio = np.exp(logp - old)
+    clipped_bt = np.array([[reference_per_token(logp[i, t], old[i, t], ref[i, t], adv[i])[2]
+                            for t in range(T)] for i in range(B)]) & mask
+    assert np.any(clipped_bt & (ratio > 1 + EPS_HIGH) & (adv[:, None] > 0))
+    assert np.any(clipped_bt & (ratio < 1 - EPS) & (adv[:, None] < 0))
 
 
 def test_the_two_aggregations_differ_when_lengths_differ(case):

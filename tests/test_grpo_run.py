@@ -34,6 +34,8 @@ def launch(workdir, *overrides, wait=True):
 def records(workdir):
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
+    steps = [r["step"] for r in rows if "reward_mean" in r]
+    assert len(steps) == len(set(steps)), steps  # each step logged once
     return {r["step"]: r for r in rows if "reward_mean" in r}
 
 

@@ -27,10 +27,15 @@ RECORDS = [{"prompt": "1+2=", "answer": "3"}, {"prompt": "a longer prompt:", "an
 LOGP_TOL = 1e-4
 
 
-def make(microbatches=1, **grpo):
+def make(microbatches=1, inject_nonfinite_steps=(), bias_rate=None, lr=None, **grpo):
     cfg = base.get_config()
+    if lr is not None:
+        cfg.optimizer.schedule = (("constant", 10, lr),)
     cfg.model.init_std = 0.2
     cfg.batch_size, cfg.seq_len, cfg.microbatches = 8, 32, microbatches
+    cfg.inject_nonfinite_steps = inject_nonfinite_steps
+    if bias_rate is not None:
+        cfg.objective.bias_rate = ((0, bias_rate),)
     cfg.grpo.group_size, cfg.grpo.max_new_tokens = 4, 12
     cfg.grpo.temperature, cfg.grpo.top_p = 0.7, 0.9
     for k, v in grpo.items():
@@ -162,17 +167,22 @@ def test_router_bias_mtp_and_recomputed_old_logprobs_options(setup):
     assert recomputed.metrics["ratio_max_deviation"] < 1e-6
 
 
-def test_microbatches_give_the_whole_batch_update(setup):
-    """Per-sequence aggregation (its normalizer, the sequence count, is the one a piece cannot
-    know alone), the MTP loss, KL and the bias rule on."""
+@pytest.mark.parametrize("aggregation", ["sequence", "token"])
+def test_microbatches_give_the_whole_batch_update(setup, aggregation):
+    """Both aggregations (the sequence count, per-sequence's normalizer, is one a piece cannot
+    know alone), a failed sample (no loss tokens, in one piece only), the MTP loss, KL and the
+    bias rule on."""
     _, _, state, tokenizer, _ = setup
     results = []
     for microbatches in (1, 2):
-        trainer, spec = make(microbatches, aggregation="sequence", mtp_weight=0.3,
+        trainer, spec = make(microbatches, aggregation=aggregation, mtp_weight=0.3,
                              update_router_bias=True)
         fresh = jax.tree.map(lambda x: x.copy(), state)
         ro = rl_step.rollout(trainer, fresh, spec, tokenizer, RECORDS, seed=5)
         ro.batch["advantages"] = np.linspace(-1, 1, len(ro.records)).astype(np.float32)
+        # Sample 1 (piece 1 of 2) failed its reward: as rollout lays it out, no advantage and
+        # no loss tokens.
+        ro.batch["advantages"][1], ro.batch["mask"][1] = 0.0, 0.0
         updater = rl_step.Updater(trainer, spec)
         placed = updater.place(ro.batch)
         placed["ref_logp"] = placed["old_logp"] - 0.1
@@ -187,3 +197,73 @@ def test_microbatches_give_the_whole_batch_update(setup):
     for a, b in zip(jax.tree.leaves((two.params, two.router_bias)),
                     jax.tree.leaves((one.params, one.router_bias)), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_a_non_finite_update_is_skipped(setup):
+    """Trainer.update's skip, through hyper.inject_nonfinite_steps (the update's loss at step 0
+    made NaN): the state keeps its weights, bias and optimizer state, the step still counts."""
+    _, _, state, tokenizer, _ = setup
+    # A constant learning rate: the base warm-up starts at 0, and a skipped step leaves the
+    # optimizer's own step count (which the schedule reads) where it was.
+    trainer, spec = make(inject_nonfinite_steps=(0,), update_router_bias=True, lr=1e-3)
+    fresh = jax.tree.map(lambda x: x.copy(), state)
+    ro = rl_step.rollout(trainer, fresh, spec, tokenizer, RECORDS, seed=5)
+    ro.batch["advantages"] = np.linspace(-1, 1, len(ro.records)).astype(np.float32)
+    updater = rl_step.Updater(trainer, spec)
+    placed = updater.place(ro.batch)
+    new_state, metrics = updater.update(fresh, placed)
+    assert not bool(metrics["finite"]) and np.isnan(float(metrics["loss"]))
+    assert int(metrics["nonfinite_in_a_row"]) == 1 and int(new_state.step) == 1
+    for a, b in zip(jax.tree.leaves((new_state.params, new_state.router_bias,
+                                     new_state.opt_state)),
+                    jax.tree.leaves((state.params, state.router_bias,
+                                     trainer.init_state(jax.random.key(0)).opt_state)),
+                    strict=True):
+        assert np.array_equal(a, b)
+    # Step 1 is not poisoned: the next update goes through.
+    after, metrics = updater.update(new_state, placed)
+    assert bool(metrics["finite"]) and int(metrics["nonfinite_in_a_row"]) == 0
+    assert not all(np.array_equal(a, b) for a, b in zip(
+        jax.tree.leaves(after.params), jax.tree.leaves(state.params), strict=True))
+
+
+def test_the_reference_keeps_its_own_router_bias(setup):
+    """With update_router_bias the policy's bias moves each step; the reference's log-probs come
+    from the starting params and bias, made by the trainer, and stay the same."""
+    _, _, state, tokenizer, _ = setup
+    trainer, spec = make(update_router_bias=True, bias_rate=0.5, beta=0.04)
+    run = RunSpec.from_config(base.get_config(), devices=1, backend="cpu").run
+    reference = grpo_loop.reference_variables(trainer, run)  # seed 0: the setup's state
+    for a, b in zip(jax.tree.leaves(reference), jax.tree.leaves(
+            {"params": state.params, "router_bias": state.router_bias}), strict=True):
+        assert np.array_equal(a, b)
+    updater = rl_step.Updater(trainer, spec)
+    seen = []
+    compiled = updater.compiled
+
+    def spying(name, *args):
+        fn, seconds = compiled(name, *args)
+        if name != "logprobs":
+            return fn, seconds
+
+        def recorded(params, router_bias, *rest):
+            out = fn(params, router_bias, *rest)
+            if params is reference["params"]:
+                seen.append((np.asarray(out), router_bias))
+            return out
+        return recorded, seconds
+
+    updater.compiled = spying
+    policy = jax.tree.map(lambda x: x.copy(), state)
+    ro = rl_step.rollout(trainer, policy, spec, tokenizer, RECORDS, seed=5)
+    for _ in range(2):
+        policy, _ = grpo_loop.rl_update(updater, policy, ro, reference)
+    assert len(seen) == 2
+    np.testing.assert_array_equal(seen[1][0], seen[0][0])
+    # The policy's bias did move, and with it the reference params would give other log-probs.
+    assert not all(np.array_equal(a, b) for a, b in zip(
+        jax.tree.leaves(policy.router_bias), jax.tree.leaves(state.router_bias), strict=True))
+    placed = updater.place(ro.batch)
+    live = np.asarray(updater.logprobs(reference["params"], policy.router_bias,
+                                       placed["tokens"], placed["segment_ids"]))
+    assert np.abs(live - seen[0][0]).max() > 1e-3

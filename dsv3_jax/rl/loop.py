@@ -10,8 +10,9 @@ progress bar, SIGTERM handling and the workdir lock. A run killed at any point a
 again with the same command continues from its latest checkpoint and logs the same metrics as
 an uninterrupted run.
 
-The reference model is the run's starting weights (init_from's, else the seed's initial ones),
-rebuilt on resume rather than stored in every checkpoint.
+The reference model is the run's starting params and router bias, frozen (init_from's, else
+the seed's initial ones, made by the trainer's init), rebuilt on resume rather than stored in
+every checkpoint.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ import numpy as np
 from ml_collections import config_dict
 
 from dsv3_jax.checkpoints import load_variables
-from dsv3_jax.model import api
 from dsv3_jax.rl import rewards as reward_fns
 from dsv3_jax.rl.prompts import Prompts
 from dsv3_jax.rl.spec import GRPOSpec
@@ -77,7 +77,10 @@ def _run(spec: RunSpec, grpo: GRPOSpec, tokenizer, workdir: str, progress: bool)
         json.dump(meta, f, indent=1)
     prompts = Prompts(grpo.prompts, grpo.prompt_field, run.seed)
     start, state = train_loop.starting_state(trainer, checkpoints, prompts, run)
-    reference = reference_params(trainer, run) if grpo.beta else None
+    reference = reference_variables(trainer, run) if grpo.beta else None
+    if grpo.beta and not run.init_from:
+        log.warning("grpo.beta=%g with no init_from: the KL reference is this run's random "
+                    "initial weights (set grpo.beta=0 for RL from scratch)", grpo.beta)
     train_loop.say_start_up(trainer, grpo.seq_len, parallel, start, run.steps)
     say(f"GRPO: {grpo.prompts_per_batch} prompts x {grpo.group_size} samples per step, "
         f"{grpo.updates_per_batch} update(s) each; rewards "
@@ -136,40 +139,47 @@ def sampling_seed(seed: int, step: int) -> int:
     return int(np.random.SeedSequence([seed, step]).generate_state(1)[0])
 
 
-def reference_params(trainer: Trainer, run) -> Any:
-    """The frozen reference: init_from's params, else the seed's initial ones (as the trainer
-    makes them), laid out like the state's params."""
-    abstract = trainer.abstract_state()
+def reference_variables(trainer: Trainer, run) -> dict[str, Any]:
+    """The frozen reference: the run's starting params and router bias together (init_from's,
+    else the seed's initial ones), made and laid out by the trainer as the state's are."""
     if run.init_from:
+        abstract = trainer.abstract_state()
         variables, _ = load_variables(
             run.init_from, {"params": abstract.params, "router_bias": abstract.router_bias})
-        return variables["params"]
-    params = api.init(trainer.model, jax.random.key(run.seed))["params"]
-    if trainer.state_sharding is not None:
-        params = jax.device_put(params, trainer.state_sharding.params)
-    return params
+        return variables
+    return trainer.init_variables(jax.random.key(run.seed))
 
 
 @dataclasses.dataclass
 class Update:
     metrics: dict[str, Any]  # the last inner update's (ratio_max_deviation: the first one's)
-    seconds: float
+    seconds: float  # without compilation
+    compile_seconds: float
 
 
 def rl_update(updater: Updater, state, batch: Rollout, reference) -> tuple[Any, Update]:
-    """The reference log-probs, then updates_per_batch updates on the rollout batch."""
+    """The reference log-probs (`reference`: its params and router bias, or None), then
+    updates_per_batch updates on the rollout batch; the programs' first compile is timed
+    apart."""
     grpo = updater.spec
     t0 = time.perf_counter()
     placed = updater.place(batch.batch)
     tokens, seg = placed["tokens"], placed["segment_ids"]
-    if reference is not None:
-        placed["ref_logp"] = updater.logprobs(reference, state.router_bias, tokens, seg)
-    if grpo.recompute_old_logprobs:
-        placed["old_logp"] = updater.logprobs(state.params, state.router_bias, tokens, seg)
+    compile_s = 0.0
+    if reference is not None or grpo.recompute_old_logprobs:
+        logprobs, compile_s = updater.compiled("logprobs", state.params, state.router_bias,
+                                               tokens, seg)
+        if reference is not None:
+            placed["ref_logp"] = logprobs(reference["params"], reference["router_bias"],
+                                          tokens, seg)
+        if grpo.recompute_old_logprobs:
+            placed["old_logp"] = logprobs(state.params, state.router_bias, tokens, seg)
     metrics: dict[str, Any] = {}
     first_deviation = None
     for _ in range(grpo.updates_per_batch):
-        state, out = updater.update(state, placed)
+        update, seconds = updater.compiled("update", state, placed)
+        compile_s += seconds
+        state, out = update(state, placed)
         out = train_loop.to_host(out)
         if first_deviation is None:
             first_deviation = out["ratio_max_deviation"]
@@ -180,7 +190,7 @@ def rl_update(updater: Updater, state, batch: Rollout, reference) -> tuple[Any, 
     if first_deviation is not None:
         metrics["ratio_max_deviation"] = first_deviation
     jax.block_until_ready(state.params)
-    return state, Update(metrics, time.perf_counter() - t0)
+    return state, Update(metrics, time.perf_counter() - t0 - compile_s, compile_s)
 
 
 def step_record(step: int, batch: Rollout, update: Update, seconds: float) -> dict[str, Any]:
@@ -210,7 +220,8 @@ def step_record(step: int, batch: Rollout, update: Update, seconds: float) -> di
         "rollout_tokens": batch.new_tokens,
         "rollout_tokens_per_sec": batch.new_tokens / rollout_s,
         "rollout_time": batch.seconds, "rollout_compile_time": batch.compile_seconds,
-        "update_time": update.seconds, "step_time": seconds,
+        "update_time": update.seconds, "update_compile_time": update.compile_seconds,
+        "step_time": seconds,
     })
     return record
 

@@ -124,8 +124,9 @@ class Scored:
 
 
 def score(rewards: Sequence[Reward], records: Sequence[dict], completions: Sequence[str],
-          report: Callable[[str], None] = log.warning) -> Scored:
-    """Every reward of every (record, completion) pair; a failure is reported, never raised."""
+          report: Callable[[str], None] = log.warning, prompt_field: str = "prompt") -> Scored:
+    """Every reward of every (record, completion) pair; a failure is reported (with the
+    record's `prompt_field`), never raised."""
     per_reward = {r.name: [] for r in rewards}
     totals, failures = [], 0
     for record, completion in zip(records, completions, strict=True):
@@ -134,8 +135,9 @@ def score(rewards: Sequence[Reward], records: Sequence[dict], completions: Seque
             value, error = _call(r.fn, record, completion)
             if error is not None:
                 failed = True
-                report(f"reward {r.name} failed ({error}) on prompt {record.get('prompt')!r}, "
-                       f"completion {completion!r}; the sample gets no advantage")
+                report(f"reward {r.name} failed ({error}) on {prompt_field} "
+                       f"{record.get(prompt_field)!r}, completion {completion!r}; the sample "
+                       "gets no advantage")
                 value = math.nan
             per_reward[r.name].append(value)
             total += r.weight * value

@@ -15,9 +15,10 @@ import dataclasses
 
 from ml_collections import config_dict
 
+from dsv3_jax import checkpoints
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.rl import loss, prompts, rewards
-from dsv3_jax.tokenizer import load_tokenizer
+from dsv3_jax.tokenizer import HFTokenizer, load_tokenizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +50,8 @@ class GRPOSpec:
         g = cfg.grpo
         _check(cfg, model, processes)
         tokenizer = load_tokenizer(cfg.data.tokenizer)
+        if cfg.init_from:
+            _check_tokenizer(cfg.data.tokenizer, tokenizer, cfg.init_from)
         need(tokenizer.vocab_size <= model.vocab_size,
              f"data.tokenizer has {tokenizer.vocab_size} tokens, more than the model's "
              f"vocab_size={model.vocab_size}")
@@ -89,7 +92,8 @@ def _check(cfg: config_dict.ConfigDict, model: ModelConfig, processes: int) -> N
     need(isinstance(g.updates_per_batch, int) and g.updates_per_batch >= 0,
          f"grpo.updates_per_batch={g.updates_per_batch!r} must be an integer >= 0 (0: "
          "rollouts only)")
-    need(g.epsilon > 0, f"grpo.epsilon={g.epsilon} must be > 0 (the clip range, e.g. 0.2)")
+    need(0 < g.epsilon < 1, f"grpo.epsilon={g.epsilon} must lie in (0, 1): the ratio is "
+         "clipped below at 1 - epsilon (e.g. 0.2)")
     need(g.epsilon_high > 0, f"grpo.epsilon_high={g.epsilon_high} must be > 0 (the upper clip "
          "range; = epsilon for symmetric clipping, 0.28 in DAPO)")
     need(g.beta >= 0, f"grpo.beta={g.beta} must be >= 0 (the KL weight; 0: no reference)")
@@ -124,3 +128,21 @@ def _check_prompts(g: config_dict.ConfigDict, tokenizer, budget: int) -> None:
         n = len(tokenizer.encode(text)) + (tokenizer.bos_id is not None)
         need(n <= budget, f"grpo.prompts record {i} takes {n} tokens with the template; "
              f"seq_len - grpo.max_new_tokens leaves {budget}: raise seq_len or shorten it")
+
+
+def _check_tokenizer(configured: str, tokenizer, init_from: str) -> None:
+    """data.tokenizer must be the one init_from's checkpoint records (the same byte-level
+    tokenizer, or a tokenizer.json with the same contents); a checkpoint recording none (trained
+    on token ids) is taken as it is."""
+    meta, meta_dir = checkpoints.read_meta(init_from)
+    recorded = checkpoints.recorded_tokenizer(meta.get("tokenizer"), meta_dir)
+    if recorded is None:
+        return
+    same = type(recorded) is type(tokenizer)
+    if same and isinstance(tokenizer, HFTokenizer):
+        with open(recorded.path, "rb") as a, open(tokenizer.path, "rb") as b:
+            same = a.read() == b.read()
+    recorded_name = getattr(recorded, "path", "bytes")
+    need(same, f"data.tokenizer={configured!r} is not the tokenizer init_from={init_from!r} was "
+         f"trained with ({recorded_name!r}, recorded in {meta_dir}); pass "
+         f"--config.data.tokenizer={recorded_name}")

@@ -12,8 +12,9 @@ log-probabilities recorded, then scored and laid out for the update as
   advantages [N].
 The update runs the training forward pass over whole sequences and takes log softmax(logits /
 temperature) at the response tokens: the quantity the sampler recorded, so the first inner
-update's ratio is 1 up to the two code paths' rounding (tests/test_grpo_sampling.py). With
-`microbatches` > 1 it accumulates the gradient over pieces of the batch, each piece's sums
+update's ratio is 1 up to the two code paths' rounding (tests/test_grpo_sampling.py). The
+optimizer step is the trainer's own (`Trainer.update`: microbatch accumulation, ZeRO-2 gradient
+layout, non-finite skip), given the GRPO loss of one piece of the batch, each piece's sums
 divided by the whole batch's counts, so the step is the whole batch's.
 
 MoE during RL: the router bias stays as it was (by default; `update_router_bias` applies the
@@ -26,18 +27,18 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from jax.sharding import NamedSharding
 
 from dsv3_jax.infer.generate import generate
 from dsv3_jax.model import api
 from dsv3_jax.model.transformer import cast_matmul_weights, head_logits
-from dsv3_jax.parallel import pipeline
+from dsv3_jax.parallel.sharding import Parallel
 from dsv3_jax.rl import loss, prompts, rewards
 from dsv3_jax.rl.spec import GRPOSpec
 from dsv3_jax.train import objective
@@ -81,7 +82,7 @@ def rollout(trainer: Trainer, state: TrainState, spec: GRPOSpec, tokenizer,
                    temperature=spec.temperature, top_p=spec.top_p, seed=seed,
                    eos_id=tokenizer.eos_id, cache_len=S)
     completions = [tokenizer.decode(t) for t in out.tokens]
-    scored = rewards.score(spec.rewards, rows, completions)
+    scored = rewards.score(spec.rewards, rows, completions, prompt_field=spec.prompt_field)
     advantages_n = loss.group_advantages(np.asarray(scored.totals), G, spec.scale_by_std)
     N = len(rows)
     batch = {"tokens": np.zeros((N, S), np.int32), "segment_ids": np.zeros((N, S), np.int32),
@@ -105,13 +106,31 @@ def rollout(trainer: Trainer, state: TrainState, spec: GRPOSpec, tokenizer,
 
 
 class Updater:
-    """The jitted policy log-probabilities and GRPO update around a `Trainer` (its model,
-    optimizer, state and shardings: one train state for pre-training and RL)."""
+    """The jitted policy log-probabilities and GRPO update around a `Trainer`: its model,
+    optimizer, state, shardings and accumulate-and-apply step (`Trainer.update`), one train
+    state for pre-training and RL."""
 
     def __init__(self, trainer: Trainer, spec: GRPOSpec):
         self.trainer, self.spec, self.model = trainer, spec, trainer.model
         self.logprobs = jax.jit(self._logprobs)
-        self.update = jax.jit(self._update, donate_argnums=0)
+        self._compiled: dict[tuple, Callable] = {}
+        if trainer.state_sharding is None:
+            self.update = jax.jit(self._update, donate_argnums=0)
+        else:
+            replicated = NamedSharding(trainer.parallel.mesh, trainer.parallel.spec())
+            self.update = jax.jit(self._update, donate_argnums=0,
+                                  out_shardings=(trainer.state_sharding, replicated))
+
+    def compiled(self, name: str, *args) -> tuple[Callable, float]:
+        """(the program `name`, "update" or "logprobs", compiled for these arguments' shapes
+        and layouts; the seconds compiling it took now: 0 when it was compiled before)."""
+        key = (name, str(jax.tree.map(lambda a: (a.shape, a.dtype, getattr(a, "sharding", None)),
+                                      args)))
+        if key in self._compiled:
+            return self._compiled[key], 0.0
+        t0 = time.perf_counter()
+        self._compiled[key] = getattr(self, name).lower(*args).compile()
+        return self._compiled[key], time.perf_counter() - t0
 
     def place(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         """Host arrays -> device arrays, rows over the batch axes of the mesh (if any)."""
@@ -124,11 +143,11 @@ class Updater:
 
     def _forward(self, params, router_bias, tokens_ns, segment_ids_ns):
         """(log p of each next token [N, S-1], entropy [N, S-1], the model output) of N rows."""
+        parallel = self.trainer.parallel
         out = api.forward(self.model, {"params": params, "router_bias": router_bias},
-                          tokens_ns, segment_ids_ns, return_hidden=True,
-                          parallel=self.trainer.parallel)
+                          tokens_ns, segment_ids_ns, return_hidden=True, parallel=parallel)
         logp, entropy = token_logprobs(params, out.hidden[:, :-1], tokens_ns[:, 1:],
-                                       self.spec.temperature)
+                                       self.spec.temperature, parallel=parallel)
         return logp, entropy, out
 
     def _logprobs(self, params, router_bias, tokens_ns, segment_ids_ns):
@@ -136,39 +155,26 @@ class Updater:
                              segment_ids_ns)[0]
 
     def _update(self, state: TrainState, batch: dict[str, jax.Array]):
-        """One optimizer step on the rollout batch, accumulated over `microbatches` pieces
-        (rows m, m+M, ...): each piece's sums are divided by the whole batch's counts, so the
-        gradient is the whole batch's."""
+        """One optimizer step on the rollout batch through `Trainer.update`: accumulated over
+        `microbatches` pieces (rows m, m+M, ...), each piece's sums divided by the whole
+        batch's counts, so the gradient is the whole batch's; skipped when non-finite."""
         spec, trainer = self.spec, self.trainer
-        M = trainer.hyper.microbatches
         mask_ns = batch["mask"]
         counts = {"tokens": mask_ns.sum(), "sequences": jnp.sum(mask_ns.sum(-1) > 0) * 1.0}
         if spec.mtp_weight:
             counts["mtp"] = mtp_counts(batch["tokens"], batch["segment_ids"],
                                        self.model.mtp_depth)
-        compute_params = cast_matmul_weights(self.model, state.params)
-        grad_fn = jax.value_and_grad(self._piece_loss, has_aux=True)
+        bias_rate = None
+        if spec.update_router_bias:
+            tokens_seen = state.step.astype(jnp.float32) * trainer.tokens_per_step
+            bias_rate = trainer.bias_rate(tokens_seen)
 
-        def accumulate(acc, piece):
-            (value, (stats, loads)), grads = grad_fn(compute_params, state.router_bias, piece,
-                                                     counts)
-            grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
-            if acc is None:
-                return value, (stats, loads), grads
-            _, (stats0, _), _ = acc
-            value, (summed, loads), grads = jax.tree.map(jnp.add, acc,
-                                                         (value, (stats, loads), grads))
-            summed["ratio_max_deviation"] = jnp.maximum(stats["ratio_max_deviation"],
-                                                        stats0["ratio_max_deviation"])
-            return value, (summed, loads), grads
+        def loss_fn(compute_params, piece):
+            return self._piece_loss(compute_params, state.router_bias, piece, counts)
 
-        pieces = jax.tree.map(lambda x: pipeline.split_rows(x, M), batch)
-        acc = accumulate(None, jax.tree.map(lambda x: x[0], pieces))
-        if M > 1:
-            acc, _ = jax.lax.scan(lambda a, p: (accumulate(a, p), None), acc,
-                                  jax.tree.map(lambda x: x[1:], pieces))
-        value, (stats, loads), grads = acc
-        return self._apply(state, value, stats, loads, grads)
+        new_state, metrics, _ = trainer.update(state, batch, loss_fn, bias_rate=bias_rate,
+                                               combine=_combine_stats)
+        return new_state, metrics
 
     def _piece_loss(self, compute_params, router_bias, piece, counts):
         """This piece's share of the whole batch's loss; (share, (stats shares, expert loads))."""
@@ -186,42 +192,45 @@ class Updater:
         stats["policy_loss"] = value
         if spec.mtp_weight:
             stats["mtp_loss"] = mtp_loss(compute_params, out, piece["tokens"],
-                                         piece["segment_ids"], counts["mtp"])
+                                         piece["segment_ids"], counts["mtp"],
+                                         self.trainer.parallel)
             value = value + spec.mtp_weight * stats["mtp_loss"]
         return value, (stats, objective.expert_loads(out.router_stats))
 
-    def _apply(self, state: TrainState, value, stats, loads, grads):
-        """AdamW (and the bias rule when on), kept only when the loss and gradient are finite."""
-        trainer = self.trainer
-        grad_norm = optax.tree.norm(grads)
-        finite = jnp.isfinite(value) & jnp.isfinite(grad_norm)
-        updates, opt_state = trainer.tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        router_bias = state.router_bias
-        if self.spec.update_router_bias:
-            tokens_seen = state.step.astype(jnp.float32) * trainer.tokens_per_step
-            router_bias = objective.update_bias(router_bias, loads,
-                                                trainer.bias_rate(tokens_seen))
 
-        def keep_if_finite(new, old):
-            return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-
-        new_state = TrainState(
-            step=state.step + 1, params=keep_if_finite(params, state.params),
-            router_bias=keep_if_finite(router_bias, state.router_bias),
-            opt_state=keep_if_finite(opt_state, state.opt_state),
-            nonfinite=jnp.where(finite, 0, state.nonfinite + 1))
-        metrics = {**stats, "loss": value, "grad_norm": grad_norm, "lr": trainer.lr(state.step),
-                   "finite": finite, "nonfinite_in_a_row": new_state.nonfinite}
-        return new_state, metrics
+def _combine_stats(total: dict, this: dict) -> dict:
+    """Pieces' stats add up (each is a share of the whole batch's), but for the largest
+    |ratio - 1|, their max."""
+    out = {k: total[k] + this[k] for k in total}
+    out["ratio_max_deviation"] = jnp.maximum(total["ratio_max_deviation"],
+                                             this["ratio_max_deviation"])
+    return out
 
 
 def token_logprobs(params, h_ntd: jax.Array, targets_nt: jax.Array, temperature: float,
-                   chunk_tokens: int = LOGPROB_TOKENS) -> tuple[jax.Array, jax.Array]:
+                   chunk_tokens: int = LOGPROB_TOKENS, parallel: Parallel | None = None
+                   ) -> tuple[jax.Array, jax.Array]:
     """(log softmax(head(h) / temperature)[target], the entropy of that distribution), fp32
     [N, T] each, in chunks of positions holding about chunk_tokens tokens; differentiated, each
     chunk's logits are recomputed rather than kept. The entropy carries no gradient (a
-    metric)."""
+    metric). With a mesh it runs per device over the batch shards, as
+    `objective.cross_entropy_sum` does, so the head's weight gradient is summed over devices
+    once per call, not once per chunk."""
+    if parallel is None:
+        return _token_logprobs(params["head"], h_ntd, targets_nt, temperature, chunk_tokens)
+    rows, replicated = parallel.spec("batch"), parallel.spec()
+
+    def local(w_dv, h_, t_):
+        return _token_logprobs(w_dv, h_, t_, temperature, chunk_tokens)
+
+    # check_vma=False: the transpose sums the replicated head's per-device cotangents over the
+    # batch axes (once, here), as in objective.cross_entropy_sum.
+    return jax.shard_map(local, mesh=parallel.mesh, in_specs=(replicated, rows, rows),
+                         out_specs=(rows, rows), check_vma=False)(
+        params["head"], h_ntd, targets_nt)
+
+
+def _token_logprobs(w_dv, h_ntd, targets_nt, temperature, chunk_tokens):
     N, T, _ = h_ntd.shape
     chunk = max(1, min(T, chunk_tokens // N))
     n = -(-T // chunk)
@@ -233,7 +242,8 @@ def token_logprobs(params, h_ntd: jax.Array, targets_nt: jax.Array, temperature:
 
     @functools.partial(jax.checkpoint, prevent_cse=False)
     def one(h_ncd, t_nc):
-        logp_ncv = jax.nn.log_softmax(head_logits(params, h_ncd) / temperature, axis=-1)
+        logp_ncv = jax.nn.log_softmax(head_logits({"head": w_dv}, h_ncd) / temperature,
+                                      axis=-1)
         picked_nc = jnp.take_along_axis(logp_ncv, t_nc[..., None], axis=-1)[..., 0]
         p_ncv = jnp.exp(jax.lax.stop_gradient(logp_ncv))
         entropy_nc = -jnp.sum(p_ncv * jax.lax.stop_gradient(logp_ncv), axis=-1)
@@ -255,14 +265,15 @@ def mtp_counts(tokens_ns, segment_ids_ns, depth: int) -> jax.Array:
 
 
 def mtp_loss(params, out: api.ModelOutput, tokens_ns, segment_ids_ns,
-             counts_d: jax.Array) -> jax.Array:
+             counts_d: jax.Array, parallel: Parallel | None = None) -> jax.Array:
     """Mean over depths of each MTP depth's cross-entropy per target token (the whole batch's
     counts_d), over the sequences' prompt and response tokens (as in pre-training, SPEC.md 6)."""
     depth = len(out.mtp_hidden)
     _, _, targets, masks = _mtp_targets(tokens_ns, segment_ids_ns, depth)
     total = jnp.zeros((), jnp.float32)
     for k, h in enumerate(out.mtp_hidden, start=1):
-        total += objective.cross_entropy_sum(params, h, targets[k], masks[k]) / counts_d[k - 1]
+        total += objective.cross_entropy_sum(params, h, targets[k], masks[k],
+                                             parallel=parallel) / counts_d[k - 1]
     return total / depth
 
 

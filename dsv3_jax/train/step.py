@@ -6,7 +6,7 @@ Legend: B sequences per step, M microbatches, T = seq_len, S = T + 1 window toke
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -22,6 +22,11 @@ from dsv3_jax.model.transformer import cast_matmul_weights
 from dsv3_jax.parallel import pipeline, sharding
 from dsv3_jax.parallel.sharding import Parallel
 from dsv3_jax.train import objective, optim
+
+# (compute params, one microbatch) -> (its share of the loss, (stats, expert loads)).
+LossFn = Callable[[Any, dict[str, jax.Array]], tuple[jax.Array, tuple[Any, Any]]]
+# (stats summed so far, this microbatch's) -> the combined stats.
+Combine = Callable[[Any, Any], Any]
 
 
 @flax.struct.dataclass
@@ -77,6 +82,7 @@ class Trainer:
         if parallel is None:
             self.state_sharding = self.batch_sharding = self.grad_sharding = None
             self.init_state = jax.jit(self._init_state)
+            self.init_variables = jax.jit(self._init_variables)
             self.state_from_variables = jax.jit(self._state_from_variables)
             self.train_step = jax.jit(self._train_step, donate_argnums=0)
             self.eval_step = jax.jit(self._eval_step)
@@ -98,6 +104,8 @@ class Trainer:
         rows = NamedSharding(mesh, parallel.spec("batch", None))
         self.batch_sharding = {"tokens": rows, "segment_ids": rows}
         self.init_state = jax.jit(self._init_state, out_shardings=self.state_sharding)
+        self.init_variables = jax.jit(self._init_variables, out_shardings={
+            "params": var_sh["params"], "router_bias": var_sh["router_bias"]})
         self.state_from_variables = jax.jit(self._state_from_variables,
                                             out_shardings=self.state_sharding)
         self.train_step = jax.jit(
@@ -111,6 +119,12 @@ class Trainer:
     def _init_state(self, rng) -> TrainState:
         variables = api.init(self.model, rng)
         return self._state_from_variables(variables)
+
+    def _init_variables(self, rng) -> dict[str, Any]:
+        """The params and router bias `init_state` starts from (no optimizer state): a frozen
+        copy of a run's initial weights, laid out like the state's."""
+        state = self._init_state(rng)  # the optimizer state is not an output: XLA drops it
+        return {"params": state.params, "router_bias": state.router_bias}
 
     def _state_from_variables(self, variables) -> TrainState:
         """A fresh state (step 0, new optimizer state) around given variables (fine-tuning)."""
@@ -168,24 +182,44 @@ class Trainer:
     # Step --------------------------------------------------------------------------------------
     def _train_step(self, state: TrainState, batch: dict[str, jax.Array]):
         h = self.hyper
-        tokens_bs, seg_bs = batch["tokens"], batch["segment_ids"]
-        counts = self._target_counts(tokens_bs, seg_bs)
+        counts = self._target_counts(batch["tokens"], batch["segment_ids"])
         tokens_seen = state.step.astype(jnp.float32) * self.tokens_per_step
         lam, gamma = self.mtp_weight(tokens_seen), self.bias_rate(tokens_seen)
 
-        def loss_fn(params, tok, seg):
-            ce, mtp, bal, loads = self._loss_terms(params, state.router_bias, tok, seg, counts)
+        def loss_fn(compute_params, mb):
+            ce, mtp, bal, loads = self._loss_terms(compute_params, state.router_bias,
+                                                   mb["tokens"], mb["segment_ids"], counts)
             loss = ce + lam * mtp + h.balance_alpha * bal
-            return loss, (ce, mtp, bal, loads)
+            return loss, ({"ce_loss": ce, "mtp_loss": mtp, "balance_loss": bal}, loads)
 
+        new_state, metrics, loads = self.update(state, batch, loss_fn, bias_rate=gamma)
+        metrics.update({"mtp_weight": lam, "bias_rate": gamma,
+                        "expert_load": load_summary(loads, state.router_bias)})
+        return new_state, metrics
+
+    def update(self, state: TrainState, batch: dict[str, jax.Array], loss_fn: LossFn, *,
+               bias_rate: jax.Array | None, combine: Combine | None = None
+               ) -> tuple[TrainState, dict[str, jax.Array], Any]:
+        """One optimizer step of `loss_fn` over `batch`, for any objective (pre-training here,
+        GRPO in dsv3_jax/rl/step.py); traced inside a jitted step.
+
+        `loss_fn(compute_params, microbatch) -> (loss, (stats, expert loads))` is one
+        microbatch's share of the whole batch's loss (its sums divided by the whole batch's
+        counts). Microbatch m takes rows m, m+M, ... of every array of `batch` (each device keeps
+        a share of each); their losses, stats, loads and gradients are summed in a scan (stats
+        by `combine(total, this)` when given, e.g. for a max), the gradients in the master
+        weights' dtype and split like the optimizer state (ZeRO-2). Then AdamW, and the router
+        bias rule on the summed loads at `bias_rate` (None: the bias stays), all kept only when
+        the loss and gradient norm are finite (`hyper.inject_nonfinite_steps` poisons those
+        steps' loss, for tests). Returns (new state, metrics: loss, the stats, grad_norm, lr,
+        finite, nonfinite_in_a_row; the summed expert loads)."""
+        h = self.hyper
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        M = h.microbatches
         # The matmul weights in the compute dtype once per step, not once per microbatch (their
         # gradients come back in that dtype and are summed in the master weights' fp32).
         compute_params = cast_matmul_weights(self.model, state.params)
-
-        def split(x):  # microbatch m takes rows m, m+M, ...: each device keeps a share of each
-            return pipeline.split_rows(x, M)
+        # [M, B / M, ...] for every array of the batch.
+        microbatches = jax.tree.map(lambda x: pipeline.split_rows(x, h.microbatches), batch)
 
         def as_master(grads):
             grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
@@ -194,15 +228,17 @@ class Trainer:
             return grads
 
         def accumulate(acc, mb):
-            (loss, aux), grads = grad_fn(compute_params, *mb)
-            return jax.tree.map(jnp.add, acc, (loss, aux, as_master(grads))), None
+            (loss, (stats, loads)), grads = grad_fn(compute_params, mb)
+            total = jax.tree.map(jnp.add, acc, (loss, (stats, loads), as_master(grads)))
+            if combine is not None:
+                total = (total[0], (combine(acc[1][0], stats), total[1][1]), total[2])
+            return total, None
 
-        (loss0, aux0), _ = jax.eval_shape(grad_fn, compute_params, split(tokens_bs)[0],
-                                          split(seg_bs)[0])
+        (loss0, aux0), _ = jax.eval_shape(grad_fn, compute_params,
+                                          jax.tree.map(lambda x: x[0], microbatches))
         zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), (loss0, aux0, state.params))
         zeros = (*zeros[:2], as_master(zeros[2]))
-        (loss, (ce, mtp, bal, loads), grads), _ = jax.lax.scan(
-            accumulate, zeros, (split(tokens_bs), split(seg_bs)))
+        (loss, (stats, loads), grads), _ = jax.lax.scan(accumulate, zeros, microbatches)
 
         if h.inject_nonfinite_steps:
             poison = jnp.isin(state.step, jnp.asarray(h.inject_nonfinite_steps))
@@ -212,8 +248,10 @@ class Trainer:
             finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
             updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
-        with jax.named_scope("bias_update"):
-            router_bias = objective.update_bias(state.router_bias, loads, gamma)
+        router_bias = state.router_bias
+        if bias_rate is not None:
+            with jax.named_scope("bias_update"):
+                router_bias = objective.update_bias(state.router_bias, loads, bias_rate)
 
         def keep_if_finite(new, old):
             return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
@@ -224,13 +262,9 @@ class Trainer:
             router_bias=keep_if_finite(router_bias, state.router_bias),
             opt_state=keep_if_finite(opt_state, state.opt_state),
             nonfinite=jnp.where(finite, 0, state.nonfinite + 1))
-        metrics = {
-            "loss": loss, "ce_loss": ce, "mtp_loss": mtp, "balance_loss": bal,
-            "grad_norm": grad_norm, "lr": self.lr(state.step), "mtp_weight": lam,
-            "bias_rate": gamma, "finite": finite, "nonfinite_in_a_row": new_state.nonfinite,
-            "expert_load": load_summary(loads, state.router_bias),
-        }
-        return new_state, metrics
+        metrics = {"loss": loss, **stats, "grad_norm": grad_norm, "lr": self.lr(state.step),
+                   "finite": finite, "nonfinite_in_a_row": new_state.nonfinite}
+        return new_state, metrics, loads
 
     def _eval_step(self, state: TrainState, batch):
         """Per depth: summed cross-entropy and target count (`evaluate` divides the totals)."""
