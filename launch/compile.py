@@ -133,9 +133,12 @@ def compile_program(name: str, jitted, args, mesh, hbm_cap: float | None = None)
 
 
 def out_of_memory(name: str, error: str, seconds: float) -> Program:
-    """The Program of a compile XLA refused for memory: its temporaries as the error states
-    them (`...required for HLO temporaries (115.87G) exceeds available HBM (95.73G)`, GiB)."""
-    found = re.search(r"temporaries \(([\d.]+)([KMGT])\)", error)
+    """The Program of a compile XLA refused for memory, with what the error states it needs
+    (GiB in the message)."""
+    # Two forms: "...required for HLO temporaries (115.87G) exceeds available HBM (95.73G)" and
+    # "CompileTimeHbmOom: ... Used 31.25G of 31.24G hbm" (from a later stage of the compile).
+    found = (re.search(r"temporaries \(([\d.]+)([KMGT])\)", error)
+             or re.search(r"Used ([\d.]+)([KMGT]) of [\d.]+[KMGT] hbm", error))
     temps = int(float(found.group(1)) * 1024 ** "KMGT".index(found.group(2)) * 1024) if found \
         else 0
     line = next((ln for ln in error.splitlines() if "RESOURCE_EXHAUSTED" in ln), error)
@@ -273,8 +276,8 @@ def format_report(report: Report) -> str:
                      f"{analytic / 1e12:.4g} TFLOP{bound}")
     ratio = report.peak / report.estimate if report.estimate else float("nan")
     if any(p.refusal for p in report.programs):
-        lines.append(f"does NOT fit: XLA states {report.peak / GB:.2f} GB required (its 'HLO "
-                     f"temporaries' figure) on a {t.hbm_bytes / GB:.1f} GB chip; "
+        lines.append(f"does NOT fit: XLA states {report.peak / GB:.2f} GB required on a "
+                     f"{t.hbm_bytes / GB:.1f} GB chip; "
                      f"{report.estimate_label}: {report.estimate / GB:.2f} GB in all")
         return "\n".join(lines)
     lines.append(f"compiled {report.peak / GB:.2f} GB vs {report.estimate_label} "

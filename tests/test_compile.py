@@ -201,3 +201,16 @@ def test_meshes_on_real_tori():
     assert {d.slice_index for d in mesh.devices[0, :, 0]} == {0, 1}
     with pytest.raises(ValueError, match="data=1 must be a multiple of the 2 slices"):
         sharding.make_mesh(1, 1, 32, devices=two)
+
+
+@pytest.mark.parametrize("error, gib", [
+    ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+     "temporaries (9.24G) exceeds available HBM (8.30G). HLO module: jit__train_step.", 9.24),
+    ("RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: XLA:TPU compile permanent error. Ran out "
+     "of memory in memory space hbm. Used 31.25G of 31.24G hbm. Exceeded hbm capacity by 13.21M.",
+     31.25),
+])
+def test_both_forms_of_xlas_out_of_memory_are_read(error, gib):
+    program = aot.out_of_memory("train step", error, 1.0)
+    assert program.temporaries == pytest.approx(gib * 2**30, rel=1e-3)
+    assert program.refusal.startswith(("Ran out", "E1000"))
