@@ -234,11 +234,6 @@ def _token_logprobs(w_dv, h_ntd, targets_nt, temperature, chunk_tokens):
     N, T, _ = h_ntd.shape
     chunk = max(1, min(T, chunk_tokens // N))
     n = -(-T // chunk)
-    pad = n * chunk - T
-
-    def chunks(x):  # [N, T, ...] -> [n, N, chunk, ...]
-        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-        return x.reshape(N, n, chunk, *x.shape[2:]).swapaxes(0, 1)
 
     @functools.partial(jax.checkpoint, prevent_cse=False)
     def one(h_ncd, t_nc):
@@ -250,7 +245,8 @@ def _token_logprobs(w_dv, h_ntd, targets_nt, temperature, chunk_tokens):
         return picked_nc, entropy_nc
 
     _, (logp, entropy) = jax.lax.scan(lambda c, xs: (c, one(*xs)), None,
-                                      (chunks(h_ntd), chunks(targets_nt)))
+                                      (objective.split_positions(h_ntd, chunk),
+                                       objective.split_positions(targets_nt, chunk)))
 
     def unchunk(x):
         return x.swapaxes(0, 1).reshape(N, n * chunk)[:, :T]

@@ -83,6 +83,15 @@ def _fused_ce_bwd(chunk, residuals, ct):
 _fused_ce_sum.defvjp(_fused_ce_fwd, _fused_ce_bwd)
 
 
+def split_positions(x: jax.Array, chunk: int) -> jax.Array:
+    """[B, T, ...] -> [n, B, chunk, ...], T zero-padded to n whole chunks (the caller masks or
+    drops the padded positions): the chunks a scan over positions takes."""
+    B, T = x.shape[:2]
+    n = -(-T // chunk)
+    x = jnp.pad(x, [(0, 0), (0, n * chunk - T)] + [(0, 0)] * (x.ndim - 2))
+    return x.reshape(B, n, chunk, *x.shape[2:]).swapaxes(0, 1)
+
+
 def _ce_chunks(w_dv, h_btd, targets_bt, mask_bt, chunk: int, with_grads: bool):
     """(sum of -log p, and with_grads: d/dW fp32 [D, V], d/dh fp32 [B, T, D]), chunk by chunk.
     GEMMs in h's dtype with fp32 accumulation and output, as `head_logits`."""
@@ -90,11 +99,6 @@ def _ce_chunks(w_dv, h_btd, targets_bt, mask_bt, chunk: int, with_grads: bool):
     V = w_dv.shape[1]
     chunk = min(chunk, T)
     n = -(-T // chunk)
-    pad = n * chunk - T
-
-    def chunks(x):  # [B, T, ...] -> [n, B, chunk, ...]; padded positions are masked off
-        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-        return x.reshape(B, n, chunk, *x.shape[2:]).swapaxes(0, 1)
 
     w = w_dv.astype(h_btd.dtype)
 
@@ -117,8 +121,8 @@ def _ce_chunks(w_dv, h_btd, targets_bt, mask_bt, chunk: int, with_grads: bool):
 
     zero = jnp.zeros((), jnp.float32)
     dw0 = jnp.zeros((D, V), jnp.float32) if with_grads else zero
-    (total, dw), dh = jax.lax.scan(
-        one, (zero, dw0), (chunks(h_btd), chunks(targets_bt), chunks(mask_bt)))
+    xs = tuple(split_positions(x, chunk) for x in (h_btd, targets_bt, mask_bt))  # pads masked
+    (total, dw), dh = jax.lax.scan(one, (zero, dw0), xs)
     if not with_grads:
         return total, None, None
     dh_btd = dh.swapaxes(0, 1).reshape(B, n * chunk, D)[:, :T]
