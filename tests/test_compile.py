@@ -214,3 +214,27 @@ def test_both_forms_of_xlas_out_of_memory_are_read(error, gib):
     program = aot.out_of_memory("train step", error, 1.0)
     assert program.temporaries == pytest.approx(gib * 2**30, rel=1e-3)
     assert program.refusal.startswith(("Ran out", "E1000"))
+
+
+def test_activations_between_stacks_are_pinned_to_rows():
+    """sharding.constrain_rows (after the embedding and after each stack): a replicated
+    activation comes out split by rows over data x expert; rows that do not divide are left
+    to XLA (a decode batch of one)."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from dsv3_jax.parallel import sharding
+
+    mesh = sharding.make_mesh(1, 2, 2, devices=tpu_targets.target("v5p:2x2x1").devices)
+    parallel = sharding.Parallel(mesh)
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def out_sharding(rows):
+        x = jax.ShapeDtypeStruct((rows, 16, 128), jnp.bfloat16, sharding=replicated)
+        step = jax.jit(lambda x: sharding.constrain_rows(parallel, x) * 2)
+        return step.lower(x).compile().output_shardings
+
+    by_rows = NamedSharding(mesh, PartitionSpec(("data", "expert"), None, None))
+    assert out_sharding(8).is_equivalent_to(by_rows, 3)
+    assert out_sharding(3).is_equivalent_to(replicated, 3)

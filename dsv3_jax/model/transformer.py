@@ -15,7 +15,7 @@ from dsv3_jax.config import ModelConfig
 from dsv3_jax.model.attention import MLA
 from dsv3_jax.model.layers import MLP, RMSNorm, einsum_f32, normal, weight
 from dsv3_jax.model.moe import ROUTER_BIAS, ROUTER_STATS, MoE
-from dsv3_jax.parallel import pipeline
+from dsv3_jax.parallel import pipeline, sharding
 from dsv3_jax.parallel.sharding import Parallel
 from pallas_kernels.residuals import KERNEL_RESIDUALS
 
@@ -144,7 +144,8 @@ class Transformer(nn.Module):
         embed_vd = weight(self, "embed", (c.vocab_size, c.dim), ("vocab", "embed"), normal(c))
         # The head is used by `head_logits`; declared here so `init` creates it.
         weight(self, "head", (c.dim, c.vocab_size), ("embed", "vocab"), normal(c))
-        emb_btd = jnp.take(embed_vd, tokens_bt, axis=0).astype(dt)
+        emb_btd = sharding.constrain_rows(
+            self.parallel, jnp.take(embed_vd, tokens_bt, axis=0).astype(dt))
 
         h_btd, new_cache = emb_btd, {}
         for name, length, moe in (("dense_layers", c.n_dense_layers, False),
@@ -152,12 +153,14 @@ class Transformer(nn.Module):
             if length == 0:
                 continue
             if moe and self.pipelined(cache):
-                h_btd = self.pipelined_moe_stack(h_btd, positions_bt, segment_ids_bt, valid_bt)
+                h_btd = sharding.constrain_rows(self.parallel, self.pipelined_moe_stack(
+                    h_btd, positions_bt, segment_ids_bt, valid_bt))
                 continue
             kv_cache = None if cache is None else cache[name]
             stack = block_stack(c, length, moe, self.decode, name, self.parallel)
             h_btd, new_cache[name] = stack(
                 h_btd, kv_cache, starts_b, positions_bt, segment_ids_bt, valid_bt)
+            h_btd = sharding.constrain_rows(self.parallel, h_btd)
         h_final_btd = RMSNorm(c.norm_eps, name="final_norm")(h_btd)
 
         mtp_hidden = []

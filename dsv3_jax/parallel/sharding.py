@@ -164,6 +164,22 @@ def per_row_shard(fn: Callable, parallel: Parallel, *arrays: jax.Array | None):
                          out_specs=rows(out), check_vma=False)(*given)
 
 
+def rows_divide(parallel: Parallel, n_rows: int) -> bool:
+    """Whether `n_rows` split evenly over the batch axes."""
+    return n_rows % math.prod(parallel.mesh.shape[a] for a in parallel.batch_axes) == 0
+
+
+def constrain_rows(parallel: Parallel | None, x: jax.Array) -> jax.Array:
+    """`x` [rows, ...] pinned to rows over the batch axes, the rest replicated: the layout of
+    every activation between the embedding and the stacks, so that XLA does not pick another
+    one around a gathered weight. Unchanged without a mesh or when the rows do not divide
+    (a decode batch of one)."""
+    if parallel is None or not rows_divide(parallel, x.shape[0]):
+        return x
+    rows = parallel.spec("batch", *([None] * (x.ndim - 1)))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(parallel.mesh, rows))
+
+
 def spec(logical: Sequence[str | None], fsdp: bool = False,
          batch_axes: tuple[str, ...] = BATCH_AXES) -> PartitionSpec:
     """The PartitionSpec of a tuple of logical names; a mesh axis may appear only once. With
