@@ -10,9 +10,11 @@ Run on the accelerator (one H200):  python -m benchmarks.mla_attention
   --profile      also profile ours (training and decode): each Pallas kernel's device time vs the
                  ops around it
 Prints, per shape, TFLOP/s of cuDNN (v padded to 192), tokamax (when importable), naive XLA (where
-its [B, N, T, S] scores fit) and ours ("pallas"), forward and forward+backward; for decode, TFLOP/s
-and GB/s of cache read of the XLA absorbed form and ours, with the mean SM clock during each
-timing (benchmarks/gpu_clocks.py; the card lowers it at its power cap). Ends with one table, also
+its [B, N, T, S] scores fit) and ours ("pallas": split dq and dk/dv backward kernels; "pallas
+fused-bwd": the same forward, one fused backward kernel, timed forward+backward only), forward
+and forward+backward; for decode, TFLOP/s and GB/s of cache read of the XLA absorbed form and
+ours, with the mean SM clock during each timing (benchmarks/gpu_clocks.py; the card lowers it at
+its power cap). Ends with one table, also
 written to $OUT/mla_attention_table.txt when OUT is set (and the full log as it goes).
 
 FLOPs (useful work, as BASELINES.md): training forward 2 B T^2 N (192 + 128) / 2 (causal half),
@@ -68,11 +70,21 @@ CHECK_DECODE_SHAPES = [(3, 1000, 128, 1, None), (2, 700, 16, 2, None),
 # queries, the same cache) in one executable, as a model's decode step runs the kernel.
 DECODE_CALLS = 8
 XLA_SCORE_BYTES_LIMIT = 20e9  # naive XLA materializes fp32 [B, N, T, S] scores (and more in bwd)
-OURS_TRAIN_CONFIGS = {  # the alternative differs in the forward tiles only: timed forward only
+# The alternatives to "pallas" differ from it in the forward tiles only (timed forward only) or in
+# the backward only (timed forward+backward only).
+OURS_TRAIN_CONFIGS = {
     "pallas": _mla_attention_mgpu.Config(),
     "pallas kv64x3": _mla_attention_mgpu.Config(block_kv=64, max_concurrent_steps=3),
+    "pallas fused-bwd": _mla_attention_mgpu.Config(backward="fused"),
 }
 FWD_ONLY = ("pallas kv64x3",)
+BWD_ONLY = ("pallas fused-bwd",)
+# Checked for correctness only: the fused backward's second dQ path (per-key-block slices summed
+# by XLA; S / 64 copies of dQ, too large to time at the training shapes).
+CHECK_ONLY_CONFIGS = {
+    "pallas fused-bwd partial": _mla_attention_mgpu.Config(backward="fused",
+                                                           dq_accumulation="partial"),
+}
 OURS_DECODE_CONFIGS = {  # "row-major" forces the row-major kernel where Tq * N <= 32
     "pallas": _mla_decode_mgpu.Config(),
     "pallas row-major": _mla_decode_mgpu.Config(few_rows_max=0),
@@ -157,7 +169,8 @@ def check_correctness() -> bool:
         grad_ref = jax.jit(jax.grad(lambda *a: loss("xla", None, *a), argnums=range(5),
                                     has_aux=True))
         g_ref, o_ref = grad_ref(*map(f32, args))
-        impls = [(name, "pallas", c) for name, c in OURS_TRAIN_CONFIGS.items()]
+        impls = [(name, "pallas", c)
+                 for name, c in (OURS_TRAIN_CONFIGS | CHECK_ONLY_CONFIGS).items()]
         for name, impl, config in [*impls, ("cudnn", "cudnn", None)]:
             try:
                 grad = jax.jit(jax.grad(lambda *a, i=impl, c=config: loss(i, c, *a),
@@ -269,7 +282,7 @@ def bench_training(shapes, budget_s: float, profile: bool = False,
         for name, fn, args in candidates:
             cols = {}
             for what in ("fwd", "fwd+bwd"):
-                if what == "fwd+bwd" and name in FWD_ONLY:
+                if (what == "fwd+bwd" and name in FWD_ONLY) or (what == "fwd" and name in BWD_ONLY):
                     continue
                 if time.perf_counter() - _T0 > budget_s:
                     cols[what] = "skip (time)"

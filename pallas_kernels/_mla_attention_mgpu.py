@@ -1,4 +1,5 @@
-"""Causal MLA flash attention for Hopper in Pallas Mosaic GPU: forward, dq and dk/dv kernels.
+"""Causal MLA flash attention for Hopper in Pallas Mosaic GPU: forward, dq, dk/dv and fused backward
+kernels.
 
 Legend (as in mla_attention.py): B batch, T query length == S key length, N heads, Hn nope head dim,
 Hr rope head dim (one rope key shared by all heads), Hv value head dim.
@@ -16,6 +17,11 @@ each, one memory warpgroup streams the other operand's tiles through a ring of S
            Warpgroup 0 forms S^T, P^T and dK_nope, warpgroup 1 dP^T, dS^T, dV and dK_rope; P^T and
            dS^T pass between them through SMEM, and the key and value tiles are register
            operands. dk_rope is written per head in fp32 and summed over heads outside.
+  fused:   the dk/dv kernel (Config.backward="fused") that also forms each query block's dQ
+           contribution, dS K (warpgroup 0 dQ_nope, warpgroup 1 dQ_rope), and adds it into an fp32
+           dQ in GMEM: a TMA reduce-add on the GPU, or (the interpreter has no TMA reduction) a
+           copy into this key block's slice of a [S / DKV_TILE, ...] buffer summed by XLA. The
+           split backward's dq kernel, and its second pass over S and dP, are gone.
 Causality and packed documents bound every loop: a query block visits key blocks from the first
 block holding a key of any of its segments (kv_lo) to the diagonal; a key block visits query
 blocks from the diagonal to the last query of its segments (q_hi). Blocks strictly inside the
@@ -69,7 +75,16 @@ DKV_TILE = 64
 @dataclasses.dataclass(frozen=True)
 class Config:
     """Tile sizes. Forward and dq: a CTA's two compute warpgroups own block_q (block_q_dq) query
-    rows each. dk/dv's tiles are fixed at DKV_TILE (see _backward_dkv_call)."""
+    rows each. dk/dv's tiles are fixed at DKV_TILE (see _backward_dkv_call).
+
+    backward: "split" (a dq kernel and a dk/dv kernel) or "fused" (one kernel, dQ added into fp32
+    GMEM from each key block's CTA; it runs fused_concurrent_steps pipeline slots, as its dQ
+    staging tile leaves no room for three). dq_accumulation (fused only): "reduce" (TMA
+    reduce-add into [B, T, N, H] fp32; not in the interpreter), "partial" (each key block's
+    CTA writes its own slice of [S / DKV_TILE, B, T, N, H] fp32, summed by XLA: for the
+    interpreter and small checks, it holds S / DKV_TILE copies of dQ) or "auto" (reduce on the
+    GPU, partial when interpreting).
+    """
 
     block_q: int = 64
     block_kv: int = 128
@@ -77,13 +92,22 @@ class Config:
     block_q_dq: int = 64
     block_kv_dq: int = 64
     bwd_concurrent_steps: int = 3
+    backward: str = "split"
+    dq_accumulation: str = "auto"
+    fused_concurrent_steps: int = 2
 
     def __post_init__(self):
         for name in ("block_q", "block_kv", "block_q_dq", "block_kv_dq"):
             if getattr(self, name) % 64:
                 raise ValueError(f"{name}={getattr(self, name)} must be a multiple of 64")
-        if min(self.max_concurrent_steps, self.bwd_concurrent_steps) < 2:
+        if min(self.max_concurrent_steps, self.bwd_concurrent_steps,
+               self.fused_concurrent_steps) < 2:
             raise ValueError("need at least 2 pipeline slots")
+        if self.backward not in ("split", "fused"):
+            raise ValueError(f"backward={self.backward!r} is not 'split' or 'fused'")
+        if self.dq_accumulation not in ("auto", "reduce", "partial"):
+            raise ValueError(f"dq_accumulation={self.dq_accumulation!r} is not 'auto', "
+                             "'reduce' or 'partial'")
 
     @property
     def seq_multiple(self) -> int:
@@ -125,6 +149,7 @@ class _Static:
     scale: float
     has_segments: bool
     interpret: bool
+    dq_acc: str | None = None  # fused backward: "reduce" or "partial"; None: no dQ (dk/dv)
 
     @property
     def c(self) -> float:
@@ -137,11 +162,12 @@ class _Static:
         return self.T // (COMPUTE_WGS * self.bq)
 
 
-def _static(q_nope, q_rope, v, bq, bkv, stages, *, scale, has_segments, interpret) -> _Static:
+def _static(q_nope, q_rope, v, bq, bkv, stages, *, scale, has_segments, interpret,
+            dq_acc=None) -> _Static:
     _, T, _, Hn = q_nope.shape
     return _Static(T=T, Hn=Hn, Hr=q_rope.shape[-1], Hv=v.shape[-1], bq=bq, bkv=bkv,
                    stages=stages, dtype=q_nope.dtype, scale=scale, has_segments=has_segments,
-                   interpret=interpret)
+                   interpret=interpret, dq_acc=dq_acc)
 
 
 class _QueryCta(NamedTuple):
@@ -595,12 +621,17 @@ def _backward_dkv_call(q_nope, q_rope, k_nope, k_rope, v, do, lse2, delta, seg_b
 
 def _dkv_scratch(Hn, Hr, Hv, dtype, config: Config, has_segments: bool) -> dict:
     """SMEM and barriers of the dk/dv kernel (None: not allocated)."""
+    return _key_block_scratch(Hn, Hr, Hv, dtype, config.bwd_concurrent_steps, has_segments)
+
+
+def _key_block_scratch(Hn, Hr, Hv, dtype, stages: int, has_segments: bool) -> dict:
+    """SMEM and barriers of a dk/dv or fused CTA with `stages` query-block slots."""
     bq = bkv = DKV_TILE
-    stages = config.bwd_concurrent_steps
     smem = dict(
         kn_smem=plgpu.SMEM((bkv, Hn), dtype, transforms=TRANSFORMS),
         kr_smem=plgpu.SMEM((bkv, Hr), dtype, transforms=TRANSFORMS),
         v_smem=plgpu.SMEM((bkv, Hv), dtype, transforms=TRANSFORMS),
+        # dk_rope's staging tile; in the fused kernel first dQ_rope's (bq == bkv rows).
         dkr_smem=plgpu.SMEM((bkv, Hr), jnp.float32),
         segk_smem=plgpu.SMEM((bkv,), jnp.int32) if has_segments else None,
         qn_smem=plgpu.SMEM((stages, bq, Hn), dtype, transforms=TRANSFORMS),
@@ -668,7 +699,7 @@ def _dkv_scores(st: _Static, refs: _DkvRefs, smem, cta: _KeyCta):
     seg_k = plgpu.load(smem.segk_smem, layout=ROWS) if st.has_segments else None
     # The key tile is stationary: as a register operand it is read from SMEM once.
     k_ops = (plgpu.load(smem.kn_smem, layout=WGMMA), plgpu.load(smem.kr_smem, layout=WGMMA))
-    dk_nope = functools.partial(_dkv_dk_nope, st, smem)
+    dk_nope = functools.partial(_dkv_dk_nope, st, refs, smem, cta)
     step = functools.partial(_dkv_score_step, st, smem, cta, k_ops, seg_k, dk_nope)
     dkn = wgmma_zeros((st.bkv, st.Hn))
     dkn = lax.fori_loop(0, cta.n_full, functools.partial(step, masked=False), dkn)
@@ -709,15 +740,38 @@ def _dkv_score_step(st: _Static, smem, cta: _KeyCta, k_ops, seg_k, dk_nope, i, d
     return lax.cond(i >= 1, lambda d: dk_nope(i - 1, d), lambda d: d, dkn)
 
 
-def _dkv_dk_nope(st: _Static, smem, i, dkn):
-    """dK_nope += dS^T(i) Q_nope(i), once the gradient warpgroup has formed dS^T(i)."""
+def _dkv_dk_nope(st: _Static, refs, smem, cta: _KeyCta, i, dkn):
+    """dK_nope += dS^T(i) Q_nope(i), once the gradient warpgroup has formed dS^T(i); fused, also
+    dQ_nope(i) = dS(i) K_nope (dS^T's tile read transposed), added into GMEM."""
     slot = lax.rem(i, jnp.int32(st.stages))
     pb = lax.rem(i, jnp.int32(2))
     plgpu.barrier_wait(smem.ds_ready.at[pb])
-    dkn = mma([(smem.ds_smem.at[pb], smem.qn_smem.at[slot])], dkn, interpret=st.interpret)
+    ds_t = smem.ds_smem.at[pb]
+    groups = [([(ds_t, smem.qn_smem.at[slot])], dkn)]
+    if st.dq_acc is not None:
+        groups.append(([(_t(ds_t), smem.kn_smem)], (st.bq, st.Hn)))
+    dkn, *dqn = mma_multi(groups, interpret=st.interpret)
     plgpu.barrier_arrive(smem.ds_free.at[pb])
     plgpu.barrier_arrive(smem.q_free.at[slot])
+    if dqn:
+        _add_dq(st, cta, dqn[0], smem.dqn_smem, refs.dqn, i)
     return dkn
+
+
+def _add_dq(st: _Static, cta: _KeyCta, dq, dq_smem, dq_ref, i):
+    """Adds query block q_hi - 1 - i's dQ contribution dq [bq, H] (fp32, unscaled) from this key
+    block: a TMA reduce-add into dq_ref [B, T, N, H] ("reduce"), or a copy into this key block's
+    slice of dq_ref [S / bkv, B, T, N, H] ("partial"; each slice is written once per query block,
+    so no two CTAs write one place)."""
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous block's copy has read dq_smem
+    dq_smem[...] = dq
+    plgpu.commit_smem()
+    q_rows = pl.ds((cta.q_hi - 1 - i) * st.bq, st.bq)
+    if st.dq_acc == "reduce":
+        plgpu.copy_smem_to_gmem(dq_smem, dq_ref.at[cta.b, q_rows, cta.h], reduction_op="add")
+    else:
+        kc = lax.div(cta.k0, jnp.int32(st.bkv))
+        plgpu.copy_smem_to_gmem(dq_smem, dq_ref.at[kc, cta.b, q_rows, cta.h])
 
 
 def _dkv_gradients(st: _Static, refs: _DkvRefs, smem, cta: _KeyCta):
@@ -725,9 +779,12 @@ def _dkv_gradients(st: _Static, refs: _DkvRefs, smem, cta: _KeyCta):
     plgpu.set_max_registers(COMPUTE_REGS, action="increase")
     plgpu.barrier_wait(smem.k_bar)
     v_op = plgpu.load(smem.v_smem, layout=WGMMA)
-    dkr, dv = lax.fori_loop(0, cta.n_steps, functools.partial(_dkv_gradient_step, st, smem, v_op),
+    step = functools.partial(_dkv_gradient_step, st, refs, smem, cta, v_op)
+    dkr, dv = lax.fori_loop(0, cta.n_steps, step,
                             (wgmma_zeros((st.bkv, st.Hr)), wgmma_zeros((st.bkv, st.Hv))))
     _await_last_two(smem.ds_free, cta.n_steps)
+    if st.dq_acc is not None:
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # dkr_smem staged dQ_rope
     smem.v_smem[...] = dv.astype(st.dtype)
     smem.dkr_smem[...] = dkr * st.scale
     plgpu.commit_smem()
@@ -736,9 +793,10 @@ def _dkv_gradients(st: _Static, refs: _DkvRefs, smem, cta: _KeyCta):
     plgpu.wait_smem_to_gmem(0)
 
 
-def _dkv_gradient_step(st: _Static, smem, v_op, i, carry):
+def _dkv_gradient_step(st: _Static, refs, smem, cta: _KeyCta, v_op, i, carry):
     """Query block i: dP^T = v do^T - delta, dS^T = P^T * dP^T (handed to the score warpgroup),
-    then dK_rope += dS^T q_rope and dV += P^T do."""
+    then dK_rope += dS^T q_rope and dV += P^T do; fused, also dQ_rope(i) = dS(i) k_rope, added
+    into GMEM."""
     dkr, dv = carry
     slot = lax.rem(i, jnp.int32(st.stages))
     pb = lax.rem(i, jnp.int32(2))
@@ -758,9 +816,13 @@ def _dkv_gradient_step(st: _Static, smem, v_op, i, carry):
     smem.ds_smem.at[pb][...] = ds16
     plgpu.commit_smem()
     plgpu.barrier_arrive(smem.ds_ready.at[pb])
-    dkr, dv = mma_multi([([(ds16, smem.qr_smem.at[slot])], dkr),
-                         ([(p16, smem.do_smem.at[slot])], dv)], interpret=st.interpret)
+    groups = [([(ds16, smem.qr_smem.at[slot])], dkr), ([(p16, smem.do_smem.at[slot])], dv)]
+    if st.dq_acc is not None:
+        groups.append(([(_t(smem.ds_smem.at[pb]), smem.kr_smem)], (st.bq, st.Hr)))
+    dkr, dv, *dqr = mma_multi(groups, interpret=st.interpret)
     plgpu.barrier_arrive(smem.q_free.at[slot])
+    if dqr:
+        _add_dq(st, cta, dqr[0], smem.dkr_smem, refs.dqr, i)
     return dkr, dv
 
 
@@ -785,11 +847,83 @@ def _dkv_memory(st: _Static, refs: _DkvRefs, smem, cta: _KeyCta):
 
 
 # ----------------------------------------------------------------------------------------------
+# Backward: fused (dk, dv and dq from one kernel)
+# ----------------------------------------------------------------------------------------------
+class _FusedRefs(NamedTuple):
+    qn: Any     # q_nope[B, T, N, Hn]
+    qr: Any     # q_rope[B, T, N, Hr]
+    kn: Any     # k_nope[B, S, N, Hn]
+    kr: Any     # k_rope[B, S, Hr]
+    v: Any      # v[B, S, N, Hv]
+    do: Any     # do[B, T, N, Hv]
+    lse: Any    # lse2[B, N, T]
+    delta: Any  # delta[B, N, T]
+    seg: Any    # seg_bt[B, T]
+    qhi: Any    # q_hi_bc[B, S // DKV_TILE]
+    dqn: Any    # unscaled fp32 dQ_nope: [B, T, N, Hn] ("reduce") or [S // DKV_TILE, B, T, N, Hn]
+    dqr: Any    # unscaled fp32 dQ_rope, as dqn with Hr
+    dkn: Any    # dk_nope[B, S, N, Hn]
+    dv: Any     # dv[B, S, N, Hv]
+    dkr: Any    # dk_rope per head [B, S, N, Hr] fp32
+
+
+def dq_accumulation(config: Config, interpret) -> str:
+    """How the fused backward adds up dQ: config.dq_accumulation, "auto" resolved."""
+    if config.dq_accumulation == "auto":
+        return "partial" if interpret else "reduce"
+    if config.dq_accumulation == "reduce" and interpret:
+        raise ValueError("dq_accumulation='reduce' needs TMA reductions, which the Mosaic GPU "
+                         "interpreter lacks; use 'partial' (or 'auto') when interpreting")
+    return config.dq_accumulation
+
+
+def _backward_fused_call(q_nope, q_rope, k_nope, k_rope, v, do, lse2, delta, seg_bt, q_hi_bc, *,
+                         scale: float, config: Config, has_segments: bool, interpret: bool):
+    """The dk/dv kernel (see _backward_dkv_call) that also adds each query block's dQ into fp32
+    GMEM: (dq_nope[B, T, N, Hn], dq_rope[B, T, N, Hr]) unscaled fp32, then _backward_dkv_call's
+    dk_nope, dv, per-head dk_rope.
+
+    Warpgroup 0 forms dQ_nope(i) = dS(i) K_nope beside its dK_nope(i) wgmma, warpgroup 1
+    dQ_rope(i) = dS(i) k_rope beside dK_rope(i) and dV(i), both from dS^T's SMEM tile read
+    transposed; each stages its fp32 tile in SMEM and adds it to GMEM (_add_dq). The dQ
+    accumulators start as zeros in refs the kernel updates in place.
+    """
+    B, T, N, _ = q_nope.shape
+    acc = dq_accumulation(config, interpret)
+    st = _static(q_nope, q_rope, v, DKV_TILE, DKV_TILE, config.fused_concurrent_steps,
+                 scale=scale, has_segments=has_segments, interpret=interpret, dq_acc=acc)
+    lead = () if acc == "reduce" else (T // DKV_TILE,)
+    dqn = jax.new_ref(jnp.zeros((*lead, B, T, N, st.Hn), jnp.float32))
+    dqr = jax.new_ref(jnp.zeros((*lead, B, T, N, st.Hr), jnp.float32))
+    call = warp_specialized_kernel(
+        functools.partial(_dkv_kernel, st), _FusedRefs,
+        _fused_scratch(st.Hn, st.Hr, st.Hv, st.dtype, config, has_segments),
+        out_type=(jax.ShapeDtypeStruct((B, T, N, st.Hn), st.dtype),
+                  jax.ShapeDtypeStruct((B, T, N, st.Hv), st.dtype),
+                  jax.ShapeDtypeStruct((B, T, N, st.Hr), jnp.float32)),
+        grid=(N, T // st.bkv, B), grid_names=("heads", "kv_seq", "batch"),
+        compute_wgs=COMPUTE_WGS, kernel_name="mla_attention_bwd_fused", interpret=interpret)
+    dk_nope, dv, dk_rope_bsnh = call(q_nope, q_rope, k_nope, k_rope, v, do, lse2, delta, seg_bt,
+                                     q_hi_bc, dqn, dqr)
+    dq_nope, dq_rope = jax.freeze(dqn), jax.freeze(dqr)
+    if lead:
+        dq_nope, dq_rope = dq_nope.sum(0), dq_rope.sum(0)
+    return dq_nope, dq_rope, dk_nope, dv, dk_rope_bsnh
+
+
+def _fused_scratch(Hn, Hr, Hv, dtype, config: Config, has_segments: bool) -> dict:
+    """SMEM and barriers of the fused kernel: the dk/dv CTA's with fused_concurrent_steps slots,
+    and dQ_nope's fp32 staging tile (dQ_rope's is dkr_smem)."""
+    smem = _key_block_scratch(Hn, Hr, Hv, dtype, config.fused_concurrent_steps, has_segments)
+    return smem | dict(dqn_smem=plgpu.SMEM((DKV_TILE, Hn), jnp.float32))
+
+
+# ----------------------------------------------------------------------------------------------
 # What the kernels support
 # ----------------------------------------------------------------------------------------------
 def unsupported(Hn: int, Hr: int, Hv: int, *, has_segments: bool = True,
                 config: Config | None = None) -> str | None:
-    """Why the three kernels cannot run these head dims (None: they can).
+    """Why the kernels `config` selects cannot run these head dims (None: they can).
 
     TMA copies into the 128-byte-swizzled tiles move whole 64-wide bf16 column blocks, so each
     head dim must be a multiple of 64 (mla_attention.py pads smaller ones), and each kernel's
@@ -800,13 +934,16 @@ def unsupported(Hn: int, Hr: int, Hv: int, *, has_segments: bool = True,
     for name, d in (("qk_nope_head_dim", Hn), ("qk_rope_head_dim", Hr), ("v_head_dim", Hv)):
         if d % 64:
             return f"{name}={d} is not a multiple of 64 (the kernels' 128-byte swizzle tile)"
-    for kernel, scratch in (("forward", _forward_scratch), ("dq", _dq_scratch),
-                            ("dk/dv", _dkv_scratch)):
+    kernels = ((("forward", _forward_scratch), ("dq", _dq_scratch), ("dk/dv", _dkv_scratch))
+               if config.backward == "split" else
+               (("forward", _forward_scratch), ("fused backward", _fused_scratch)))
+    for kernel, scratch in kernels:
         used = smem_bytes(scratch(Hn, Hr, Hv, jnp.bfloat16, config, has_segments))
         if used > SMEM_LIMIT:
             return (f"head dims {Hn}/{Hr}/{Hv} (nope/rope/v) need {used} bytes of shared memory "
                     f"in the {kernel} kernel, above the {SMEM_LIMIT} a Hopper CTA has "
-                    f"(DeepSeek-V3's 128/64/128 fits; so do smaller dims)")
+                    f"(with the default tiles DeepSeek-V3's 128/64/128 fits; so do smaller "
+                    f"dims)")
     return None
 
 
@@ -838,7 +975,8 @@ def forward(q_nope, q_rope, k_nope, k_rope, v, seg_bt, bounds, *, scale: float, 
 
 def backward(q_nope, q_rope, k_nope, k_rope, v, do, lse2, delta, seg_bt, bounds, *,
              scale: float, config: Config, has_segments: bool, interpret: bool):
-    """(dq_nope, dq_rope, dk_nope, dk_rope[B, S, Hr] summed over heads, dv)."""
+    """(dq_nope, dq_rope, dk_nope, dk_rope[B, S, Hr] summed over heads, dv), by the kernels
+    config.backward names."""
     B, T = seg_bt.shape
     rows = COMPUTE_WGS * config.block_q_dq
     if has_segments:
@@ -848,6 +986,14 @@ def backward(q_nope, q_rope, k_nope, k_rope, v, do, lse2, delta, seg_bt, bounds,
         kv_lo = jnp.zeros((B, T // rows), jnp.int32)
         q_hi = jnp.zeros((B, T // DKV_TILE), jnp.int32)
     kw = dict(scale=scale, config=config, has_segments=has_segments, interpret=interpret)
+    if config.backward == "fused":
+        with jax.named_scope("mla_mgpu_bwd_fused"):
+            dqn, dqr, dk_nope, dv, dk_rope_bsnh = _backward_fused_call(
+                q_nope, q_rope, k_nope, k_rope, v, do, lse2, delta, seg_bt, q_hi, **kw)
+            dq_nope = (dqn * scale).astype(q_nope.dtype)
+            dq_rope = (dqr * scale).astype(q_rope.dtype)
+            dk_rope = dk_rope_bsnh.sum(axis=2).astype(k_rope.dtype)
+        return dq_nope, dq_rope, dk_nope, dk_rope, dv
     with jax.named_scope("mla_mgpu_dq"):
         dq_nope, dq_rope = _backward_dq_call(q_nope, q_rope, k_nope, k_rope, v, do, lse2, delta,
                                              seg_bt, kv_lo, **kw)

@@ -59,18 +59,21 @@ def _round_up(d: int, multiple: int) -> int:
     return -(-d // multiple) * multiple
 
 
-def pallas_unsupported(backend: str, Hn: int, Hr: int, Hv: int) -> str | None:
+def pallas_unsupported(backend: str, Hn: int, Hr: int, Hv: int,
+                       config: Any = None) -> str | None:
     """Why implementation="pallas" cannot run these head dims on `backend` ("gpu" | "tpu"), as
     one sentence naming the dim and the constraint; None when it can.
 
     On GPU, head dims that are not multiples of 64 are zero-padded to them (scores and outputs
-    are unchanged; the kernels do the padded work), so only shared memory can refuse.
+    are unchanged; the kernels do the padded work), so only shared memory can refuse; `config`
+    (a _mla_attention_mgpu.Config, default when None) picks the kernels checked (split or fused
+    backward).
     """
     if backend == "gpu":
         from pallas_kernels import _mla_attention_mgpu
         m = GPU_HEAD_DIM_MULTIPLE
         return _mla_attention_mgpu.unsupported(_round_up(Hn, m), _round_up(Hr, m),
-                                               _round_up(Hv, m))
+                                               _round_up(Hv, m), config=config)
     if backend == "tpu":
         from pallas_kernels import _mla_attention_tpu
         return _mla_attention_tpu.unsupported(Hn, Hr, Hv)
@@ -103,7 +106,9 @@ def mla_attention(q_nope: jax.Array, q_rope: jax.Array, k_nope: jax.Array, k_rop
         bf16 (fp32 accumulation and softmax), outputs and gradients come back in the input
         dtypes.
     interpret: run the Pallas kernels in interpret mode (CPU tests); `config` overrides the tile
-      sizes (_mla_attention_mgpu.Config / _mla_attention_tpu.Config).
+      sizes (_mla_attention_mgpu.Config / _mla_attention_tpu.Config), and on GPU picks the
+      backward: Config(backward="split") a dq and a dk/dv kernel (the default), "fused" one
+      kernel adding dq into fp32 from each key block.
     """
     if implementation == "xla":
         return reference(q_nope, q_rope, k_nope, k_rope, v, segment_ids, scale=scale)
@@ -187,7 +192,7 @@ def _pallas(q_nope, q_rope, k_nope, k_rope, v, segment_ids, *, scale, chip, conf
     if k_nope.shape[1] != T:
         raise ValueError(f"causal MLA attention needs S == T, got S={k_nope.shape[1]}, T={T}")
     Hn, Hr, Hv = q_nope.shape[-1], q_rope.shape[-1], v.shape[-1]
-    reason = pallas_unsupported(chip, Hn, Hr, Hv)
+    reason = pallas_unsupported(chip, Hn, Hr, Hv, config if chip == "gpu" else None)
     if reason:
         raise ValueError(f"mla_attention implementation 'pallas' on {chip}: {reason}; "
                          "use implementation 'xla'")

@@ -11,6 +11,7 @@ Tolerances are relative Frobenius errors against the reference evaluated on fp32
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import sys
 
@@ -22,11 +23,12 @@ import pytest
 from pallas_kernels import _mla_attention_mgpu, _mla_attention_tpu
 from pallas_kernels.mla_attention import mla_attention, segment_bounds
 from tests import gpu_interpret
-from tests.kernel_trace import kernel_launches, named_value_sources
+from tests.kernel_trace import kernel_launches, named_value_sources, sub_jaxprs
 
 GRAD_NAMES = ("dq_nope", "dq_rope", "dk_nope", "dk_rope", "dv")
 # Smallest Mosaic GPU tiles (64 rows) so that short sequences span several blocks and CTAs.
 GPU_SMALL = _mla_attention_mgpu.Config(block_q=64, block_kv=64, block_q_dq=64, block_kv_dq=64)
+GPU_SMALL_FUSED = dataclasses.replace(GPU_SMALL, backward="fused")
 TPU_SMALL = _mla_attention_tpu.Config(block_q=128, block_kv=128)
 
 
@@ -86,8 +88,10 @@ def test_segment_bounds_match_brute_force():
 
 # Mosaic GPU in interpret mode. T = 200 and 136 are not tile multiples (the wrapper pads);
 # segment 1 is empty in the first packed case; tiny's dims (16/8/16) are padded to 64; the last
-# two cases run DeepSeek-V3's real head dims (the largest the kernels' SMEM holds), with two
-# backward pipeline slots and with the default (benchmarked) tiles.
+# two split-backward cases run DeepSeek-V3's real head dims (the largest the kernels' SMEM
+# holds), with two backward pipeline slots and with the default (benchmarked) tiles. The fused
+# cases run the fused backward's "partial" dQ accumulation (the interpreter's; "auto" picks it),
+# causal with and without packed documents, at dims 64/64/64 and the real ones.
 GPU_CASES = {
     "T200-dims64-packed-bf16": (200, 1, (64, 64, 64), [[70, 0, 90, 40]], jnp.bfloat16, GPU_SMALL),
     "T128-N2-f32": (128, 2, (64, 64, 128), None, jnp.float32, GPU_SMALL),
@@ -97,6 +101,9 @@ GPU_CASES = {
                                 _mla_attention_mgpu.Config(bwd_concurrent_steps=2)),
     "T136-real-dims-packed-default-tiles": (136, 1, (128, 64, 128), [[9, 8, 67, 52]],
                                             jnp.bfloat16, _mla_attention_mgpu.Config()),
+    "T256-N2-fused-bwd": (256, 2, (64, 64, 64), None, jnp.bfloat16, GPU_SMALL_FUSED),
+    "T256-N2-real-dims-fused-bwd-packed": (256, 2, (128, 64, 128), [[70, 0, 90, 96]],
+                                           jnp.bfloat16, GPU_SMALL_FUSED),
 }
 
 
@@ -131,25 +138,98 @@ def test_mosaic_tpu_matches_reference(B, T, dtype, segment_lengths, tol):
     _check_against_reference("pallas_tpu", TPU_SMALL, args, do, seg, tol=tol)
 
 
-@pytest.mark.parametrize("segmented", [False, True])
-def test_mosaic_gpu_lowers_for_cuda_at_benchmark_shape(segmented):
-    """Forward and backward kernels pass Mosaic GPU's layout inference and SMEM budget for
-    B=2, T=4096, N=128, dims 128/64/128 with the default tiles (lowering needs no GPU)."""
-    B, T, N = 2, 4096, 128
+def _benchmark_args(segmented, B=2, T=4096, N=128):
     S = jax.ShapeDtypeStruct
     bf = jnp.bfloat16
-    args = (S((B, T, N, 128), bf), S((B, T, N, 64), bf), S((B, T, N, 128), bf), S((B, T, 64), bf),
-            S((B, T, N, 128), bf), S((B, T), jnp.int32) if segmented else None)
+    return (S((B, T, N, 128), bf), S((B, T, N, 64), bf), S((B, T, N, 128), bf),
+            S((B, T, 64), bf), S((B, T, N, 128), bf),
+            S((B, T), jnp.int32) if segmented else None)
 
+
+def _grad_fn(config, interpret=False):
     def loss(*a):
-        o = mla_attention(*a, scale=0.1, implementation="pallas_gpu")
+        o = mla_attention(*a, scale=0.1, implementation="pallas_gpu", config=config,
+                          interpret=interpret)
         return o.astype(jnp.float32).sum()
+    return jax.grad(loss, argnums=range(5))
 
-    lowered = jax.jit(jax.grad(loss, argnums=range(5))).trace(*args).lower(
+
+@pytest.mark.parametrize("backward", ["split", "fused"])
+@pytest.mark.parametrize("segmented", [False, True])
+def test_mosaic_gpu_lowers_for_cuda_at_benchmark_shape(segmented, backward):
+    """Forward and backward kernels pass Mosaic GPU's layout inference and SMEM budget for
+    B=2, T=4096, N=128, dims 128/64/128 with the default tiles (lowering needs no GPU); the
+    fused backward with its TMA reduce-add dQ path ("auto" off the interpreter)."""
+    config = _mla_attention_mgpu.Config(backward=backward)
+    lowered = jax.jit(_grad_fn(config)).trace(*_benchmark_args(segmented)).lower(
         lowering_platforms=("cuda",))
-    text = lowered.as_text()
-    # Three Mosaic GPU kernels: forward, dq, dk/dv.
-    assert text.count("mosaic_gpu") >= 3
+    calls = [line for line in lowered.as_text().splitlines()
+             if "custom_call @mosaic_gpu" in line]
+    # forward, dq, dk/dv; or forward and the fused kernel, whose dQ buffers are updated in place.
+    assert len(calls) == (3 if backward == "split" else 2)
+    assert ("output_operand_aliases" in calls[-1]) == (backward == "fused")
+
+
+def _store_ops(jaxpr, kernel: str | None = None) -> list:
+    """reduction_op of each SMEM -> GMEM copy traced in the Mosaic GPU kernel named `kernel`."""
+    ops = []
+    for eqn in jaxpr.eqns:
+        inside = kernel is None or (eqn.primitive.name == "mpmd_map"
+                                    and eqn.params["name"] == kernel)
+        if kernel is None and eqn.primitive.name == "copy_smem_to_gmem":
+            ops.append(eqn.params["reduction_op"])
+        for sub in sub_jaxprs(eqn):
+            ops += _store_ops(sub, None if inside else kernel)
+    return ops
+
+
+def test_fused_backward_dq_paths_differ_only_in_the_store():
+    """The two dQ accumulations: on the GPU ("reduce") each per-block dQ tile goes to the
+    [B, T, N, H] fp32 refs by TMA reduce-add; interpreted ("partial") by plain copies into a key
+    block's slice. Apart from the three output stores (dk_nope, dv, dk_rope), every store of the
+    fused kernel is a dQ store, and only the GPU path's reduce. Their arithmetic is the same code
+    (_add_dq's one branch): the interpret cases above check it against the reference, and the
+    reduce path lowers at the benchmark shape (test above)."""
+    config = _mla_attention_mgpu.Config(backward="fused")
+    args = [jnp.zeros(a.shape, a.dtype) for a in _benchmark_args(True, B=1, T=256, N=2)]
+    name = "mla_attention_bwd_fused"
+    on_gpu = _store_ops(jax.make_jaxpr(_grad_fn(config))(*args).jaxpr, name)
+    interpreted = _store_ops(jax.make_jaxpr(_grad_fn(config, interpret=True))(*args).jaxpr, name)
+    assert len(on_gpu) == len(interpreted) > 3
+    assert on_gpu.count(None) == 3 and set(on_gpu) == {None, "add"}
+    assert set(interpreted) == {None}
+
+
+def test_fused_backward_config_errors():
+    with pytest.raises(ValueError, match="interpreter lacks"):
+        _mla_attention_mgpu.dq_accumulation(
+            _mla_attention_mgpu.Config(backward="fused", dq_accumulation="reduce"), True)
+    with pytest.raises(ValueError, match="is not 'split' or 'fused'"):
+        _mla_attention_mgpu.Config(backward="fuse")
+    with pytest.raises(ValueError, match="dq_accumulation"):
+        _mla_attention_mgpu.Config(dq_accumulation="atomic")
+
+
+def test_fused_backward_smem_predicate_at_its_edge():
+    """Two query-block slots fit the fused kernel at DeepSeek-V3's dims, three do not: the
+    predicate refuses three, and Mosaic's own lowering agrees."""
+    def config(stages):
+        return _mla_attention_mgpu.Config(backward="fused", fused_concurrent_steps=stages)
+
+    assert _mla_attention_mgpu.unsupported(128, 64, 128, config=config(2)) is None
+    reason = _mla_attention_mgpu.unsupported(128, 64, 128, config=config(3))
+    assert reason is not None and "fused backward" in reason
+    args = _benchmark_args(True, B=1, T=256, N=2)
+    with pytest.raises(ValueError, match="fused backward"):
+        jax.jit(_grad_fn(config(3))).trace(*args)
+    bf = jnp.bfloat16
+    q_hi = jax.ShapeDtypeStruct((1, 256 // _mla_attention_mgpu.DKV_TILE), jnp.int32)
+    lse = jax.ShapeDtypeStruct((1, 2, 256), jnp.float32)
+    raw = functools.partial(_mla_attention_mgpu._backward_fused_call, scale=0.1,
+                            config=config(3), has_segments=True, interpret=False)
+    raw_args = (*args[:5], jax.ShapeDtypeStruct(args[4].shape, bf), lse, lse, args[5], q_hi)
+    with pytest.raises(Exception, match="exceeds available shared memory"):
+        jax.jit(raw).trace(*raw_args).lower(lowering_platforms=("cuda",))
 
 
 def test_cudnn_needs_a_gpu():
