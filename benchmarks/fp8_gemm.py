@@ -1,6 +1,7 @@
 """FP8 GEMMs on the H200: our block-scaled FP8 grouped GEMM vs XLA's FP8 dot vs the bf16 kernel.
 
   python -m benchmarks.fp8_gemm [--shapes 0,1,2,3] [--iters 10] [--dry-run]
+  python -m benchmarks.fp8_gemm --dense [--shapes 0,1,2,3,4] [--iters 10] [--dry-run]
 
 For each (G, M, K, N), one process prints TFLOP/s (2*M*K*N useful FLOPs per call) of
   fp8 pallas      pallas_kernels._gmm_fp8_gpu.gmm_fp8: E4M3 operands, 1x128 row scales, 128x128
@@ -20,6 +21,21 @@ quantize-dequantize emulation on the same operands (relative L2 < 4e-3: the same
 sums in another order, and the kernel's bf16 output rounding, about 1.7e-3; the emulation runs
 its fp32 ragged_dot at HIGHEST precision), and against
 the unquantized fp32 product (about 0.037 expected: E4M3 rounding of both operands).
+
+--dense: the dense FP8 linears (fp8.linear: attention projections, dense FFN, shared experts) at
+DeepSeek-V3's shapes (DENSE_SHAPES, M = 16384 tokens), TFLOP/s of
+  fp8 pallas      pallas_kernels._gmm_fp8_gpu.matmul_fp8 (the grouped kernel, one group), bf16 out
+  xla_fp8         fp8.chunked_fp8_matmul: XLA's E4M3 dot_general per 128-wide K chunk (batched),
+                  fp32 partials scaled by the two scales and summed, bf16 out
+  fp8 xla dot     one E4M3 dot_general over all of K, one scale per tensor (the FP8 ceiling)
+  bf16 xla        jnp.dot in bf16, fp32 accumulation
+(operands quantized beforehand, not timed) and of a whole FP8 linear's forward + both gradients
+(6*M*K*N FLOPs, quantization included): fp8.linear with implementation "pallas_gpu", "xla_fp8",
+"xla" (emulation) beside the bf16 dot's. Checked first on the device against fp8.scaled_matmul
+on the same operands (its first 1024 rows: the reference forms [rows, K/128, N] partials):
+relative L2 < 4e-3 for bf16 outputs (one bf16 rounding, fp32 sums in another order).
+The faster of "fp8 pallas" and "xla_fp8" is what dsv3_jax.model.implementations.FP8_LINEAR_GPU
+should name.
 --dry-run: tiny shapes, the kernels interpreted on the CPU (a smoke test of this script).
 """
 
@@ -43,6 +59,14 @@ from pallas_kernels import grouped_matmul as gm
 SHAPES = [(32, 65536, 7168, 2048), (32, 65536, 2048, 7168), (64, 32768, 2048, 1024),
           (64, 32768, 1024, 2048)]
 DRY_SHAPES = [(3, 256, 256, 256)]
+# DeepSeek-V3's dense FP8 linears, M = 16384 tokens (M, K, N): q_a (7168 -> 1536), kv_a
+# (7168 -> 576), q_b (1536 -> 128 x 192), wo (128 x 128 -> 7168), dense FFN up/gate
+# (7168 -> 18432), dense FFN down (18432 -> 7168); the shared expert is 7168 -> 2048 -> 7168.
+DENSE_SHAPES = [(16384, 7168, 1536), (16384, 7168, 576), (16384, 1536, 24576),
+                (16384, 16384, 7168), (16384, 7168, 18432), (16384, 18432, 7168),
+                (16384, 7168, 2048)]
+DRY_DENSE_SHAPES = [(200, 384, 320)]
+CHECK_ROWS = 1024
 
 
 def median_time(fn, *args, warmup: int, iters: int) -> float:
@@ -169,28 +193,106 @@ def bench_shape(shape, args, interpret: bool) -> dict[str, float | str]:
     return row
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--shapes", default="0,1,2,3", help="indices into SHAPES")
-    p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--dry-run", action="store_true")
-    args = p.parse_args(argv)
-    shapes = DRY_SHAPES if args.dry_run else [SHAPES[int(i)] for i in args.shapes.split(",")]
-    print(f"device: {jax.devices()[0].device_kind}; jax {jax.__version__}", flush=True)
-    rows = {}
-    for shape in shapes:
-        print(f"G={shape[0]} M={shape[1]} K={shape[2]} N={shape[3]}", flush=True)
-        rows[shape] = bench_shape(shape, args, interpret=args.dry_run)
-        print("  " + ", ".join(f"{k}: {v / 1e12:.0f} TFLOP/s" if isinstance(v, float)
-                               else f"{k}: {v}" for k, v in rows[shape].items()), flush=True)
+def bench_dense(shape, args, interpret: bool) -> dict[str, float | str]:
+    M, K, N = shape
+    k1, k2 = jax.random.split(jax.random.key(0))
+    x = jax.random.normal(k1, (M, K), jnp.float32).astype(jnp.bfloat16)
+    w = (jax.random.normal(k2, (K, N), jnp.float32) * K ** -0.5).astype(jnp.bfloat16)
+    flops = 2.0 * M * K * N
+    qa, sa, qw, sw = jax.jit(lambda x, w: (*fp8.quantize_tiles(x, axis=1),
+                                           *fp8.quantize_blocks(w)))(x, w)
+    sb = fp8.block_scales_along_n(sw, N)
+    qb_nk, sa_cm = qw.T, sa.T
+    pallas = jax.jit(functools.partial(k8.matmul_fp8, out_dtype=jnp.bfloat16,
+                                       interpret=interpret))
+    xla_fp8 = jax.jit(functools.partial(fp8.chunked_fp8_matmul, out_dtype=jnp.bfloat16))
+    row: dict[str, float | str] = {}
+
+    rows = min(M, CHECK_ROWS)
+    ref = jax.jit(fp8.scaled_matmul)(qa[:rows], sa[:rows], qw, sb)
+    outs = {"fp8 pallas": pallas(qa, sa_cm, qb_nk, sw)[:rows],
+            "xla_fp8": xla_fp8(qa, sa, qw, sb)[:rows]}
+    for name, out in outs.items():
+        err = rel_err(out, ref)
+        print(f"  check: {name} vs scaled_matmul {err:.2e} (< 4e-3)", flush=True)
+        if not err < 4e-3:
+            row[f"check {name}"] = f"FAILED {err:.2e}"
+    del ref, outs
+
+    timing = dict(warmup=1 if interpret else 2, iters=1 if interpret else args.iters)
+    row["fp8 pallas"] = flops / median_time(pallas, qa, sa_cm, qb_nk, sw, **timing)
+    row["xla_fp8"] = flops / median_time(xla_fp8, qa, sa, qw, sb, **timing)
+
+    @jax.jit
+    def fp8_dot(a, b):  # one scale per tensor: the FP8 GEMM without block scales
+        y = jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())),
+                                preferred_element_type=jnp.float32)
+        return (y * jnp.float32(0.9)).astype(jnp.bfloat16)
+
+    try:
+        row["fp8 xla dot"] = flops / median_time(fp8_dot, qa, qw, **timing)
+    except Exception as e:
+        row["fp8 xla dot"] = f"n/a ({type(e).__name__})"
+    bf16 = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32)
+                   .astype(jnp.bfloat16))
+    row["bf16 xla"] = flops / median_time(bf16, x, w, **timing)
+
+    ct = jnp.ones((M, N), jnp.bfloat16)
+
+    def train(impl):  # forward + input and weight gradients
+        def f(x, w):
+            if impl == "bf16":
+                y, vjp = jax.vjp(lambda a, b: bf16(a, b), x, w)
+            else:
+                y, vjp = jax.vjp(lambda a, b: fp8.linear(
+                    a, b, implementation=impl, interpret=interpret), x, w)
+            return y, vjp(ct)
+        return jax.jit(f)
+
+    for impl in ("pallas_gpu", "xla_fp8", "xla", "bf16"):
+        row[f"{impl} fwd+bwd"] = 3 * flops / median_time(train(impl), x, w, **timing)
+    return row
+
+
+def print_table(rows: dict, label: str, note: str) -> None:
     cols = list(dict.fromkeys(k for r in rows.values() for k in r))
-    print("\n| G, M, K, N | " + " | ".join(cols) + " |")
+    print(f"\n| {label} | " + " | ".join(cols) + " |")
     print("|---" * (len(cols) + 1) + "|")
     for shape, r in rows.items():
         cells = [f"{r[c] / 1e12:.0f}" if isinstance(r.get(c), float) else str(r.get(c, ""))
                  for c in cols]
         print(f"| {', '.join(map(str, shape))} | " + " | ".join(cells) + " |")
-    print("(TFLOP/s; fwd+dgrad counts 4*M*K*N)")
+    print(note)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shapes", default=None,
+                   help="indices into SHAPES (default all), or DENSE_SHAPES with --dense")
+    p.add_argument("--dense", action="store_true", help="the dense FP8 linears' shapes")
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--dry-run", action="store_true")
+    args = p.parse_args(argv)
+    table = DENSE_SHAPES if args.dense else SHAPES
+    if args.dry_run:
+        shapes = DRY_DENSE_SHAPES if args.dense else DRY_SHAPES
+    elif args.shapes is None:
+        shapes = table
+    else:
+        shapes = [table[int(i)] for i in args.shapes.split(",")]
+    print(f"device: {jax.devices()[0].device_kind}; jax {jax.__version__}", flush=True)
+    rows = {}
+    for shape in shapes:
+        print(("M={} K={} N={}" if args.dense else "G={} M={} K={} N={}").format(*shape),
+              flush=True)
+        bench = bench_dense if args.dense else bench_shape
+        rows[shape] = bench(shape, args, interpret=args.dry_run)
+        print("  " + ", ".join(f"{k}: {v / 1e12:.0f} TFLOP/s" if isinstance(v, float)
+                               else f"{k}: {v}" for k, v in rows[shape].items()), flush=True)
+    if args.dense:
+        print_table(rows, "M, K, N", "(TFLOP/s; fwd+bwd counts 6*M*K*N)")
+    else:
+        print_table(rows, "G, M, K, N", "(TFLOP/s; fwd+dgrad counts 4*M*K*N)")
 
 
 if __name__ == "__main__":

@@ -47,6 +47,9 @@ def get_config() -> config_dict.ConfigDict:
     c.optimizer.weight_decay = 0.1
     c.optimizer.clip_norm = 1.0
     c.optimizer.start_lr = 0.0
+    # AdamW's first and second moments: "float32" or "bfloat16" (DeepSeek-V3 section 3.3.3
+    # keeps both in bf16; the update is still computed in fp32; halves the optimizer state).
+    c.optimizer.moments_dtype = "float32"
     # (kind, steps, end_value) phases; kind in linear | constant | cosine (dsv3_jax.train.optim).
     c.optimizer.schedule = (("linear", 100, 3e-3), ("cosine", 900, 3e-4))
 

@@ -25,8 +25,9 @@ Per device, in bytes (GB = 1e9):
                plus the
                accumulated fp32 sum, sharded like one of the optimizer's moments (ZeRO-2,
                dsv3_jax.train.step).
-  optimizer    AdamW mu and nu, fp32, sharded like the parameters plus ZeRO-1: `data` on the
-               first free dimension it divides (dsv3_jax.parallel.sharding.zero1).
+  optimizer    AdamW mu and nu in optimizer.moments_dtype (fp32 or bf16), sharded like the
+               parameters plus ZeRO-1: `data` on the first free dimension it divides
+               (dsv3_jax.parallel.sharding.zero1).
   activations  b = bytes of model.dtype; c = every intermediate of one layer per token;
                s = what the remat policy keeps of it (below). Without a pipeline (P = 1), each
                accumulation microbatch (`microbatches` of them) runs its forward and backward
@@ -197,7 +198,8 @@ class ParamBytes:
     groups: dict[str, int]  # fp32 bytes per device by group (router bias included)
     trainable: int  # fp32 bytes per device of the trained parameters
     microbatch_grads: int  # one microbatch's gradients (matmul weights in model.dtype)
-    optimizer: int  # mu + nu with ZeRO-1
+    optimizer: int  # mu + nu with ZeRO-1, in the moments' dtype
+    zero1_fp32: int  # one fp32 value per parameter, sharded like a moment (the gradient sum)
     unsharded_by_data: dict[str, int]  # groups as a layer computes with them (fsdp gathered)
 
 
@@ -206,13 +208,16 @@ def dtype_bytes(model: ModelConfig) -> int:
     return 2 if model.dtype == "bfloat16" else 4
 
 
-def parameter_bytes(model: ModelConfig, mesh: dict[str, int], fsdp: bool) -> ParamBytes:
-    """Per-device bytes of every variable, its gradient and its AdamW state (all fp32)."""
+def parameter_bytes(model: ModelConfig, mesh: dict[str, int], fsdp: bool,
+                    moments_dtype: str = "float32") -> ParamBytes:
+    """Per-device bytes of every variable (fp32), its gradient and its AdamW state (mu and nu
+    in `moments_dtype`, optimizer.moments_dtype)."""
     abstract_mesh = AbstractMesh(tuple(mesh[a] for a in sharding.MESH_AXES), sharding.MESH_AXES)
     groups = dict.fromkeys(GROUPS, 0)
     gathered = dict.fromkeys(GROUPS, 0)
-    trainable = optimizer = microbatch_grads = 0
+    trainable = optimizer = microbatch_grads = zero1_fp32 = 0
     compute_bytes = dtype_bytes(model)
+    moment_bytes = {"float32": 4, "bfloat16": 2}[moments_dtype]
     for keys, names, shape in variable_leaves(model):
         spec = placed_spec(shape, names, mesh, fsdp)
         nbytes = 4 * math.prod(shard_shape(shape, spec, mesh))
@@ -228,9 +233,11 @@ def parameter_bytes(model: ModelConfig, mesh: dict[str, int], fsdp: bool) -> Par
         else:
             microbatch_grads += nbytes
         zero1 = sharding.zero1(NamedSharding(abstract_mesh, spec), shape).spec
-        optimizer += 2 * 4 * math.prod(shard_shape(shape, zero1, mesh))  # mu and nu
+        zero1_values = math.prod(shard_shape(shape, zero1, mesh))
+        optimizer += 2 * moment_bytes * zero1_values  # mu and nu
+        zero1_fp32 += 4 * zero1_values
     return ParamBytes({k: v for k, v in groups.items() if v}, trainable, microbatch_grads,
-                      optimizer, gathered)
+                      optimizer, zero1_fp32, gathered)
 
 
 # Activations -----------------------------------------------------------------------------------
@@ -338,7 +345,7 @@ def make_plan(cfg: config_dict.ConfigDict, devices: int,
     model, hyper, mesh = spec.model, spec.hyper, spec.mesh.sizes
     pipe = spec.mesh.pipeline or pipeline.PipelineSpec(1, 1)
     fsdp = spec.mesh.fsdp
-    pb = parameter_bytes(model, mesh, fsdp)
+    pb = parameter_bytes(model, mesh, fsdp, hyper.moments_dtype)
     P, moe_here = mesh["pipeline"], -(-model.n_moe_layers // mesh["pipeline"])
     layer_weights = max(pb.unsharded_by_data.get(GROUPS[0], 0) // moe_here,
                         pb.unsharded_by_data.get(GROUPS[1], 0) // max(model.n_dense_layers, 1))
@@ -368,7 +375,7 @@ def make_plan(cfg: config_dict.ConfigDict, devices: int,
                            "activation memory than counted here (sorted rows)")
     return Plan(spec=spec, model=model, mesh=mesh, fsdp=fsdp, device_memory=device_memory_gb * GB,
                 params=pb.groups,
-                gradients=(pb.microbatch_grads + pb.optimizer // 2 if hyper.microbatches > 1
+                gradients=(pb.microbatch_grads + pb.zero1_fp32 if hyper.microbatches > 1
                            else pb.trainable),
                 gradients_label=(f"gradients (microbatch's, {model.dtype} matmuls; fp32 sum)"
                                  if hyper.microbatches > 1 else "gradients (fp32)"),
@@ -478,6 +485,7 @@ def format_plan(plan: Plan) -> str:
     def row(name: str, value: float, indent: int = 0) -> str:
         return f"{' ' * indent}{name:<{56 - indent}}{value / GB:9.2f}"
 
+    moments = {"float32": "fp32", "bfloat16": "bf16"}[plan.spec.hyper.moments_dtype]
     if plan.fsdp:
         opt = "sharded with the parameters"
     elif m["data"] > 1:
@@ -498,7 +506,7 @@ def format_plan(plan: Plan) -> str:
         row("parameters (fp32)", plan.param_total),
         *(row(k, v, 2) for k, v in plan.params.items()),
         row(plan.gradients_label, plan.gradients),
-        row(f"optimizer (AdamW mu+nu fp32, {opt})", plan.optimizer),
+        row(f"optimizer (AdamW mu+nu {moments}, {opt})", plan.optimizer),
         row("activations", sum(plan.activations.values())),
         row("saved for the backward", plan.activations["saved"], 2),
         row("working set (one layer, its weights, loss chunk)", plan.activations["working"], 2),

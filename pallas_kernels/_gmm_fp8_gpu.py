@@ -4,6 +4,8 @@ Legend: M rows sorted by group, K contraction, N output columns, G groups, C = K
 
   gmm_fp8(qa[M, K], sa[C, M], qb[G, N, K], sb[G, C, N/128], group_sizes[G]) -> out[M, N]
   out[r, n] = sum_c (qa[r, c] . qb[g(r), n, c]) * sa[c, r] * sb[g(r), c, n // 128]
+  matmul_fp8(qa[M, K], sa[C, M], qb[N, K], sb[C, N/128]) -> out[M, N]: the same kernel with
+  one group (the dense FP8 linears of dsv3_jax.model.fp8), without the tail pass
 
 qa and qb are E4M3 (`float8_e4m3fn`); sa holds one fp32 scale per row and 128-wide K chunk (1x128
 tiles, stored chunk-major so a tile's rows are contiguous, as DeepGEMM stores them), sb one per
@@ -152,6 +154,28 @@ def gmm_fp8(qa: jax.Array, sa_cm: jax.Array, qb_gnk: jax.Array, sb_gcn: jax.Arra
             group_sizes: jax.Array, *, out_dtype=jnp.bfloat16,
             cfg: Fp8GmmConfig = Fp8GmmConfig(), interpret: bool = False) -> jax.Array:
     """The block-scaled FP8 grouped matmul (module docstring): [M, N] in out_dtype."""
+    M0, N0 = qa.shape[0], qb_gnk.shape[1]
+    out = _run(qa, sa_cm, qb_gnk, sb_gcn, group_sizes, out_dtype, cfg, interpret)
+    # Rows past the last group are never stored by a tile: zero them (one pass over [M, N]).
+    total_rows = jnp.sum(group_sizes.astype(jnp.int32))
+    out = jnp.where((jnp.arange(out.shape[0]) < total_rows)[:, None], out,
+                    jnp.zeros((), out_dtype))
+    return out[:M0, :N0]
+
+
+def matmul_fp8(qa: jax.Array, sa_cm: jax.Array, qb_nk: jax.Array, sb_cn: jax.Array, *,
+               out_dtype=jnp.bfloat16, cfg: Fp8GmmConfig = Fp8GmmConfig(),
+               interpret: bool = False) -> jax.Array:
+    """The dense block-scaled FP8 matmul: `gmm_fp8` with one group of all M rows, qb [N, K],
+    sb [C, N/128]; out[M, N] in out_dtype. Without the grouped form's pass over the output:
+    every row is stored by its tile (rows padded up to the CTA tile are cut off)."""
+    M0, N0 = qa.shape[0], qb_nk.shape[0]
+    sizes = jnp.full((1,), M0, jnp.int32)
+    out = _run(qa, sa_cm, qb_nk[None], sb_cn[None], sizes, out_dtype, cfg, interpret)
+    return out[:M0, :N0]
+
+
+def _check(qa, sa_cm, qb_gnk, sb_gcn) -> None:
     M0, K0 = qa.shape
     G, N0, _ = qb_gnk.shape
     if qa.dtype != E4M3 or qb_gnk.dtype != E4M3:
@@ -161,6 +185,11 @@ def gmm_fp8(qa: jax.Array, sa_cm: jax.Array, qb_gnk: jax.Array, sb_gcn: jax.Arra
         raise ValueError(f"gmm_fp8: scales {sa_cm.shape}, {sb_gcn.shape} do not fit "
                          f"qa {qa.shape}, qb {qb_gnk.shape} (want ({C}, {M0}) and "
                          f"({G}, {C}, {-(-N0 // TILE_N)}))")
+
+
+def _run(qa, sa_cm, qb_gnk, sb_gcn, group_sizes, out_dtype, cfg, interpret) -> jax.Array:
+    """The kernel on operands padded to its tiles: [M, N] padded, rows past the groups unset."""
+    _check(qa, sa_cm, qb_gnk, sb_gcn)
     cta_m = cfg.cta_m
     qa = _pad_to(_pad_to(qa, 1, TILE_K), 0, cta_m)
     sa_cm = _pad_to(sa_cm.astype(jnp.float32), 1, cta_m)
@@ -179,11 +208,7 @@ def gmm_fp8(qa: jax.Array, sa_cm: jax.Array, qb_gnk: jax.Array, sb_gcn: jax.Arra
         num_sms=_INTERPRET_SMS if interpret else sm_count(), num_threads=threads,
         kernel_name="grouped_matmul_fp8")
     with interpret_context(interpret):
-        out = call(meta, qa, sa_cm, qb_gnk, sb_gcn)
-    # Rows past the last group are never stored by a tile: zero them (one pass over [M, N]).
-    total_rows = jnp.sum(group_sizes.astype(jnp.int32))
-    out = jnp.where((jnp.arange(M) < total_rows)[:, None], out, jnp.zeros((), out_dtype))
-    return out[:M0, :N0]
+        return call(meta, qa, sa_cm, qb_gnk, sb_gcn)
 
 
 def _tile_coords(st: _Static, meta_gmem, index):

@@ -177,6 +177,62 @@ def test_emulated_linear_equals_the_scaled_matmul_of_its_quantized_operands():
     assert 0.01 < rel(y, x @ w) < GEMM_TOL
 
 
+@pytest.mark.parametrize("partial_bytes", [1 << 30, 4 * 40 * 200 * 2, 1])
+def test_chunked_fp8_dot_equals_scaled_matmul(partial_bytes):
+    """linear's "xla_fp8" GEMM: XLA's E4M3 dot_general (it runs on the CPU too) per 128-wide K
+    chunk, all chunks at once, two at a time (one zero chunk padded on: 3 chunks) or one at a
+    time (a scan), against scaled_matmul on the same operands: the same exact products, fp32
+    sums in another order (1e-6; 5e-8 seen). And against numpy's float64 over the same values."""
+    rng = np.random.default_rng(13)
+    x = special_rows(rng, 40, 300, jnp.float32)
+    w = (rng.standard_normal((300, 200)) * 0.05).astype(np.float32)
+    qx, sx = fp8.quantize_tiles(jnp.asarray(x), axis=1)
+    qw, sw = fp8.quantize_blocks(jnp.asarray(w))
+    sb = fp8.block_scales_along_n(sw, 200)
+    got = fp8.chunked_fp8_matmul(qx, sx, qw, sb, partial_bytes=partial_bytes)
+    assert got.dtype == jnp.float32 and got.shape == (40, 200)
+    assert rel(got, fp8.scaled_matmul(qx, sx, qw, sb)) < 1e-6
+    expected = np.zeros((40, 200))
+    for c in range(3):
+        k = slice(128 * c, 128 * (c + 1))
+        part = np.asarray(qx[:, k], np.float64) @ np.asarray(qw[k], np.float64)
+        expected += part * np.asarray(sx[:, c:c + 1]) * np.asarray(sb[c])[None]
+    assert rel(got, expected) < 1e-6
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_xla_fp8_linear_equals_the_emulation_in_all_three_gemms(dtype):
+    """fp8.linear(implementation="xla_fp8") forms the emulation's products from the same
+    quantized operands in the forward, the input gradient and the weight gradient (128-token
+    chunks): fp32 outputs agree to summation order (1e-5; 2e-7 seen), bf16 ones to one bf16
+    rounding of either (2^-8 relative per value at most, 8e-3 in L2)."""
+    rng = np.random.default_rng(14)
+    x = jnp.asarray(rng.standard_normal((2, 100, 320)), dtype)
+    w = jnp.asarray(rng.standard_normal((320, 200)) * 0.05, dtype)
+    ct = jnp.asarray(rng.standard_normal((2, 100, 200)), jnp.float32)
+
+    def loss(impl):
+        return lambda x, w: jnp.sum(fp8.linear(x, w, implementation=impl).astype(
+            jnp.float32) * ct)
+
+    tol = 1e-5 if dtype == jnp.float32 else 8e-3
+    y = fp8.linear(x, w, implementation="xla_fp8")
+    assert y.dtype == dtype and y.shape == (2, 100, 200)
+    assert rel(y, fp8.linear(x, w)) < tol
+    got = jax.grad(loss("xla_fp8"), (0, 1))(x, w)
+    want = jax.grad(loss("xla"), (0, 1))(x, w)
+    for a, b in zip(got, want, strict=True):
+        assert a.dtype == dtype
+        assert rel(a, b) < tol
+
+
+def test_linear_implementation_is_validated():
+    x, w = jnp.ones((4, 128)), jnp.ones((128, 128))
+    with pytest.raises(ValueError, match=r"'cublas' is not one of \('xla', 'xla_fp8', "
+                                         r"'pallas_gpu'\)"):
+        fp8.linear(x, w, implementation="cublas")
+
+
 def test_quantization_error_is_e4m3_rounding():
     """The relative RMS error of one quantized operand: about 0.026 (half-ulp 2^-4 at most, the
     bound every tolerance here is built from)."""
@@ -359,3 +415,40 @@ def test_fp8_on_a_mesh_is_refused_naming_the_reason():
     parallel = sharding.Parallel(sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1]))
     with pytest.raises(ValueError, match=r"one device only.*expert_parallel has no FP8 path"):
         dsv3_jax.forward(cfg, v, np.zeros((1, 8), np.int32), parallel=parallel)
+
+
+def test_dense_fp8_linears_take_the_gpu_path_where_the_model_runs_gpu_kernels(monkeypatch):
+    """implementations.fp8_linear reads the resolved config (no backend lookup while tracing):
+    the emulation on the CPU and where a GPU model resolved to XLA everywhere (tiny's padded
+    shapes under "auto"), FP8_LINEAR_GPU where it runs a GPU kernel. Traced for a GPU (no GPU
+    needed), each dense FP8 linear then adds two Mosaic GPU kernels (forward, input gradient):
+    tiny's traced blocks are the dense stack's, the MoE stack's and the MTP module's (scanned:
+    one body each), each with 5 attention projections (q_lora) and 3 FFN / shared-expert GEMMs,
+    so 2 x 3 x 8 = 48 kernels more than with "xla_fp8"."""
+    from dsv3_jax.model import implementations
+    from tests import kernel_trace
+
+    cfg = dsv3_jax.preset("tiny", fp8="blockwise")
+    assert implementations.fp8_linear(implementations.resolved(cfg, "cpu")) == "xla"
+    assert implementations.fp8_linear(implementations.resolved(cfg, "gpu")) == "xla"
+    gpu = implementations.resolved(cfg.replace(moe_impl="pallas", attention_impl="xla",
+                                               decode_impl="xla"), "gpu")
+    assert gpu.moe_impl == "pallas_gpu"
+    assert implementations.fp8_linear(gpu) == implementations.FP8_LINEAR_GPU
+    assert implementations.fp8_linear(gpu.replace(fp8="none")) == "xla"
+    with pytest.raises(ValueError, match="not resolved for a backend"):
+        implementations.fp8_linear(cfg)
+
+    v = dsv3_jax.init(cfg, jax.random.key(0))
+    tokens = np.zeros((1, 16), np.int32)
+
+    def loss(params):
+        out = dsv3_jax.forward(gpu, {**v, "params": params}, tokens)
+        return jnp.mean(out.logits) + jnp.mean(out.mtp_logits[0])  # MTP's backward too
+
+    counts = {}
+    for choice in ("pallas_gpu", "xla_fp8"):
+        monkeypatch.setattr(implementations, "FP8_LINEAR_GPU", choice)
+        jax.clear_caches()  # the model's jitted forward would reuse the other trace
+        counts[choice] = kernel_trace.kernel_launches(loss, v["params"])
+    assert counts["pallas_gpu"] - counts["xla_fp8"] == 48, counts

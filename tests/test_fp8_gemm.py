@@ -47,13 +47,54 @@ GPU_CASES = {
     "grads": (136, 256, 128, [60, 0, 76], jnp.float32),
     "experts-swiglu": (96, 128, 128, [40, 0, 56], jnp.float32),
     "benchmark-dry-run": None,
+    # The dense form (matmul_fp8: one group, no tail pass) against fp8.scaled_matmul.
+    "dense-f32": (200, 384, 256, None, jnp.float32),
+    "dense-unaligned-bf16": (100, 200, 136, None, jnp.bfloat16),
+    "dense-one-warpgroup-f32": (70, 256, 128, None, jnp.float32),
+    "dense-linear-grads": (136, 256, 200, None, jnp.float32),
+    "benchmark-dense-dry-run": None,
 }
 
 
+def _run_dense_case(name):
+    """matmul_fp8 against scaled_matmul on the same quantized operands (tolerances as in the
+    module docstring); "dense-linear-grads": fp8.linear(implementation="pallas_gpu") against
+    the emulation, forward and both gradients (the weight gradient is the emulation's own code
+    on the same residuals: fp32 order only)."""
+    M, K, N, _, out_dtype = GPU_CASES[name]
+    x, w, _ = _operands(5, M, K, N, [M])
+    w = w[0]
+    if name == "dense-linear-grads":
+        ct = jnp.asarray(np.random.default_rng(6).standard_normal((M, N)), jnp.float32)
+
+        def loss(impl):
+            return lambda x, w: jnp.sum(fp8.linear(
+                x, w, implementation=impl, interpret=True) * ct)
+
+        assert _rel(fp8.linear(x, w, implementation="pallas_gpu", interpret=True),
+                    fp8.linear(x, w)) < 1e-5
+        got = jax.grad(loss("pallas_gpu"), (0, 1))(x, w)
+        want = jax.grad(loss("xla"), (0, 1))(x, w)
+        for a, b in zip(got, want, strict=True):
+            assert _rel(a, b) < 1e-5, _rel(a, b)
+        return
+    qa, sa = fp8.quantize_tiles(x, axis=1)
+    qw, sw = fp8.quantize_blocks(w)
+    cfg = k8.Fp8GmmConfig(warp_specialized="one-warpgroup" not in name)
+    out = k8.matmul_fp8(qa, sa.T, qw.T, sw, out_dtype=out_dtype, cfg=cfg, interpret=True)
+    ref = fp8.scaled_matmul(qa, sa, qw, fp8.block_scales_along_n(sw, N))
+    assert out.dtype == out_dtype and out.shape == (M, N)
+    tol = 1e-5 if out_dtype == jnp.float32 else 4e-3
+    assert _rel(out, ref) < tol, _rel(out, ref)
+
+
 def _run_gpu_case(name):
-    if name == "benchmark-dry-run":  # benchmarks/fp8_gemm.py end to end, tiny and interpreted
+    if name.startswith("benchmark-"):  # benchmarks/fp8_gemm.py end to end, tiny, interpreted
         from benchmarks import fp8_gemm
-        fp8_gemm.main(["--dry-run"])
+        fp8_gemm.main(["--dry-run", "--dense"] if "dense" in name else ["--dry-run"])
+        return
+    if name.startswith("dense-"):
+        _run_dense_case(name)
         return
     M, K, N, sizes, out_dtype = GPU_CASES[name]
     x, w, gs = _operands(0, M, K, N, sizes)
@@ -157,6 +198,20 @@ def test_lowers_for_cuda_at_deepseek_v3_expert_shapes():
                 jax.ShapeDtypeStruct((G,), jnp.int32))
         lowered = jax.jit(lambda *a, cfg=cfg: k8.gmm_fp8(*a, cfg=cfg)).trace(*args).lower(
             lowering_platforms=("cuda",))
+        assert "mosaic_gpu" in lowered.as_text()
+
+
+def test_dense_lowers_for_cuda_at_deepseek_v3_dense_shapes():
+    """The dense form compiles for the H200 (Mosaic GPU lowering on the CPU) at DeepSeek-V3's
+    dense linears' forward products: kv_a (7168 -> 576, N padded to 640), q_b (1536 -> 24576),
+    wo (16384 -> 7168)."""
+    for K, N in ((7168, 576), (1536, 24576), (16384, 7168)):
+        M = 4096
+        args = (jax.ShapeDtypeStruct((M, K), jnp.float8_e4m3fn),
+                jax.ShapeDtypeStruct((K // 128, M), jnp.float32),
+                jax.ShapeDtypeStruct((N, K), jnp.float8_e4m3fn),
+                jax.ShapeDtypeStruct((K // 128, -(-N // 128)), jnp.float32))
+        lowered = jax.jit(k8.matmul_fp8).trace(*args).lower(lowering_platforms=("cuda",))
         assert "mosaic_gpu" in lowered.as_text()
 
 

@@ -244,3 +244,18 @@ def test_flash_attention_is_suggested_on_gpu_and_tpu():
     auto.mesh.pipeline, auto.mesh.data = 1, 1
     assert "attention=pallas (auto on tpu)" in planner.format_plan(
         planner.make_plan(auto, 64, 141, "tpu"))
+
+
+def test_bf16_moments_halve_the_optimizer_term_only():
+    """optimizer.moments_dtype=bfloat16: mu and nu take 2 bytes each instead of 4, so the
+    optimizer term halves exactly; the accumulated gradient sum stays fp32, and nothing else
+    moves."""
+    fp32 = planner.make_plan(config_671b(), DEVICES, 141)
+    cfg = config_671b()
+    cfg.optimizer.moments_dtype = "bfloat16"
+    bf16 = planner.make_plan(cfg, DEVICES, 141)
+    assert bf16.optimizer * 2 == fp32.optimizer > 0
+    assert (bf16.params, bf16.gradients, bf16.activations) == (
+        fp32.params, fp32.gradients, fp32.activations)
+    assert fp32.total - bf16.total == fp32.optimizer // 2
+    assert "AdamW mu+nu bf16" in planner.format_plan(bf16)

@@ -48,21 +48,26 @@ class MLA(nn.Module):
                             ("kv_lora", "heads", "head_dim"), init)
         self.wo = weight(self, "wo", (N, c.v_head_dim, D), ("heads", "head_dim", "embed"), init)
 
+    def project(self, spec, x, w):
+        """layers.projection with the model's FP8 mode and dense FP8 path
+        (implementations.fp8_linear)."""
+        return projection(spec, x, w, self.cfg.fp8, implementations.fp8_linear(self.cfg))
+
     def queries(self, x_btd, cos, sin):
         """q_nope [B,T,N,Hn], rotated q_rope [B,T,N,Hr]."""
         c = self.cfg
         if c.q_lora_rank:
-            cq_btq = projection("BTD,DQ->BTQ", x_btd, self.wq_a, c.fp8)
-            q_btnh = projection("BTQ,QNH->BTNH", self.q_norm(cq_btq), self.wq_b, c.fp8)
+            cq_btq = self.project("BTD,DQ->BTQ", x_btd, self.wq_a)
+            q_btnh = self.project("BTQ,QNH->BTNH", self.q_norm(cq_btq), self.wq_b)
         else:
-            q_btnh = projection("BTD,DNH->BTNH", x_btd, self.wq, c.fp8)
+            q_btnh = self.project("BTD,DNH->BTNH", x_btd, self.wq)
         q_nope, q_rope = jnp.split(q_btnh, [c.qk_nope_head_dim], axis=-1)
         return q_nope, apply_rope(q_rope, cos[:, :, None], sin[:, :, None])
 
     def latents(self, x_btd, cos, sin):
         """[B, T, R+Hr]: RMSNorm(c_kv) and the rotated shared rope key (what the cache holds)."""
         R = self.cfg.kv_lora_rank
-        kv_btc = projection("BTD,DC->BTC", x_btd, self.wkv_a, self.cfg.fp8)
+        kv_btc = self.project("BTD,DC->BTC", x_btd, self.wkv_a)
         c_kv_btr = self.kv_norm(kv_btc[..., :R])
         k_rope_bth = apply_rope(kv_btc[..., R:], cos, sin)
         return jnp.concatenate([c_kv_btr, k_rope_bth], axis=-1)
@@ -93,14 +98,14 @@ class MLA(nn.Module):
             o_btnh = self.absorbed(q_nope, q_rope, new_cache, starts_b + x_btd.shape[1])
         else:
             o_btnh = self.expanded(q_nope, q_rope, latent_btc, segment_ids_bt)
-        out_btd = projection("BTNH,NHD->BTD", o_btnh, self.wo, c.fp8)
+        out_btd = self.project("BTNH,NHD->BTD", o_btnh, self.wo)
         return out_btd, new_cache
 
     def expanded(self, q_nope, q_rope, latent_btc, segment_ids_bt):
         """Training/prefill form: per-head keys and values from the latent."""
         c = self.cfg
         R = c.kv_lora_rank
-        kv_btnh = projection("BTR,RNH->BTNH", latent_btc[..., :R], self.wkv_b, c.fp8)
+        kv_btnh = self.project("BTR,RNH->BTNH", latent_btc[..., :R], self.wkv_b)
         k_nope, v = jnp.split(kv_btnh, [c.qk_nope_head_dim], axis=-1)
         impl = implementations.chosen(c, "attention_impl")
 

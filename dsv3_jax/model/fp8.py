@@ -42,15 +42,22 @@ pow2 vs 0.0368 exact; Student-t (3 dof) 0.0374 vs 0.0346; 1 channel in 97 scaled
 channels) 0.0373 vs 0.0287. They do not help, so they are off; `test_fp8.py` keeps the
 comparison as a test.
 
-Backends: the recipe runs as quantize-dequantize through XLA (emulation) on every backend: the
+Backends: by default the recipe runs as quantize-dequantize through XLA (emulation): the
 operands are rounded exactly as they would be for FP8 tensor cores, dequantized to fp32 (q * s:
 one fp32 rounding, 2^-24 relative) and multiplied with fp32 accumulation, so the result equals
-`scaled_matmul`'s up to fp32 summation order. The exception is `grouped_linear(...,
-implementation="pallas_gpu")` (the routed experts when the model's moe_impl resolves to
-"pallas_gpu"): its forward and input gradient run on the FP8 tensor cores
-(`pallas_kernels._gmm_fp8_gpu`, the same quantized operands; benchmarks/fp8_gemm.py), its weight
-gradient is still emulated (on the bf16 transposed grouped kernel). The first trace of an FP8
-layer logs the emulation once.
+`scaled_matmul`'s up to fp32 summation order. Two paths multiply the same E4M3 operands on FP8
+hardware instead:
+  * `linear(..., implementation="xla_fp8")`: XLA's own FP8 dot_general (E4M3 x E4M3 -> fp32)
+    on each 128-wide K chunk, the chunks batched, their fp32 partials scaled and summed
+    (`chunked_fp8_matmul`); all three GEMMs (the weight gradient on 128-token chunks).
+  * `linear(..., implementation="pallas_gpu")` and `grouped_linear(..., "pallas_gpu")`: the
+    forward and the input gradient on the Mosaic GPU FP8 kernel (`pallas_kernels._gmm_fp8_gpu`:
+    `matmul_fp8` dense, `gmm_fp8` grouped), the weight gradient still emulated (grouped: on the
+    bf16 transposed grouped kernel).
+The model picks the dense linears' path with `implementations.fp8_linear` (the GPU choice,
+`implementations.FP8_LINEAR_GPU`, where the resolved model runs GPU kernels), and the routed
+experts' with moe_impl; benchmarks/fp8_gemm.py measures both paths. The first trace of an FP8
+layer logs its path once.
 
 Deviations from the paper: the linear after attention (wo) caches its input in E4M3 like every
 other, not the paper's E5M6; SwiGLU's inputs are not cached in FP8 (the routed experts keep their
@@ -77,11 +84,19 @@ POW2_SCALES = False
 log = logging.getLogger("dsv3_jax.fp8")
 
 
-@functools.lru_cache(maxsize=1)
-def log_emulation() -> None:
-    """Says once per process that the FP8 GEMMs run as quantize-dequantize through XLA."""
-    log.info("model.fp8='blockwise': E4M3 GEMMs run as quantize-dequantize emulation through "
-             "XLA (operands rounded as for FP8 tensor cores, then multiplied in fp32)")
+_PATHS = {
+    "xla": "quantize-dequantize emulation through XLA (operands rounded as for FP8 tensor "
+           "cores, then multiplied in fp32)",
+    "xla_fp8": "XLA's FP8 dot per 128-wide K chunk, scaled and summed in fp32",
+    "pallas_gpu": "the Mosaic GPU FP8 kernel (forward and input gradient; weight gradient "
+                  "emulated)",
+}
+
+
+@functools.cache
+def log_path(layer: str, implementation: str) -> None:
+    """Says once per process and layer kind how its FP8 GEMMs run."""
+    log.info("model.fp8='blockwise': %s GEMMs in E4M3 run as %s", layer, _PATHS[implementation])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,47 +241,121 @@ def _dot(a: jax.Array, b: jax.Array, spec: str) -> jax.Array:
     return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
 
 
-def linear(x: jax.Array, w_kn: jax.Array, out_dtype=None) -> jax.Array:
+# What `linear` runs: "xla" the quantize-dequantize emulation; "xla_fp8" XLA's own FP8 dot on
+# each 128-wide K chunk (`chunked_fp8_matmul`: on the GPU, cuBLAS's FP8 GEMM), all three GEMMs;
+# "pallas_gpu" the Mosaic GPU FP8 kernel (`_gmm_fp8_gpu.matmul_fp8`) for the forward and the
+# input gradient, the weight gradient emulated (as `grouped_linear`'s).
+LINEAR_IMPLEMENTATIONS = ("xla", "xla_fp8", "pallas_gpu")
+# `chunked_fp8_matmul` forms at most this many bytes of fp32 chunk partials at once.
+XLA_FP8_PARTIAL_BYTES = 1 << 30
+
+
+def chunked_fp8_matmul(qa: jax.Array, sa: jax.Array, qb: jax.Array, sb: jax.Array, *,
+                       tile: int = TILE, out_dtype=jnp.float32,
+                       partial_bytes: int = XLA_FP8_PARTIAL_BYTES) -> jax.Array:
+    """`scaled_matmul` (same arguments) with each K chunk's product an E4M3 x E4M3 dot_general
+    with fp32 output (XLA's FP8 GEMM): the chunks batched ([c, M, 128] x [c, 128, N] -> fp32
+    [c, M, N] partials), scaled by their two scales and summed; as many chunks at a time as fit
+    `partial_bytes` (a scan over the groups of chunks when not all fit). The same products as
+    `scaled_matmul`, fp32 sums in another order."""
+    M, K = qa.shape
+    N = qb.shape[1]
+    C = -(-K // tile)
+    per_step = max(1, min(C, partial_bytes // (4 * M * N)))
+    steps = -(-C // per_step)
+    pad_c = steps * per_step - C  # whole zero chunks (scale 0) so the groups are even
+    pad_k = (C + pad_c) * tile - K
+    a = jnp.pad(qa, [(0, 0), (0, pad_k)]).reshape(M, steps, per_step, tile)
+    a = a.transpose(1, 2, 0, 3)  # [steps, per_step, M, tile]
+    b = jnp.pad(qb, [(0, pad_k), (0, 0)]).reshape(steps, per_step, tile, N)
+    s_a = jnp.pad(sa.astype(jnp.float32), [(0, 0), (0, pad_c)]).T.reshape(steps, per_step, M)
+    s_b = jnp.pad(sb.astype(jnp.float32), [(0, pad_c), (0, 0)]).reshape(steps, per_step, N)
+
+    def group(acc, xs):
+        a_cmk, b_ckn, sa_cm, sb_cn = xs
+        part_cmn = jax.lax.dot_general(a_cmk, b_ckn, (((2,), (1,)), ((0,), (0,))),
+                                       preferred_element_type=jnp.float32)
+        return acc + jnp.sum(part_cmn * sa_cm[:, :, None] * sb_cn[:, None, :], axis=0), None
+
+    zeros = jnp.zeros((M, N), jnp.float32)
+    if steps == 1:
+        out, _ = group(zeros, (a[0], b[0], s_a[0], s_b[0]))
+    else:
+        out, _ = jax.lax.scan(group, zeros, (a, b, s_a, s_b))
+    return out.astype(out_dtype)
+
+
+def linear(x: jax.Array, w_kn: jax.Array, out_dtype=None, *, implementation: str = "xla",
+           interpret: bool = False) -> jax.Array:
     """x [..., K] @ w [K, N] -> [..., N] in out_dtype (default x.dtype), with E4M3 operands in
-    the forward and in both gradients (see the module docstring); fp32 accumulation."""
-    log_emulation()
+    the forward and in both gradients (see the module docstring); fp32 accumulation.
+
+    implementation (LINEAR_IMPLEMENTATIONS): "xla" quantize-dequantize emulation; "xla_fp8"
+    XLA's FP8 dot per 128-wide K chunk, all three GEMMs; "pallas_gpu" the forward and the input
+    gradient on the Mosaic GPU FP8 kernel (`interpret=True` runs it on the CPU), the weight
+    gradient emulated. All form the same quantized products as `scaled_matmul`."""
+    if implementation not in LINEAR_IMPLEMENTATIONS:
+        raise ValueError(f"fp8.linear implementation {implementation!r} is not one of "
+                         f"{LINEAR_IMPLEMENTATIONS}")
+    log_path("linear", implementation)
     out_dtype = jnp.dtype(out_dtype or x.dtype)
     x_mk = x.reshape(-1, x.shape[-1])
-    y_mn = _linear(x_mk, w_kn, out_dtype, jnp.dtype(x.dtype), jnp.dtype(w_kn.dtype))
+    y_mn = _linear(x_mk, w_kn, out_dtype, jnp.dtype(x.dtype), jnp.dtype(w_kn.dtype),
+                   implementation, interpret)
     return y_mn.reshape(*x.shape[:-1], w_kn.shape[-1])
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _linear(x_mk, w_kn, out_dtype, x_dtype, w_dtype):
-    return _linear_fwd(x_mk, w_kn, out_dtype, x_dtype, w_dtype)[0]
-
-
-def _linear_fwd(x_mk, w_kn, out_dtype, x_dtype, w_dtype):
-    del x_dtype, w_dtype
+def _dense_gemm(q, s, qw_kn, sw, out_dtype, implementation, interpret, transpose_w=False):
+    """rows (q [M, K'] in 1x128 tiles along K', scales s [M, C]) @ the weight (blocks qw [K, N],
+    sw [K/128, N/128]), read transposed ([N, K]: K' = N) with transpose_w: [M, N] (or [M, K])
+    in out_dtype."""
+    if implementation == "pallas_gpu":
+        # The kernel reads its weight K'-major: [N, K] for the forward, [K, N] as stored for the
+        # transposed product.
+        qb = qw_kn if transpose_w else qw_kn.T
+        sb = sw.T if transpose_w else sw
+        return _gmm_fp8_gpu.matmul_fp8(q, s.T, qb, sb, out_dtype=out_dtype, interpret=interpret)
+    if transpose_w:
+        qw_kn, sw = qw_kn.T, sw.T
+    if implementation == "xla_fp8":
+        return chunked_fp8_matmul(q, s, qw_kn, block_scales_along_n(sw, qw_kn.shape[1]),
+                                  out_dtype=out_dtype)
     dt = _compute_dtype()
+    return _dot(dequantize_tiles(q, s, axis=1, dtype=dt), dequantize_blocks(qw_kn, sw, dtype=dt),
+                "MK,KN->MN").astype(out_dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))
+def _linear(x_mk, w_kn, out_dtype, x_dtype, w_dtype, implementation, interpret):
+    return _linear_fwd(x_mk, w_kn, out_dtype, x_dtype, w_dtype, implementation, interpret)[0]
+
+
+def _linear_fwd(x_mk, w_kn, out_dtype, x_dtype, w_dtype, implementation, interpret):
+    del x_dtype, w_dtype
     qx, sx = quantize_tiles(x_mk, axis=1)  # 1x128: per token, 128 channels of K
     qw, sw = quantize_blocks(w_kn)
-    y = _dot(dequantize_tiles(qx, sx, axis=1, dtype=dt), dequantize_blocks(qw, sw, dtype=dt),
-             "MK,KN->MN")
+    y = _dense_gemm(qx, sx, qw, sw, out_dtype, implementation, interpret)
     # The FP8 activation is what the backward keeps (named: "save_kernels" saves it under remat).
     qx, sx = residuals.saveable(qx, sx)
-    return y.astype(out_dtype), (qx, sx, qw, sw)
+    return y, (qx, sx, qw, sw)
 
 
-def _linear_bwd(out_dtype, x_dtype, w_dtype, res, dy_mn):
+def _linear_bwd(out_dtype, x_dtype, w_dtype, implementation, interpret, res, dy_mn):
     qx, sx, qw, sw = res
-    dt = _compute_dtype()
     # Dgrad: dy in 1x128 tiles along N (its contraction), the weight's blocks read transposed.
     qdy, sdy = quantize_tiles(dy_mn, axis=1)
-    dx = _dot(dequantize_tiles(qdy, sdy, axis=1, dtype=dt), dequantize_blocks(qw, sw, dtype=dt),
-              "MN,KN->MK")
+    dx = _dense_gemm(qdy, sdy, qw, sw, x_dtype, implementation, interpret, transpose_w=True)
     # Wgrad: both operands re-quantized in 128x1 tiles along M (the contraction).
     x_deq = dequantize_tiles(qx, sx, axis=1)
     qxt, sxt = quantize_tiles(x_deq, axis=0)
     qdyt, sdyt = quantize_tiles(dy_mn, axis=0)
-    dw = _dot(dequantize_tiles(qxt, sxt, axis=0, dtype=dt),
-              dequantize_tiles(qdyt, sdyt, axis=0, dtype=dt), "MK,MN->KN")
-    return dx.astype(x_dtype), dw.astype(w_dtype)
+    if implementation == "xla_fp8":  # [K, M] @ [M, N]: 128-token chunks of the contraction
+        dw = chunked_fp8_matmul(qxt.T, sxt.T, qdyt, sdyt)
+    else:
+        dt = _compute_dtype()
+        dw = _dot(dequantize_tiles(qxt, sxt, axis=0, dtype=dt),
+                  dequantize_tiles(qdyt, sdyt, axis=0, dtype=dt), "MK,MN->KN")
+    return dx, dw.astype(w_dtype)
 
 
 _linear.defvjp(_linear_fwd, _linear_bwd)
@@ -291,7 +380,7 @@ def grouped_linear(x_mk: jax.Array, w_ekn: jax.Array, group_sizes: jax.Array,
     if implementation not in ("xla", "pallas_gpu"):
         raise ValueError(f"grouped_linear implementation {implementation!r} is not one of "
                          "('xla', 'pallas_gpu')")
-    log_emulation()
+    log_path("grouped_linear", implementation)
     return _grouped(x_mk, w_ekn, group_sizes.astype(jnp.int32), jnp.dtype(out_dtype),
                     jnp.dtype(x_mk.dtype), jnp.dtype(w_ekn.dtype), implementation, interpret)
 

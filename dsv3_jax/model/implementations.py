@@ -184,6 +184,24 @@ def is_resolved(cfg: ModelConfig) -> bool:
     return all(getattr(cfg, field) not in UNRESOLVED for field in FIELDS)
 
 
+# What the FP8 dense linears (fp8.linear: attention projections, dense FFN, shared experts) run
+# on a GPU: "pallas_gpu" (the Mosaic GPU FP8 kernel) or "xla_fp8" (XLA's FP8 dot per K chunk).
+# Set from `python -m benchmarks.fp8_gemm --dense` on the H200 (not yet measured).
+FP8_LINEAR_GPU = "pallas_gpu"
+GPU_ONLY = ("pallas_gpu", "cudnn")  # implementations a resolved config names only on a GPU
+
+
+def fp8_linear(cfg: ModelConfig) -> str:
+    """fp8.linear's implementation for a `resolved` cfg with fp8="blockwise": FP8_LINEAR_GPU
+    where the model runs on a GPU, which its resolved fields say by naming a GPU-only
+    implementation (a GPU kernel, cuDNN attention), else "xla" (the emulation; also a GPU model
+    resolved to XLA everywhere, such as `tiny`'s padded shapes). "xla" without FP8 (unused)."""
+    if cfg.fp8 == "none":
+        return "xla"
+    on_gpu = any(chosen(cfg, field) in GPU_ONLY for field in FIELDS)
+    return FP8_LINEAR_GPU if on_gpu else "xla"
+
+
 def chosen(cfg: ModelConfig, field: str) -> str:
     """cfg.<field> ("attention_impl", "decode_impl" or "moe_impl") for a module to run: a
     `resolved` config names the implementation; "auto" or a bare "pallas" is refused, as it would

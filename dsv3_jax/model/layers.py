@@ -17,6 +17,7 @@ import numpy as np
 
 from dsv3_jax.config import ModelConfig, yarn_mscale
 from dsv3_jax.model import fp8 as fp8_lib
+from dsv3_jax.model import implementations
 
 
 def weight(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str | None, ...],
@@ -125,10 +126,12 @@ def _einsum_f32_bwd(spec, residuals, ct):
 einsum_f32.defvjp(_einsum_f32_fwd, _einsum_f32_bwd)
 
 
-def projection(spec: str, x: jax.Array, w: jax.Array, fp8: str = "none") -> jax.Array:
+def projection(spec: str, x: jax.Array, w: jax.Array, fp8: str = "none",
+               fp8_impl: str = "xla") -> jax.Array:
     """einsum(spec, x, w) in x.dtype, where the contracted letters end x and begin w
     ('BTNH,NHD->BTD'). fp8="blockwise": the FP8 linear of `fp8_lib.linear` on w read as a
-    [contracted, rest] matrix (128x128 blocks over that matrix, as the released FP8 weights)."""
+    [contracted, rest] matrix (128x128 blocks over that matrix, as the released FP8 weights),
+    run by `fp8_impl` (implementations.fp8_linear)."""
     dt = x.dtype
     if fp8 == "none":
         return jnp.einsum(spec, x, w.astype(dt))
@@ -138,24 +141,25 @@ def projection(spec: str, x: jax.Array, w: jax.Array, fp8: str = "none") -> jax.
         raise ValueError(f"projection {spec!r}: the contracted letters must end x and begin w")
     k = math.prod(w.shape[:n])
     x_mk = x.reshape(*x.shape[:-n], k)
-    y = fp8_lib.linear(x_mk, w.reshape(k, -1).astype(dt), dt)
+    y = fp8_lib.linear(x_mk, w.reshape(k, -1).astype(dt), dt, implementation=fp8_impl)
     return y.reshape(*x.shape[:-n], *w.shape[n:])
 
 
 def swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array,
-           fp8: str = "none") -> jax.Array:
+           fp8: str = "none", fp8_impl: str = "xla") -> jax.Array:
     """(silu(x W1) * x W3) W2 with fp32 accumulation; the product is cast to x.dtype first.
-    fp8="blockwise": the three GEMMs are FP8 linears (`fp8_lib.linear`)."""
+    fp8="blockwise": the three GEMMs are FP8 linears (`fp8_lib.linear`, run by `fp8_impl`)."""
     dt = x.dtype
     if fp8 == "none":
         gate = einsum_f32("...D,DF->...F", x, w_gate.astype(dt))
         up = einsum_f32("...D,DF->...F", x, w_up.astype(dt))
         h = (jax.nn.silu(gate) * up).astype(dt)
         return einsum_f32("...F,FD->...D", h, w_down.astype(dt)).astype(dt)
-    gate = fp8_lib.linear(x, w_gate.astype(dt), jnp.float32)
-    up = fp8_lib.linear(x, w_up.astype(dt), jnp.float32)
+    linear = functools.partial(fp8_lib.linear, implementation=fp8_impl)
+    gate = linear(x, w_gate.astype(dt), jnp.float32)
+    up = linear(x, w_up.astype(dt), jnp.float32)
     h = (jax.nn.silu(gate) * up).astype(dt)
-    return fp8_lib.linear(h, w_down.astype(dt), dt)
+    return linear(h, w_down.astype(dt), dt)
 
 
 class MLP(nn.Module):
@@ -171,4 +175,5 @@ class MLP(nn.Module):
         w_gate = weight(self, "w_gate", (D, F), self.axes, init)
         w_up = weight(self, "w_up", (D, F), self.axes, init)
         w_down = weight(self, "w_down", (F, D), self.axes[::-1], init)
-        return swiglu(x, w_gate, w_up, w_down, self.cfg.fp8)
+        return swiglu(x, w_gate, w_up, w_down, self.cfg.fp8,
+                      implementations.fp8_linear(self.cfg))

@@ -88,11 +88,51 @@ def decay_mask(params) -> dict:
     return jax.tree_util.tree_map_with_path(keep, params)
 
 
+MOMENTS_DTYPES = ("float32", "bfloat16")
+
+
+def check_moments_dtype(moments_dtype: str) -> None:
+    """Refuse a moments dtype AdamW cannot keep its mu and nu in."""
+    if moments_dtype not in MOMENTS_DTYPES:
+        raise ValueError(f"optimizer.moments_dtype={moments_dtype!r} is not one of "
+                         f"{MOMENTS_DTYPES}")
+
+
+def with_nu_dtype(inner: optax.GradientTransformation, dtype) -> optax.GradientTransformation:
+    """`inner` (optax.scale_by_adam) with its second moment kept in `dtype`.
+
+    optax 0.2.8's scale_by_adam takes `mu_dtype` but starts nu as zeros like the parameters
+    (fp32); its update computes nu in fp32 and casts it back like the state's nu
+    (`tree.cast_like`), so a nu started in `dtype` stays in `dtype`. Only the init changes."""
+    def init_fn(params):
+        state = inner.init(params)
+        return state._replace(nu=jax.tree.map(lambda v: v.astype(dtype), state.nu))
+
+    return optax.GradientTransformation(init_fn, inner.update)
+
+
 def adamw(learning_rate: optax.Schedule, *, b1: float, b2: float, eps: float,
-          weight_decay: float, clip_norm: float) -> optax.GradientTransformation:
-    """Global-norm clipping, then AdamW with decay masked off the norms."""
+          weight_decay: float, clip_norm: float,
+          moments_dtype: str = "float32") -> optax.GradientTransformation:
+    """Global-norm clipping, then AdamW with decay masked off the norms.
+
+    moments_dtype "bfloat16" keeps AdamW's first and second moments in bf16 (DeepSeek-V3
+    section 3.3.3, "Low-Precision Storage"); the update itself is computed in fp32 from them,
+    and the state has the same structure as with "float32" (optax.adamw's chain,
+    scale_by_adam's state)."""
+    check_moments_dtype(moments_dtype)
+    if moments_dtype == "float32":
+        return optax.chain(
+            optax.clip_by_global_norm(clip_norm),
+            optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
+                        mask=decay_mask),
+        )
+    dtype = jnp.dtype(moments_dtype)
     return optax.chain(
         optax.clip_by_global_norm(clip_norm),
-        optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
-                    mask=decay_mask),
+        optax.chain(  # optax.adamw's own chain, with nu in `dtype` too
+            with_nu_dtype(optax.scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=dtype), dtype),
+            optax.add_decayed_weights(weight_decay, decay_mask),
+            optax.scale_by_learning_rate(learning_rate),
+        ),
     )

@@ -139,6 +139,10 @@ def _check_run(cfg: config_dict.ConfigDict, model: ModelConfig, processes: int) 
         optim.check_schedule(cfg.optimizer.start_lr, cfg.optimizer.schedule)
     except ValueError as e:
         _need(False, f"optimizer.{e}")
+    try:
+        optim.check_moments_dtype(cfg.optimizer.get("moments_dtype", "float32"))
+    except ValueError as e:
+        _need(False, str(e))
     _need(cfg.optimizer.clip_norm > 0,
           f"optimizer.clip_norm={cfg.optimizer.clip_norm} must be > 0")
     _need(0 <= cfg.optimizer.b1 < 1 and 0 <= cfg.optimizer.b2 < 1,
@@ -174,6 +178,7 @@ def _hyper(cfg: config_dict.ConfigDict) -> Hyper:
         batch_size=cfg.batch_size, microbatches=cfg.microbatches, seq_len=cfg.seq_len,
         schedule=tuple(tuple(p) for p in o.schedule), start_lr=o.start_lr, b1=o.b1, b2=o.b2,
         eps=o.eps, weight_decay=o.weight_decay, clip_norm=o.clip_norm,
+        moments_dtype=o.get("moments_dtype", "float32"),
         mtp_weight=tuple(tuple(p) for p in cfg.objective.mtp_weight),
         bias_rate=tuple(tuple(p) for p in cfg.objective.bias_rate),
         balance_alpha=cfg.objective.balance_alpha,

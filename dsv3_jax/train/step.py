@@ -55,6 +55,7 @@ class Hyper:
     mtp_weight: tuple
     bias_rate: tuple
     balance_alpha: float
+    moments_dtype: str = "float32"  # AdamW mu and nu (optim.MOMENTS_DTYPES)
     inject_nonfinite_steps: tuple = ()  # testing only: these steps' loss is made NaN
 
 
@@ -75,7 +76,8 @@ class Trainer:
         self.hyper, self.parallel = hyper, parallel
         self.lr = optim.piecewise_schedule(hyper.start_lr, hyper.schedule)
         self.tx = optim.adamw(self.lr, b1=hyper.b1, b2=hyper.b2, eps=hyper.eps,
-                              weight_decay=hyper.weight_decay, clip_norm=hyper.clip_norm)
+                              weight_decay=hyper.weight_decay, clip_norm=hyper.clip_norm,
+                              moments_dtype=hyper.moments_dtype)
         self.mtp_weight = optim.token_schedule(hyper.mtp_weight)
         self.bias_rate = optim.token_schedule(hyper.bias_rate)
         self.tokens_per_step = hyper.batch_size * hyper.seq_len
