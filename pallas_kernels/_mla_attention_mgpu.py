@@ -605,18 +605,26 @@ def _backward_dkv_call(q_nope, q_rope, k_nope, k_rope, v, do, lse2, delta, seg_b
     (192 + 128 and 128 + 128 + 64 deep).
     q_hi_bc[B, S // DKV_TILE] int32: one past the last query block each CTA visits.
     """
-    B, T, N, _ = q_nope.shape
     st = _static(q_nope, q_rope, v, DKV_TILE, DKV_TILE, config.bwd_concurrent_steps,
                  scale=scale, has_segments=has_segments, interpret=interpret)
-    call = warp_specialized_kernel(
-        functools.partial(_dkv_kernel, st), _DkvRefs,
-        _dkv_scratch(st.Hn, st.Hr, st.Hv, st.dtype, config, has_segments),
+    call = _key_block_call(st, q_nope.shape, _DkvRefs,
+                           _dkv_scratch(st.Hn, st.Hr, st.Hv, st.dtype, config, has_segments),
+                           "mla_attention_dkv", interpret)
+    return call(q_nope, q_rope, k_nope, k_rope, v, do, lse2, delta, seg_bt, q_hi_bc)
+
+
+def _key_block_call(st: _Static, q_shape, refs_type, scratch: dict, kernel_name: str,
+                    interpret: bool):
+    """The dk/dv kernel (_dkv_kernel) over one CTA per (head, key block, batch), returning
+    dk_nope, dv (q dtype) and per-head fp32 dk_rope; the fused backward's refs add dQ."""
+    B, T, N, _ = q_shape
+    return warp_specialized_kernel(
+        functools.partial(_dkv_kernel, st), refs_type, scratch,
         out_type=(jax.ShapeDtypeStruct((B, T, N, st.Hn), st.dtype),
                   jax.ShapeDtypeStruct((B, T, N, st.Hv), st.dtype),
                   jax.ShapeDtypeStruct((B, T, N, st.Hr), jnp.float32)),
         grid=(N, T // st.bkv, B), grid_names=("heads", "kv_seq", "batch"),
-        compute_wgs=COMPUTE_WGS, kernel_name="mla_attention_dkv", interpret=interpret)
-    return call(q_nope, q_rope, k_nope, k_rope, v, do, lse2, delta, seg_bt, q_hi_bc)
+        compute_wgs=COMPUTE_WGS, kernel_name=kernel_name, interpret=interpret)
 
 
 def _dkv_scratch(Hn, Hr, Hv, dtype, config: Config, has_segments: bool) -> dict:
@@ -895,14 +903,9 @@ def _backward_fused_call(q_nope, q_rope, k_nope, k_rope, v, do, lse2, delta, seg
     lead = () if acc == "reduce" else (T // DKV_TILE,)
     dqn = jax.new_ref(jnp.zeros((*lead, B, T, N, st.Hn), jnp.float32))
     dqr = jax.new_ref(jnp.zeros((*lead, B, T, N, st.Hr), jnp.float32))
-    call = warp_specialized_kernel(
-        functools.partial(_dkv_kernel, st), _FusedRefs,
-        _fused_scratch(st.Hn, st.Hr, st.Hv, st.dtype, config, has_segments),
-        out_type=(jax.ShapeDtypeStruct((B, T, N, st.Hn), st.dtype),
-                  jax.ShapeDtypeStruct((B, T, N, st.Hv), st.dtype),
-                  jax.ShapeDtypeStruct((B, T, N, st.Hr), jnp.float32)),
-        grid=(N, T // st.bkv, B), grid_names=("heads", "kv_seq", "batch"),
-        compute_wgs=COMPUTE_WGS, kernel_name="mla_attention_bwd_fused", interpret=interpret)
+    call = _key_block_call(st, q_nope.shape, _FusedRefs,
+                           _fused_scratch(st.Hn, st.Hr, st.Hv, st.dtype, config, has_segments),
+                           "mla_attention_bwd_fused", interpret)
     dk_nope, dv, dk_rope_bsnh = call(q_nope, q_rope, k_nope, k_rope, v, do, lse2, delta, seg_bt,
                                      q_hi_bc, dqn, dqr)
     dq_nope, dq_rope = jax.freeze(dqn), jax.freeze(dqr)
@@ -978,13 +981,8 @@ def backward(q_nope, q_rope, k_nope, k_rope, v, do, lse2, delta, seg_bt, bounds,
     """(dq_nope, dq_rope, dk_nope, dk_rope[B, S, Hr] summed over heads, dv), by the kernels
     config.backward names."""
     B, T = seg_bt.shape
-    rows = COMPUTE_WGS * config.block_q_dq
-    if has_segments:
-        kv_lo = _kv_lo(bounds[0], rows, config.block_kv_dq)
-        q_hi = _q_hi(bounds[1], DKV_TILE, DKV_TILE)
-    else:
-        kv_lo = jnp.zeros((B, T // rows), jnp.int32)
-        q_hi = jnp.zeros((B, T // DKV_TILE), jnp.int32)
+    q_hi = (_q_hi(bounds[1], DKV_TILE, DKV_TILE) if has_segments
+            else jnp.zeros((B, T // DKV_TILE), jnp.int32))
     kw = dict(scale=scale, config=config, has_segments=has_segments, interpret=interpret)
     if config.backward == "fused":
         with jax.named_scope("mla_mgpu_bwd_fused"):
@@ -994,6 +992,9 @@ def backward(q_nope, q_rope, k_nope, k_rope, v, do, lse2, delta, seg_bt, bounds,
             dq_rope = (dqr * scale).astype(q_rope.dtype)
             dk_rope = dk_rope_bsnh.sum(axis=2).astype(k_rope.dtype)
         return dq_nope, dq_rope, dk_nope, dk_rope, dv
+    rows = COMPUTE_WGS * config.block_q_dq
+    kv_lo = (_kv_lo(bounds[0], rows, config.block_kv_dq) if has_segments
+             else jnp.zeros((B, T // rows), jnp.int32))
     with jax.named_scope("mla_mgpu_dq"):
         dq_nope, dq_rope = _backward_dq_call(q_nope, q_rope, k_nope, k_rope, v, do, lse2, delta,
                                              seg_bt, kv_lo, **kw)
