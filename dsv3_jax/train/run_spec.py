@@ -140,7 +140,7 @@ def _check_run(cfg: config_dict.ConfigDict, model: ModelConfig, processes: int) 
     except ValueError as e:
         _need(False, f"optimizer.{e}")
     try:
-        optim.check_moments_dtype(cfg.optimizer.get("moments_dtype", "float32"))
+        optim.check_moments_dtype(cfg.optimizer.moments_dtype)
     except ValueError as e:
         _need(False, str(e))
     _need(cfg.optimizer.clip_norm > 0,
@@ -178,7 +178,7 @@ def _hyper(cfg: config_dict.ConfigDict) -> Hyper:
         batch_size=cfg.batch_size, microbatches=cfg.microbatches, seq_len=cfg.seq_len,
         schedule=tuple(tuple(p) for p in o.schedule), start_lr=o.start_lr, b1=o.b1, b2=o.b2,
         eps=o.eps, weight_decay=o.weight_decay, clip_norm=o.clip_norm,
-        moments_dtype=o.get("moments_dtype", "float32"),
+        moments_dtype=o.moments_dtype,
         mtp_weight=tuple(tuple(p) for p in cfg.objective.mtp_weight),
         bias_rate=tuple(tuple(p) for p in cfg.objective.bias_rate),
         balance_alpha=cfg.objective.balance_alpha,

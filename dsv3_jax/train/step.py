@@ -55,7 +55,7 @@ class Hyper:
     mtp_weight: tuple
     bias_rate: tuple
     balance_alpha: float
-    moments_dtype: str = "float32"  # AdamW mu and nu (optim.MOMENTS_DTYPES)
+    moments_dtype: str  # AdamW mu and nu (optim.MOMENTS_DTYPES)
     inject_nonfinite_steps: tuple = ()  # testing only: these steps' loss is made NaN
 
 
